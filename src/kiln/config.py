@@ -1,0 +1,211 @@
+"""Typed views of params.yaml: the model, its inputs, targets and their shape profiles.
+
+params.yaml is the composition of conf/ (see kiln.params); stages read it through
+these classes so a bad value fails early with the key that holds it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import KilnError
+
+PARAMS_FILE = "params.yaml"
+DTYPES = ("float32", "float16", "bfloat16", "uint8", "int8", "int32", "int64")
+
+
+def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise KilnError(f"{p} not found: run `python -m kiln.params` to compose it from conf/")
+    with p.open(encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise KilnError(f"{p} must hold a mapping at the top level")
+    return data
+
+
+def default_threads() -> int:
+    """All the cores this process may run on (not the machine's total, which containers lie about)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def close_matches(word: str, choices: Any, n: int = 3) -> str:
+    matches = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
+    return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ""
+
+
+def _require(mapping: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in mapping or mapping[key] is None:
+        raise KilnError(f"{where}.{key} is required")
+    return mapping[key]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input. `shape` is per sample: the batch axis (axis 0) is added and kept dynamic."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def batched(self, batch: int) -> tuple[int, ...]:
+        return (batch, *self.shape)
+
+    @classmethod
+    def from_params(cls, name: str, raw: Mapping[str, Any]) -> "InputSpec":
+        where = f"model.inputs.{name}"
+        shape = _require(raw, "shape", where)
+        if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d > 0 for d in shape):
+            raise KilnError(f"{where}.shape must be a list of positive integers (per sample, without the batch axis), got {shape!r}")
+        dtype = str(raw.get("dtype", "float32"))
+        if dtype not in DTYPES:
+            raise KilnError(f"{where}.dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+        return cls(name=name, shape=tuple(shape), dtype=dtype)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the model comes from: a torchvision/timm name or a `module:function` entrypoint, plus a checkpoint."""
+
+    name: str | None
+    entrypoint: str | None
+    checkpoint: str | None
+    weights: str | None
+    kwargs: dict[str, Any]
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[str, ...] | None
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, raw: Mapping[str, Any]) -> "ModelSpec":
+        name, entrypoint = raw.get("name"), raw.get("entrypoint")
+        if bool(name) == bool(entrypoint):
+            raise KilnError("set exactly one of model.name (a torchvision or timm model) and model.entrypoint ('module:function')")
+        inputs_raw = raw.get("inputs") or {}
+        if not isinstance(inputs_raw, Mapping) or not inputs_raw:
+            raise KilnError("model.inputs must map each input name to {shape: [...], dtype: ...}")
+        outputs = raw.get("outputs")
+        return cls(
+            name=name,
+            entrypoint=entrypoint,
+            checkpoint=raw.get("checkpoint"),
+            weights=raw.get("weights"),
+            kwargs=dict(raw.get("kwargs") or {}),
+            inputs=tuple(InputSpec.from_params(str(k), v or {}) for k, v in inputs_raw.items()),
+            outputs=tuple(outputs) if outputs else None,
+            seed=int(raw.get("seed", 0)),
+        )
+
+    def to_params(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "entrypoint": self.entrypoint,
+            "checkpoint": self.checkpoint,
+            "weights": self.weights,
+            "kwargs": self.kwargs,
+            "inputs": {i.name: {"shape": list(i.shape), "dtype": i.dtype} for i in self.inputs},
+            "outputs": list(self.outputs) if self.outputs else None,
+            "seed": self.seed,
+        }
+
+    @property
+    def label(self) -> str:
+        return self.name or self.entrypoint or "?"
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """The batch sizes an engine must accept (min, max) and the one it is tuned for (opt)."""
+
+    min: int = 1
+    opt: int = 8
+    max: int = 32
+
+    @classmethod
+    def from_params(cls, raw: Mapping[str, Any] | None, where: str) -> "ShapeProfile":
+        raw = raw or {}
+        unknown = set(raw) - {"min", "opt", "max"}
+        if unknown:
+            raise KilnError(f"{where}.profile has unknown keys {sorted(unknown)}: use min, opt and max batch sizes")
+        values = {k: raw.get(k, getattr(cls, k)) for k in ("min", "opt", "max")}
+        for k, v in values.items():
+            if not isinstance(v, int) or v < 1:
+                raise KilnError(f"{where}.profile.{k} must be a positive integer batch size, got {v!r}")
+        if not values["min"] <= values["opt"] <= values["max"]:
+            raise KilnError(
+                f"{where}.profile must satisfy min <= opt <= max, got min={values['min']} opt={values['opt']} max={values['max']}"
+            )
+        return cls(**values)
+
+    def contains(self, batch: int) -> bool:
+        return self.min <= batch <= self.max
+
+    def to_params(self) -> dict[str, int]:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One engine to build: a runtime, a precision, a device, a shape profile and runtime options."""
+
+    name: str
+    runtime: str
+    precision: str = "fp32"
+    device: str = "cpu"
+    threads: int | None = None
+    profile: ShapeProfile = field(default_factory=ShapeProfile)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, name: str, params: Mapping[str, Any]) -> "Target":
+        targets = params.get("targets") or {}
+        if name not in targets:
+            raise KilnError(f"no target '{name}' in params.yaml{close_matches(name, targets)}; targets: {', '.join(targets) or 'none'}")
+        raw = targets[name] or {}
+        where = f"targets.{name}"
+        known = {"runtime", "precision", "device", "threads", "profile", "options"}
+        unknown = set(raw) - known
+        if unknown:
+            hint = "".join(close_matches(k, known) for k in sorted(unknown))
+            raise KilnError(f"{where} has unknown keys {sorted(unknown)}{hint}; known keys: {', '.join(sorted(known))}")
+        from .runtimes import RUNTIMES  # a name check only: imports no framework
+
+        runtime = str(_require(raw, "runtime", where))
+        if runtime not in RUNTIMES:
+            raise KilnError(f"{where}.runtime '{runtime}' is not a kiln runtime{close_matches(runtime, RUNTIMES)}; runtimes: {', '.join(RUNTIMES)}")
+        threads = raw.get("threads")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise KilnError(f"{where}.threads must be a positive integer or null (all cores), got {threads!r}")
+        return cls(
+            name=name,
+            runtime=runtime,
+            precision=str(raw.get("precision", "fp32")),
+            device=str(raw.get("device", "cpu")),
+            threads=threads,
+            profile=ShapeProfile.from_params(raw.get("profile"), where),
+            options=dict(raw.get("options") or {}),
+        )
+
+    @property
+    def effective_threads(self) -> int:
+        return self.threads or default_threads()
+
+    def to_params(self) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "device": self.device,
+            "threads": self.threads,
+            "profile": self.profile.to_params(),
+            "options": self.options,
+        }

@@ -1,0 +1,95 @@
+"""Engine folders: the runtime's files plus a manifest that says what they were built for.
+
+A manifest records the target, requested and executed precision, profile, library
+versions, hardware fingerprint and source ONNX hash. Loading checks it against this
+machine, so an engine never runs silently on hardware it was not built for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import __version__, fingerprint
+from .atomic import atomic_path
+from .config import Target
+from .errors import EngineMismatch, KilnError
+from .export import sha256_file
+from .runtimes import BuildSource, Session, get_runtime
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+def check_buildable(target: Target) -> None:
+    runtime = get_runtime(target.runtime)
+    if target.precision not in runtime.precisions:
+        raise KilnError(
+            f"targets.{target.name}: runtime '{target.runtime}' does not offer precision '{target.precision}'; "
+            f"it offers {', '.join(runtime.precisions)}"
+        )
+    reason = runtime.unavailable_reason(target)
+    if reason:
+        raise KilnError(f"targets.{target.name}: cannot build on this machine: {reason}")
+
+
+def build_engine(target: Target, source: BuildSource, engine_dir: str | Path, machine: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Build `target` into `engine_dir` (atomically) and return its manifest."""
+    check_buildable(target)
+    runtime = get_runtime(target.runtime)
+    machine = dict(machine or fingerprint.collect())
+    engine_dir = Path(engine_dir)
+    with atomic_path(engine_dir, is_dir=True) as tmp:
+        start = time.perf_counter()
+        extra = runtime.build(target, source, tmp)
+        seconds = time.perf_counter() - start
+        manifest = {
+            "kiln": __version__,
+            "target": target.name,
+            "runtime": target.runtime,
+            "device": target.device,
+            "precision": {"requested": target.precision, "executed": extra.pop("executed_precision", target.precision)},
+            "profile": target.profile.to_params(),
+            "options": target.options,
+            "versions": {lib: machine["software"].get(lib) for lib in runtime.libraries},
+            "hardware": machine["hardware"],
+            "source_onnx_sha256": sha256_file(source.onnx_path),
+            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(seconds, 3),
+            **extra,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def read_manifest(engine_dir: str | Path) -> dict[str, Any]:
+    path = Path(engine_dir) / MANIFEST
+    if not path.is_file():
+        raise KilnError(f"{engine_dir} is not a kiln engine (no {MANIFEST}); build it with `dvc repro build@<target>`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_compatible(manifest: Mapping[str, Any], machine: Mapping[str, Any]) -> None:
+    """Refuse an engine built for other hardware or other library versions than this machine has."""
+    rebuild = f"rebuild it here with `dvc repro build@{manifest.get('target', '<target>')}`"
+    if manifest.get("hardware") != machine["hardware"]:
+        raise EngineMismatch(
+            f"engine '{manifest.get('target')}' was built for {fingerprint.describe_hardware(manifest.get('hardware') or {})}, "
+            f"but this machine is {fingerprint.describe_hardware(machine['hardware'])}: {rebuild}"
+        )
+    for lib, built in (manifest.get("versions") or {}).items():
+        here = machine["software"].get(lib)
+        if built != here:
+            raise EngineMismatch(f"engine '{manifest.get('target')}' was built with {lib} {built}, this machine has {here}: {rebuild}")
+
+
+def load_engine(engine_dir: str | Path, target: Target, machine: Mapping[str, Any] | None = None) -> tuple[Session, dict[str, Any]]:
+    """A ready session for the engine in `engine_dir`, after checking it was built for this machine."""
+    manifest = read_manifest(engine_dir)
+    check_compatible(manifest, machine or fingerprint.collect())
+    runtime = get_runtime(manifest["runtime"])
+    return runtime.load(Path(engine_dir), manifest, target), manifest

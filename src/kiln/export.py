@@ -1,0 +1,196 @@
+"""PyTorch -> ONNX with a dynamic batch axis, warnings kept, and a check that the axis really stayed dynamic."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .atomic import atomic_path
+from .config import ModelSpec
+from .errors import KilnError
+from .inputs import make_inputs
+from .models import flatten_outputs
+
+log = logging.getLogger(__name__)
+
+EXPORTERS = ("dynamo", "torchscript")
+# The dynamo exporter emits opset 18 and up; older opsets go through a version converter that
+# silently keeps 18 when it fails, so kiln refuses them up front.
+MIN_OPSET = {"dynamo": 18, "torchscript": 7}
+MAX_TORCHSCRIPT_OPSET = 20
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    opset: int = 18
+    exporter: str = "dynamo"
+    batch: int = 2
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, raw: dict[str, Any] | None) -> "ExportSettings":
+        raw = dict(raw or {})
+        s = cls(
+            opset=raw.get("opset", cls.opset),
+            exporter=raw.get("exporter", cls.exporter),
+            batch=raw.get("batch", cls.batch),
+            seed=raw.get("seed", cls.seed),
+        )
+        if s.exporter not in EXPORTERS:
+            raise KilnError(f"export.exporter '{s.exporter}' is not one of {', '.join(EXPORTERS)}")
+        if not isinstance(s.batch, int) or s.batch < 2:
+            # torch.export specialises size-1 dimensions, so a batch of 1 would freeze the batch axis.
+            raise KilnError(f"export.batch must be an integer >= 2 (a traced batch of 1 is frozen by the exporter), got {s.batch!r}")
+        check_opset(s.opset, s.exporter)
+        return s
+
+
+def check_opset(opset: Any, exporter: str) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    highest = newest if exporter == "dynamo" else min(newest, MAX_TORCHSCRIPT_OPSET)
+    lowest = MIN_OPSET[exporter]
+    if not isinstance(opset, int) or not lowest <= opset <= highest:
+        hint = " (use exporter 'torchscript' for opsets below 18)" if exporter == "dynamo" and isinstance(opset, int) and opset < lowest else ""
+        raise KilnError(
+            f"export.opset {opset!r} cannot be targeted by the {exporter} exporter: it supports opsets "
+            f"{lowest}..{highest} with onnx {onnx.__version__}{hint}"
+        )
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dims(value_info: Any) -> list[int | str]:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def _summarize_failure(e: BaseException) -> str:
+    """A few lines from a torch export failure; the full report goes to the log."""
+    text = str(e)
+    cause = e.__cause__ or e.__context__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # torch's own report puts the real reason under "Exception summary".
+    for i, ln in enumerate(lines):
+        if "Exception summary" in ln and i + 1 < len(lines):
+            lines = lines[i + 1 :]
+            break
+    summary = " ".join(lines[:3])[:400] if lines else type(e).__name__
+    if cause is not None and type(cause).__name__ not in summary:
+        summary = f"{type(cause).__name__}: {summary}"
+    return summary
+
+
+def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out_path: str | Path) -> dict[str, Any]:
+    """Export `model` to `out_path` and return the export manifest. Raises KilnError on any failure."""
+    was_training = model.training
+    model.eval()
+    if was_training:
+        log.warning("model was in training mode: put in eval mode before export")
+    feeds = make_inputs(spec.inputs, settings.batch, settings.seed)
+    args = tuple(torch.from_numpy(feeds[i.name]) for i in spec.inputs)
+
+    try:
+        with torch.inference_mode():
+            outputs = flatten_outputs(model(*args), spec.outputs)
+    except KilnError:
+        raise
+    except Exception as e:
+        shapes = ", ".join(f"'{i.name}' {list(i.batched(settings.batch))} {i.dtype}" for i in spec.inputs)
+        raise KilnError(
+            f"the model's forward failed on inputs {shapes}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; "
+            "check model.inputs (shape is per sample, without the batch axis)"
+        ) from e
+    input_names = [i.name for i in spec.inputs]
+    output_names = list(outputs)
+
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        onnx_file = tmp
+        try:
+            if settings.exporter == "dynamo":
+                batch = torch.export.Dim("batch")
+                torch.onnx.export(
+                    model, args, str(onnx_file), input_names=input_names, output_names=output_names,
+                    opset_version=settings.opset, dynamo=True, external_data=False,
+                    dynamic_shapes=tuple({0: batch} for _ in args),
+                )
+            else:
+                torch.onnx.export(
+                    model, args, str(onnx_file), input_names=input_names, output_names=output_names,
+                    opset_version=settings.opset, dynamo=False,
+                    dynamic_axes={n: {0: "batch"} for n in input_names + output_names},
+                )
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)  # the full report stays in the stage's log
+            raise KilnError(
+                f"torch.onnx.export ({settings.exporter}) failed: {_summarize_failure(e)} "
+                "(full report above in the log; for a data-dependent branch, rewrite it with torch.where/torch.cond)"
+            ) from e
+        manifest_warnings = [
+            {"category": w.category.__name__, "message": str(w.message).strip(), "where": f"{w.filename}:{w.lineno}"}
+            for w in caught
+        ]
+        for w in manifest_warnings:
+            print(f"export warning: [{w['category']}] {w['message'].splitlines()[0]} ({w['where']})", file=sys.stderr)
+        info = check_exported_graph(tmp, spec, settings)
+    return {
+        "exporter": settings.exporter,
+        "opset": settings.opset,
+        "traced_batch": settings.batch,
+        "torch": torch.__version__,
+        "model": spec.label,
+        "was_training": was_training,
+        **info,
+        "sha256": sha256_file(out_path),
+        "warnings": manifest_warnings,
+    }
+
+
+def check_exported_graph(path: Path, spec: ModelSpec, settings: ExportSettings) -> dict[str, Any]:
+    """The graph loads, targets the asked opset, and keeps every input's batch axis dynamic."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise KilnError(f"the exported ONNX graph is invalid: {e}") from e
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset != settings.opset:
+        raise KilnError(f"the {settings.exporter} exporter produced opset {opset}, not the requested export.opset {settings.opset}")
+    inits = {i.name for i in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in inits]
+    names = [i.name for i in graph_inputs]
+    expected = [i.name for i in spec.inputs]
+    if names != expected:
+        raise KilnError(f"the exported graph's inputs are {names}, expected {expected} from model.inputs")
+    for vi in graph_inputs:
+        dims = _dims(vi)
+        if not dims or not isinstance(dims[0], str):
+            raise KilnError(
+                f"export froze the batch axis of input '{vi.name}' to {dims[0] if dims else '?'} (asked for a dynamic batch axis; "
+                f"graph input shape {dims}): the forward treats the batch size as a constant (e.g. x.view({settings.batch}, -1)); "
+                "use x.shape[0] or -1 instead"
+            )
+    return {
+        "inputs": {vi.name: {"shape": _dims(vi), "dtype": onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name} for vi in graph_inputs},
+        "outputs": {vo.name: {"shape": _dims(vo)} for vo in model.graph.output},
+        "nodes": len(model.graph.node),
+    }

@@ -1,0 +1,17 @@
+"""Where the stages read and write, relative to the project root. dvc.yaml names the same paths."""
+
+from pathlib import Path
+
+ARTIFACTS = Path("artifacts")
+FINGERPRINT = ARTIFACTS / "fingerprint.json"
+ONNX = ARTIFACTS / "model.onnx"
+EXPORT_MANIFEST = ARTIFACTS / "export.json"
+REFERENCE = ARTIFACTS / "reference.npz"
+ENGINES = ARTIFACTS / "engines"
+
+REPORTS = Path("reports")
+VALIDATE = REPORTS / "validate.json"
+METRICS = REPORTS / "metrics"
+RUNS = REPORTS / "runs"
+PLOTS = REPORTS / "plots"
+BENCHMARK_MD = REPORTS / "benchmark.md"

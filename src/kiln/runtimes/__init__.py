@@ -1,0 +1,68 @@
+"""Runtimes behind one protocol.
+
+Each runtime is one module here exposing `RUNTIME`, an object with:
+
+- `name`, `precisions` (what it can be asked for), `libraries` (the packages whose
+  versions an engine depends on);
+- `unavailable_reason(target) -> str | None`: why it cannot build/run `target` here;
+- `build(target, source, engine_dir) -> dict`: write the engine files into `engine_dir`
+  and return manifest fields (at least `executed_precision`);
+- `load(engine_dir, manifest, target) -> Session`: a session with
+  `input_names`, `output_names` and `infer(feeds) -> dict[str, np.ndarray]`.
+
+Stages and the benchmark only talk to this protocol; adding a runtime is adding a module
+and a line in RUNTIMES. Importing this package imports no framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+
+from ..config import ModelSpec, Target, close_matches
+from ..errors import KilnError
+
+# runtime name -> module; modules are imported only when a target uses them.
+RUNTIMES = {
+    "torch": "kiln.runtimes.torch",
+    "onnxruntime": "kiln.runtimes.onnxruntime",
+    "openvino": "kiln.runtimes.openvino",
+}
+
+
+@dataclass(frozen=True)
+class BuildSource:
+    """What a build starts from: the validated ONNX graph, and the model spec for runtimes that run PyTorch."""
+
+    onnx_path: Path
+    model: ModelSpec
+
+
+class Session(Protocol):
+    input_names: list[str]
+    output_names: list[str]
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Runtime(Protocol):
+    name: str
+    precisions: tuple[str, ...]
+    libraries: tuple[str, ...]
+
+    def unavailable_reason(self, target: Target) -> str | None: ...
+
+    def build(self, target: Target, source: BuildSource, engine_dir: Path) -> dict[str, Any]: ...
+
+    def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> Session: ...
+
+
+def get_runtime(name: str) -> Runtime:
+    if name not in RUNTIMES:
+        raise KilnError(f"unknown runtime '{name}'{close_matches(name, RUNTIMES)}; runtimes: {', '.join(RUNTIMES)}")
+    module = importlib.import_module(RUNTIMES[name])
+    return module.RUNTIME  # type: ignore[no-any-return]

@@ -1,0 +1,111 @@
+"""OpenVINO: the ONNX graph converted to IR (fp32 weights kept), compiled for a device with an explicit precision hint.
+
+OpenVINO's CPU plugin runs bf16 on AMX/AVX512-BF16 CPUs unless told otherwise, and
+`ov.save_model` compresses weights to fp16 by default: both are pinned here, and the
+precision the compiled model really executes is read back and recorded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import openvino as ov
+
+from ..config import Target
+from ..errors import KilnError
+
+IR = "model.xml"
+HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+# OPTIMIZATION_CAPABILITIES a device must list to really run a precision (else it silently runs f32).
+CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}
+COMPUTE_LAYERS = {"Convolution", "FullyConnected", "MatMul", "GroupConvolution", "Deconvolution"}
+
+
+def _device(target: Target) -> str:
+    return target.device.upper() if target.device in ("cpu", "gpu", "npu") else target.device
+
+
+def _config(target: Target) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": HINTS[target.precision],
+        "PERFORMANCE_HINT": str(target.options.get("performance_hint", "LATENCY")).upper(),
+    }
+    if _device(target) == "CPU":
+        config["INFERENCE_NUM_THREADS"] = target.effective_threads
+    return config
+
+
+def executed_precision(compiled: ov.CompiledModel) -> str:
+    """The precisions the compiled model's compute layers really run in, e.g. 'f32' or 'bf16 (40/42), f32 (2)'."""
+    counts: Counter[str] = Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" in info and info["layerType"].astype(str) in COMPUTE_LAYERS and "runtimePrecision" in info:
+            counts[info["runtimePrecision"].astype(str).lower()] += 1
+    if not counts:
+        return str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+    if len(counts) == 1:
+        return next(iter(counts))
+    total = sum(counts.values())
+    return ", ".join(f"{p} ({n}/{total})" for p, n in counts.most_common())
+
+
+class OpenVinoSession:
+    def __init__(self, compiled: ov.CompiledModel):
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.input_names = [i.get_any_name() for i in compiled.inputs]
+        self.output_names = [o.get_any_name() for o in compiled.outputs]
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = self.request.infer(dict(feeds))
+        return {name: result[i] for i, name in enumerate(self.output_names)}
+
+
+class OpenVinoRuntime:
+    name = "openvino"
+    precisions = tuple(HINTS)
+    libraries = ("openvino",)
+
+    def unavailable_reason(self, target: Target) -> str | None:
+        core = ov.Core()
+        device = _device(target)
+        if device not in core.available_devices:
+            return f"OpenVINO {ov.__version__} sees no device '{device}' here (available: {', '.join(core.available_devices)})"
+        needed = CAPABILITY.get(target.precision)
+        if needed:
+            caps = core.get_property(device, "OPTIMIZATION_CAPABILITIES")
+            if needed not in caps:
+                return (
+                    f"{device} ({core.get_property(device, 'FULL_DEVICE_NAME')}) cannot execute {target.precision}: its "
+                    f"OPTIMIZATION_CAPABILITIES are {', '.join(caps)}, so OpenVINO would silently run f32"
+                )
+        return None
+
+    def build(self, target: Target, source: Any, engine_dir: Path) -> dict[str, Any]:
+        core = ov.Core()
+        model = core.read_model(str(source.onnx_path))
+        # fp32 weights in the IR: precision is decided at compile time by the hint, not by lossy storage.
+        ov.save_model(model, str(engine_dir / IR), compress_to_fp16=False)
+        compiled = core.compile_model(model, _device(target), _config(target))
+        executed = executed_precision(compiled)
+        return {
+            "executed_precision": executed,
+            "device_name": core.get_property(_device(target), "FULL_DEVICE_NAME"),
+            "compile_config": {k: str(v) for k, v in _config(target).items()},
+            "runtime_ops": len(compiled.get_runtime_model().get_ordered_ops()),
+        }
+
+    def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> OpenVinoSession:
+        core = ov.Core()
+        try:
+            compiled = core.compile_model(str(engine_dir / IR), _device(target), _config(target))
+        except RuntimeError as e:
+            raise KilnError(f"OpenVINO cannot compile engine {engine_dir}: {str(e).splitlines()[0]}") from e
+        return OpenVinoSession(compiled)
+
+
+RUNTIME = OpenVinoRuntime()

@@ -1,0 +1,25 @@
+"""What every stage script shares: logging to the stage's log, and one clear line on a user error."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    # Kiln's own progress at INFO; other libraries (onnxscript, DVC) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("kiln").setLevel(logging.INFO)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("kiln: interrupted; no output was written", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        from .errors import KilnError
+
+        if not isinstance(e, KilnError):
+            raise
+        print(f"kiln: error: {e}", file=sys.stderr)
+        sys.exit(1)

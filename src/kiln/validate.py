@@ -1,0 +1,147 @@
+"""The validation gate: does the exported graph compute what the eager model computes?
+
+Fresh seeded inputs, at batch sizes other than the traced one, go through eager PyTorch
+and ONNX Runtime fp32; every output is compared within atol + rtol*|ref|.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .compare import OutputComparison, compare_output, degenerate_reason
+from .config import ModelSpec
+from .errors import KilnError, ValidationFailed
+from .inputs import make_inputs
+from .models import flatten_outputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValidateSettings:
+    batch_sizes: tuple[int, ...] = (1, 5)
+    seed: int = 1234
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    allow_degenerate_reference: bool = False
+    reference_samples: int = 32
+    reference_seed: int = 4321
+
+    @classmethod
+    def from_params(cls, raw: dict[str, Any] | None, traced_batch: int) -> "ValidateSettings":
+        raw = dict(raw or {})
+        known = {"batch_sizes", "seed", "atol", "rtol", "allow_degenerate_reference", "reference_samples", "reference_seed"}
+        unknown = set(raw) - known
+        if unknown:
+            raise KilnError(f"validate has unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        s = cls(**{k: (tuple(v) if k == "batch_sizes" else v) for k, v in raw.items()})
+        sizes = [b for b in s.batch_sizes if b != traced_batch]
+        if len(set(sizes)) < 2 or any(not isinstance(b, int) or b < 1 for b in s.batch_sizes):
+            raise KilnError(
+                f"validate.batch_sizes must hold at least two positive batch sizes other than the traced export.batch "
+                f"({traced_batch}), got {list(s.batch_sizes)}"
+            )
+        if s.atol < 0 or s.rtol < 0:
+            raise KilnError("validate.atol and validate.rtol must be >= 0")
+        return s
+
+
+def _eager(model: nn.Module, feeds: dict[str, np.ndarray], spec: ModelSpec, names: list[str]) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        out = model(*(torch.from_numpy(feeds[i.name]) for i in spec.inputs))
+    return {k: v.detach().float().numpy() for k, v in flatten_outputs(out, tuple(names)).items()}
+
+
+def _ort_session(onnx_path: Path) -> Any:
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ValidationFailed(f"ONNX Runtime cannot load the exported graph {onnx_path}: {str(e).splitlines()[0]}") from e
+
+
+def validate_export(model: nn.Module, onnx_path: str | Path, spec: ModelSpec, settings: ValidateSettings, traced_batch: int) -> dict[str, Any]:
+    """Compare eager PyTorch with the ONNX graph; return the report or raise ValidationFailed with one clear line."""
+    model.eval()
+    session = _ort_session(Path(onnx_path))
+    names = [o.name for o in session.get_outputs()]
+    per_batch: list[dict[str, Any]] = []
+    worst: dict[str, OutputComparison] = {}
+    degenerate: dict[str, str] = {}
+    for batch in settings.batch_sizes:
+        if batch == traced_batch:
+            continue
+        feeds = make_inputs(spec.inputs, batch, settings.seed + batch)
+        ref = _eager(model, feeds, spec, names)
+        try:
+            got = dict(zip(names, session.run(names, feeds)))
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValidationFailed(
+                f"the exported graph fails at batch {batch} (traced at {traced_batch}): {first[:300]}; "
+                "the export froze a batch-dependent shape"
+            ) from e
+        for name in names:
+            if got[name].shape != ref[name].shape:
+                raise ValidationFailed(
+                    f"output '{name}' at batch {batch}: the graph returns shape {list(got[name].shape)}, PyTorch {list(ref[name].shape)} "
+                    f"(traced at batch {traced_batch}): the export froze a batch-dependent shape"
+                )
+            c = compare_output(name, ref[name], got[name], settings.atol, settings.rtol)
+            per_batch.append({"batch": batch, **c.to_dict()})
+            log.info(
+                "batch %d output %s: max abs %.3g, max rel %.3g, mean abs %.3g%s",
+                batch, name, c.max_abs_err, c.max_rel_err, c.mean_abs_err,
+                f", top-1 agreement {c.top1_agreement:.3f}" if c.top1_agreement is not None else "",
+            )
+            if name not in worst or c.excess > worst[name].excess:
+                worst[name] = c
+            reason = degenerate_reason(ref[name])
+            if reason and name not in degenerate:
+                degenerate[name] = reason
+            if not c.passed:
+                raise ValidationFailed(c.failure_line(f"at batch {batch}"))
+    if degenerate and not settings.allow_degenerate_reference:
+        name, reason = next(iter(degenerate.items()))
+        raise ValidationFailed(
+            f"reference output '{name}' proves nothing: {reason}, so any graph would pass. Check the model "
+            "(zero-initialised head? wrong checkpoint?) or set validate.allow_degenerate_reference: true to accept it"
+        )
+    outputs = {}
+    for name, c in worst.items():
+        top1 = [r["top1_agreement"] for r in per_batch if r["name"] == name and r["top1_agreement"] is not None]
+        outputs[name] = {
+            "max_abs_err": max(r["max_abs_err"] for r in per_batch if r["name"] == name),
+            "max_rel_err": max(r["max_rel_err"] for r in per_batch if r["name"] == name),
+            "mean_abs_err": max(r["mean_abs_err"] for r in per_batch if r["name"] == name),
+            "top1_agreement": min(top1) if top1 else None,
+            "degenerate": degenerate.get(name),
+        }
+    return {
+        "passed": True,
+        "atol": settings.atol,
+        "rtol": settings.rtol,
+        "traced_batch": traced_batch,
+        "batch_sizes": [b for b in settings.batch_sizes if b != traced_batch],
+        "outputs": outputs,
+        "per_batch": per_batch,
+    }
+
+
+def reference_outputs(model: nn.Module, spec: ModelSpec, onnx_output_names: list[str], samples: int, seed: int, chunk: int = 8) -> dict[str, np.ndarray]:
+    """Eager fp32 outputs on seeded inputs: what every engine's accuracy is measured against."""
+    feeds = make_inputs(spec.inputs, samples, seed)
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in onnx_output_names}
+    for start in range(0, samples, chunk):
+        sub = {k: v[start : start + chunk] for k, v in feeds.items()}
+        for k, v in _eager(model, sub, spec, onnx_output_names).items():
+            parts[k].append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}

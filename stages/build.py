@@ -1,0 +1,28 @@
+"""build@<target>: one engine folder (runtime files + manifest) for one target."""
+
+import json
+import logging
+import sys
+
+from kiln import paths
+from kiln.config import ModelSpec, Target, load_params
+from kiln.engine import build_engine
+from kiln.runtimes import BuildSource
+from kiln.stage import run_stage
+
+
+def main() -> None:
+    name = sys.argv[1]
+    params = load_params()
+    target = Target.from_params(name, params)
+    spec = ModelSpec.from_params(params.get("model") or {})
+    machine = json.loads(paths.FINGERPRINT.read_text())
+    manifest = build_engine(target, BuildSource(paths.ONNX, spec), paths.ENGINES / name, machine)
+    logging.getLogger("kiln.build").info(
+        "%s: %s %s (executed %s) in %.2f s -> %s",
+        name, target.runtime, target.precision, manifest["precision"]["executed"], manifest["build_seconds"], paths.ENGINES / name,
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)
