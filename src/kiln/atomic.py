@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -60,5 +61,16 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def _jsonable(data: Any) -> Any:
+    """Non-finite floats (an engine that returns NaN) as the strings "nan"/"inf": valid JSON, still visible."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    if isinstance(data, dict):
+        return {k: _jsonable(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_jsonable(v) for v in data]
+    return data
+
+
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    write_text(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+sys.path.insert(0, str(TESTS))  # tinymodels
+
+
+def tiny_model_params(entrypoint: str = "tinymodels:tiny_cnn", **extra: Any) -> dict[str, Any]:
+    return {
+        "name": None,
+        "entrypoint": entrypoint,
+        "checkpoint": None,
+        "weights": None,
+        "kwargs": {},
+        "inputs": {"input": {"shape": [3, 16, 16], "dtype": "float32"}},
+        "outputs": None,
+        "seed": 0,
+        **extra,
+    }
+
+
+@pytest.fixture
+def tiny_spec():
+    from kiln.config import ModelSpec
+
+    return ModelSpec.from_params(tiny_model_params())
+
+
+@pytest.fixture
+def tiny_onnx(tmp_path, tiny_spec):
+    """A tiny classifier exported to ONNX, with its spec."""
+    from kiln.export import ExportSettings, export_onnx
+    from kiln.models import build_model
+
+    path = tmp_path / "model.onnx"
+    manifest = export_onnx(build_model(tiny_spec), tiny_spec, ExportSettings(), path)
+    return path, tiny_spec, manifest
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def venv_env() -> dict[str, str]:
+    """The environment for subprocesses: this interpreter's bin first, so `python` and `dvc` are this venv's."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH", "")]))
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env

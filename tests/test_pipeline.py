@@ -1,0 +1,136 @@
+"""The real DVC pipeline on a tiny model, in a temporary git repo: outputs, caching, the gate, experiments."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TESTS, venv_env
+
+pytestmark = pytest.mark.slow
+
+TINY_MODEL = """\
+name: null
+entrypoint: tinymodels:tiny_cnn
+checkpoint: null
+weights: null
+kwargs: {}
+inputs:
+  input: {shape: [3, 16, 16], dtype: float32}
+outputs: [logits]
+seed: 0
+"""
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(cmd, cwd=cwd, env=venv_env(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def make_project(tmp_path: Path, *overrides: str) -> Path:
+    """A copy of this project with the tiny model and quick benchmark as its defaults, committed to git."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("dvc.yaml", ".dvcignore", "stages", "src", "conf"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(src, project / name)
+    shutil.copy(TESTS / "tinymodels.py", project / "tinymodels.py")
+    (project / "conf" / "model" / "tiny.yaml").write_text(TINY_MODEL)
+    config = project / "conf" / "config.yaml"
+    config.write_text(config.read_text().replace("- model: resnet18", "- model: tiny").replace("- benchmark: default", "- benchmark: quick"))
+    (project / ".gitignore").write_text("/artifacts/\n__pycache__/\n")
+    run(["git", "init", "-q"], project)
+    run(["dvc", "init", "-q"], project)
+    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")
+    run(["python", "-m", "kiln.params", *overrides], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], project)
+    return project
+
+
+def test_pipeline_outputs_caching_and_experiments(tmp_path):
+    project = make_project(tmp_path)
+    targets = ["torch-eager", "onnxruntime", "openvino"]
+    every_stage = {"probe", "export", "validate", "report"} | {f"{s}@{t}" for s in ("build", "benchmark") for t in targets}
+
+    first = run(["dvc", "repro"], project)
+    assert stages_run(first.stdout) == every_stage
+    assert "exporter warnings" in first.stderr  # the export log is in the stage's output
+    for t in targets:
+        manifest = json.loads((project / "artifacts" / "engines" / t / "manifest.json").read_text())
+        assert manifest["target"] == t and manifest["hardware"] and manifest["source_onnx_sha256"]
+        metrics = json.loads((project / "reports" / "metrics" / f"{t}.json").read_text())
+        for b in ("b1", "b4"):
+            assert set(metrics[b]) == {"p50_ms", "p90_ms", "p99_ms", "ms_per_image", "images_per_s"}
+            assert 0 < metrics[b]["p50_ms"] <= metrics[b]["p99_ms"]
+        assert metrics["accuracy"]["max_abs_err"] < 1e-3 and metrics["accuracy"]["top1_agreement"] == 1.0
+        assert (project / "reports" / "plots" / f"{t}.csv").read_text().startswith("batch,ms_per_image")
+        assert len(json.loads((project / "reports" / "runs" / f"{t}.json").read_text())["times_ms"]["b1"]) >= 3
+    report = (project / "reports" / "benchmark.md").read_text()
+    assert all(f"| {t} |" in report for t in targets) and "passed." in report
+    assert "| torch-eager | torch | fp32 -> fp32 |" in report and "1.00x" in report
+
+    # Nothing changed: only the probe runs, quickly.
+    timings = []
+    for _ in range(2):
+        start = time.perf_counter()
+        noop = run(["dvc", "repro"], project)
+        timings.append(time.perf_counter() - start)
+        assert stages_run(noop.stdout) == {"probe"}, noop.stdout
+    assert min(timings) < 2.0, f"no-op dvc repro took {timings}"
+
+    # One target changed: only its stages and the report.
+    run(["python", "-m", "kiln.params", "targets.openvino.threads=1"], project)
+    changed = run(["dvc", "repro"], project)
+    assert stages_run(changed.stdout) == {"probe", "build@openvino", "benchmark@openvino", "report"}
+    assert json.loads((project / "reports" / "runs" / "openvino.json").read_text())["threads"] == 1
+
+    # The model changed (in conf/, where `dvc exp run` will find it too): everything from export on.
+    tiny = project / "conf" / "model" / "tiny.yaml"
+    tiny.write_text(tiny.read_text().replace("kwargs: {}", "kwargs: {num_classes: 5}"))
+    run(["python", "-m", "kiln.params", "targets.openvino.threads=1"], project)
+    remodel = run(["dvc", "repro"], project)
+    assert stages_run(remodel.stdout) == every_stage
+    assert json.loads((project / "artifacts" / "export.json").read_text())["outputs"]["logits"]["shape"] == ["batch", 5]
+
+    # An experiment with a Hydra override re-composes params.yaml and re-runs one target.
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "five classes"], project)
+    exp = run(["dvc", "exp", "run", "-S", "targets.openvino.threads=2"], project)
+    assert stages_run(exp.stdout) == {"probe", "build@openvino", "benchmark@openvino", "report"}
+    assert "threads: 2" in (project / "params.yaml").read_text()
+    assert json.loads((project / "reports" / "runs" / "openvino.json").read_text())["threads"] == 2
+
+
+def test_validation_gate_stops_the_pipeline(tmp_path):
+    project = make_project(tmp_path, "model.entrypoint=tinymodels:batch_size_arithmetic", "export.exporter=torchscript")
+    result = run(["dvc", "repro"], project, check=False)
+    assert result.returncode != 0
+    assert stages_run(result.stdout) == {"probe", "export", "validate"}
+    error = [ln for ln in result.stderr.splitlines() if ln.startswith("kiln: error:")]
+    assert len(error) == 1 and "froze a batch-dependent shape" in error[0]
+    assert not (project / "artifacts" / "engines").exists()
+    assert not (project / "reports" / "validate.json").exists()
+    assert not (project / "artifacts" / "reference.npz").exists()
+
+
+def test_unknown_model_fails_export_with_one_line(tmp_path):
+    project = make_project(tmp_path, "model.entrypoint=null", "model.name=resnet81")
+    result = run(["dvc", "repro", "export"], project, check=False)
+    assert result.returncode != 0
+    assert "kiln: error: unknown model.name 'resnet81' (did you mean 'resnet18'" in result.stderr
+    assert not (project / "artifacts" / "model.onnx").exists()

@@ -1,0 +1,130 @@
+"""Every runtime behind the one protocol: build an engine folder, load it, infer; manifests checked on load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from kiln import fingerprint
+from kiln.config import Target
+from kiln.engine import build_engine, load_engine, read_manifest
+from kiln.errors import EngineMismatch, KilnError
+from kiln.inputs import make_inputs
+from kiln.models import build_model
+from kiln.runtimes import RUNTIMES, BuildSource
+from kiln.validate import reference_outputs
+
+CPU_TARGETS = {
+    "torch-eager": {"runtime": "torch", "threads": 1},
+    "onnxruntime": {"runtime": "onnxruntime", "threads": 1},
+    "openvino": {"runtime": "openvino", "threads": 1},
+}
+
+
+def target(name: str, **over) -> Target:
+    return Target.from_params(name, {"targets": {name: {**CPU_TARGETS.get(name, {}), **over}}})
+
+
+@pytest.mark.parametrize("name", list(CPU_TARGETS))
+def test_build_load_infer_matches_eager(tmp_path, tiny_onnx, name):
+    path, spec, _ = tiny_onnx
+    t = target(name)
+    manifest = build_engine(t, BuildSource(path, spec), tmp_path / name)
+    assert manifest == read_manifest(tmp_path / name)
+    assert manifest["target"] == name and manifest["runtime"] == t.runtime
+    assert manifest["precision"]["requested"] == "fp32"
+    assert manifest["precision"]["executed"] in ("fp32", "f32")
+    assert manifest["hardware"] == fingerprint.collect()["hardware"]
+    assert set(manifest["versions"]) >= {t.runtime if t.runtime != "torch" else "torch"}
+    assert manifest["profile"] == {"min": 1, "opt": 8, "max": 32}
+
+    session, _ = load_engine(tmp_path / name, t)
+    ref = reference_outputs(build_model(spec), spec, ["output"], samples=6, seed=3)
+    feeds = make_inputs(spec.inputs, 6, 3)
+    got = session.infer(feeds)
+    assert session.output_names == ["output"]
+    np.testing.assert_allclose(got["output"], ref["output"], atol=1e-4, rtol=1e-3)
+
+
+def test_onnxruntime_engine_holds_the_optimized_graph(tmp_path, tiny_onnx):
+    import onnx
+
+    path, spec, _ = tiny_onnx
+    build_engine(target("onnxruntime"), BuildSource(path, spec), tmp_path / "e")
+    optimized = onnx.load(str(tmp_path / "e" / "model.optimized.onnx"))
+    # Conv+BatchNorm(+ReLU) fold away: fewer nodes than the exported graph.
+    assert len(optimized.graph.node) < len(onnx.load(str(path)).graph.node)
+
+
+def test_openvino_ir_keeps_fp32_weights(tmp_path, tiny_onnx):
+    path, spec, _ = tiny_onnx
+    build_engine(target("openvino"), BuildSource(path, spec), tmp_path / "e")
+    model = ov.Core().read_model(str(tmp_path / "e" / "model.xml"))
+    weights = [op for op in model.get_ordered_ops() if op.get_type_name() == "Constant" and op.get_output_element_type(0).is_real()]
+    assert weights and all(op.get_output_element_type(0) == ov.Type.f32 for op in weights)
+
+
+def test_openvino_low_precision_is_refused_or_really_executed(tmp_path, tiny_onnx):
+    path, spec, _ = tiny_onnx
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    t = target("openvino", precision="bf16")
+    if "BF16" in caps:
+        manifest = build_engine(t, BuildSource(path, spec), tmp_path / "e")
+        assert "bf16" in manifest["precision"]["executed"]
+    else:
+        with pytest.raises(KilnError, match=r"cannot execute bf16: its OPTIMIZATION_CAPABILITIES are .*silently run f32"):
+            build_engine(t, BuildSource(path, spec), tmp_path / "e")
+        assert not (tmp_path / "e").exists()
+
+
+def test_engine_from_another_machine_is_refused(tmp_path, tiny_onnx):
+    path, spec, _ = tiny_onnx
+    build_engine(target("onnxruntime"), BuildSource(path, spec), tmp_path / "e")
+    manifest_path = tmp_path / "e" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["hardware"]["cpu"] = {"arch": "aarch64", "model": "Neoverse-V2", "features": ["asimd", "sve2"]}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(EngineMismatch, match=r"built for Neoverse-V2 \[asimd, sve2\], but this machine is .*rebuild it here with `dvc repro build@onnxruntime`"):
+        load_engine(tmp_path / "e", target("onnxruntime"))
+
+
+def test_engine_from_other_library_versions_is_refused(tmp_path, tiny_onnx):
+    path, spec, _ = tiny_onnx
+    build_engine(target("openvino"), BuildSource(path, spec), tmp_path / "e")
+    manifest_path = tmp_path / "e" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["versions"]["openvino"] = "2023.0.0"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(EngineMismatch, match=r"built with openvino 2023.0.0, this machine has"):
+        load_engine(tmp_path / "e", target("openvino"))
+
+
+def test_not_an_engine_folder(tmp_path):
+    with pytest.raises(KilnError, match="is not a kiln engine"):
+        load_engine(tmp_path, target("openvino"))
+
+
+def test_failed_build_leaves_no_engine_and_keeps_the_old_one(tmp_path, tiny_onnx):
+    path, spec, _ = tiny_onnx
+    engine = tmp_path / "e"
+    build_engine(target("onnxruntime"), BuildSource(path, spec), engine)
+    before = read_manifest(engine)
+    bad = target("onnxruntime", options={"graph_optimization_level": "ludicrous"})
+    with pytest.raises(KilnError, match="graph_optimization_level 'ludicrous' is not one of"):
+        build_engine(bad, BuildSource(path, spec), engine)
+    assert read_manifest(engine) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_every_runtime_module_implements_the_protocol():
+    from kiln.runtimes import get_runtime
+
+    for name in RUNTIMES:
+        rt = get_runtime(name)
+        assert rt.name == name
+        assert "fp32" in rt.precisions
+        for method in ("unavailable_reason", "build", "load"):
+            assert callable(getattr(rt, method))

@@ -1,0 +1,89 @@
+"""Small models for kiln's tests: fast to export, and some whose export is deliberately wrong.
+
+Entrypoints here are referenced as `tinymodels:<function>` in test configs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """A classifier on 3x16x16 images: conv, batch-norm, ReLU, pool, linear."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+        )
+        self.head = nn.Linear(width * 16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class DataDependentBranch(TinyCNN):
+    """A branch on the input's values: tracing records only the branch the traced batch took."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if x.mean() > 0:
+            return y * 2.0
+        return -y
+
+
+class BatchSizeArithmetic(TinyCNN):
+    """Python arithmetic on the input's shape: a tracer bakes the traced batch size in as a constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        n = int(x.shape[0])
+        return y.reshape(n, -1) + torch.arange(n, dtype=y.dtype).reshape(n, 1)
+
+
+class ZeroHead(TinyCNN):
+    """A zero-initialised head: every output is 0, so a comparison against it proves nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+
+class TwoOutputs(TinyCNN):
+    """Class scores plus a feature map: only the scores get a top-1 column."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features[:6](x)
+        return self.head(self.features[6:](f)), f
+
+
+def tiny_cnn(num_classes: int = 10) -> nn.Module:
+    return TinyCNN(num_classes)
+
+
+def data_dependent_branch() -> nn.Module:
+    return DataDependentBranch()
+
+
+def batch_size_arithmetic() -> nn.Module:
+    return BatchSizeArithmetic()
+
+
+def zero_head() -> nn.Module:
+    return ZeroHead()
+
+
+def two_outputs() -> nn.Module:
+    return TwoOutputs()
+
+
+def training_mode() -> nn.Module:
+    return TinyCNN().train()
+
+
+def not_a_module() -> str:
+    return "nope"
