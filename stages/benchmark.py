@@ -1,18 +1,19 @@
 """benchmark@<target>: latency per batch size and accuracy against the eager fp32 reference, for one engine."""
 
+import logging
 import sys
-
-import numpy as np
 
 from kiln import fingerprint, paths
 from kiln.atomic import write_json, write_text
-from kiln.benchmark import BenchmarkSettings, accuracy_against_reference, benchmark_latency
+from kiln.benchmark import BenchmarkSettings, accuracy_against_reference, benchmark_latency, budget_violations
 from kiln.config import ModelSpec, Target, load_params
 from kiln.engine import load_engine
+from kiln.errors import KilnError
 from kiln.stage import run_stage
+from kiln.validate import load_reference
 
 METRIC_KEYS = ("p50_ms", "p90_ms", "p99_ms", "ms_per_image", "images_per_s")
-ACCURACY_KEYS = ("max_abs_err", "mean_abs_err", "top1_agreement", "cosine", "sqnr_db")
+ACCURACY_KEYS = ("max_abs_err", "mean_abs_err", "top1_agreement", "cosine", "sqnr_db", "top1", "top1_drop")
 
 
 def main() -> None:
@@ -24,14 +25,28 @@ def main() -> None:
     machine = fingerprint.collect()
     session, manifest = load_engine(paths.ENGINES / name, target, machine)
 
+    # Accuracy first: an engine over its budget fails before minutes of timing.
+    accuracy = accuracy_against_reference(session, load_reference(paths.REFERENCE), chunk=target.profile.opt)
+    budget = {**settings.accuracy_budget, **target.accuracy_budget}
+    violations = budget_violations(accuracy, budget)
+    # A random-init network's scores sit too close together for agreement to mean anything:
+    # its budget is reported, not enforced.
+    enforced = settings.fail_on_budget and bool(spec.checkpoint or spec.weights)
+    if violations and not enforced:
+        logging.getLogger("kiln.benchmark").warning(
+            "%s over its accuracy budget (%s); not enforced: %s", name, "; ".join(violations),
+            "benchmark.fail_on_budget is false" if not settings.fail_on_budget else "the model has random weights (no checkpoint or weights)",
+        )
+    if violations and enforced:
+        raise KilnError(
+            f"target '{name}' is over its accuracy budget on {accuracy['source']}: {'; '.join(violations)}. "
+            f"Keep sensitive layers in float (targets.{name}.calibration.ignored_scope), change the calibration, "
+            "or relax targets.<name>.accuracy_budget / set benchmark.fail_on_budget: false to record it and go on"
+        )
     stats, raw, notes = benchmark_latency(session, spec.inputs, target.profile, settings)
-    with np.load(paths.REFERENCE) as ref:
-        reference = {k: ref[k] for k in ref.files if k != "__seed__"}
-        seed = int(ref["__seed__"])
-    accuracy = accuracy_against_reference(session, spec.inputs, reference, seed, chunk=target.profile.opt)
 
     metrics = {key: {k: round(s[k], 4) for k in METRIC_KEYS} for key, s in stats.items()}
-    metrics["accuracy"] = {k: accuracy[k] for k in ACCURACY_KEYS}
+    metrics["accuracy"] = {k: accuracy[k] for k in ACCURACY_KEYS if k in accuracy}
     run = {
         "target": name,
         "runtime": target.runtime,
@@ -45,6 +60,7 @@ def main() -> None:
         "latency": stats,
         "times_ms": raw,
         "accuracy": accuracy,
+        "budget": {"limits": budget, "violations": violations, "enforced": enforced},
         "notes": notes,
     }
     write_json(paths.RUNS / f"{name}.json", run)

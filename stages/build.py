@@ -17,7 +17,7 @@ def main() -> None:
     target = Target.from_params(name, params)
     spec = ModelSpec.from_params(params.get("model") or {})
     machine = json.loads(paths.FINGERPRINT.read_text())
-    manifest = build_engine(target, BuildSource(paths.ONNX, spec), paths.ENGINES / name, machine)
+    manifest = build_engine(target, BuildSource(paths.ONNX, spec, paths.CALIBRATION / name), paths.ENGINES / name, machine)
     logging.getLogger("kiln.build").info(
         "%s: %s %s (executed %s) in %.2f s -> %s",
         name, target.runtime, target.precision, manifest["precision"]["executed"], manifest["build_seconds"], paths.ENGINES / name,

@@ -105,9 +105,12 @@ def test_batches_outside_the_profile_are_skipped_with_a_note():
 def test_accuracy_against_reference_chunks_and_compares():
     spec = (InputSpec("x", (4,)),)
     feeds = make_inputs(spec, 10, 5)
-    reference = {"y": feeds["x"] * 1.0}
-    acc = accuracy_against_reference(SleepySession(), spec, reference, seed=5, chunk=3)
+    labels = np.argmax(feeds["x"], axis=1)
+    labels[:3] = (labels[:3] + 1) % 4  # three of ten labels the model gets wrong
+    reference = {"inputs": feeds, "outputs": {"y": feeds["x"] * 1.0}, "labels": labels, "source": "ten rows"}
+    acc = accuracy_against_reference(SleepySession(), reference, chunk=3)
     assert acc["samples"] == 10 and acc["max_abs_err"] == 0 and acc["top1_agreement"] == 1.0
+    assert acc["top1"] == pytest.approx(0.7) and acc["top1_fp32"] == pytest.approx(0.7) and acc["top1_drop"] == 0.0
 
 
 def test_benchmark_settings_errors():

@@ -35,14 +35,15 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 
 def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
+    # The probe lives in probe/dvc.yaml, so DVC calls it 'probe/dvc.yaml:probe'.
+    return {name.split(":")[-1] for name in re.findall(r"Running stage '([^']+)'", output)}
 
 
 def make_project(tmp_path: Path, *overrides: str) -> Path:
     """A copy of this project with the tiny model and quick benchmark as its defaults, committed to git."""
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", "stages", "src", "conf"):
+    for name in ("dvc.yaml", ".dvcignore", "stages", "src", "conf", "probe"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -50,6 +51,8 @@ def make_project(tmp_path: Path, *overrides: str) -> Path:
             shutil.copy(src, project / name)
     shutil.copy(TESTS / "tinymodels.py", project / "tinymodels.py")
     (project / "conf" / "model" / "tiny.yaml").write_text(TINY_MODEL)
+    data = project / "conf" / "data" / "default.yaml"
+    data.write_text(data.read_text().replace("resize: 256", "resize: 16").replace("crop: 224", "crop: 16"))
     config = project / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("- model: resnet18", "- model: tiny").replace("- benchmark: default", "- benchmark: quick"))
     (project / ".gitignore").write_text("/artifacts/\n__pycache__/\n")
@@ -64,8 +67,9 @@ def make_project(tmp_path: Path, *overrides: str) -> Path:
 
 def test_pipeline_outputs_caching_and_experiments(tmp_path):
     project = make_project(tmp_path)
-    targets = ["torch-eager", "onnxruntime", "openvino"]
-    every_stage = {"probe", "export", "validate", "report"} | {f"{s}@{t}" for s in ("build", "benchmark") for t in targets}
+    targets = ["torch-eager", "onnxruntime", "openvino", "onnxruntime-int8", "openvino-int8"]
+    from_export = {"export", "validate", "report"} | {f"{s}@{t}" for s in ("calibrate", "build", "benchmark") for t in targets}
+    every_stage = {"probe", "sample-data"} | from_export
 
     first = run(["dvc", "repro"], project)
     assert stages_run(first.stdout) == every_stage
@@ -77,12 +81,16 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
         for b in ("b1", "b4"):
             assert set(metrics[b]) == {"p50_ms", "p90_ms", "p99_ms", "ms_per_image", "images_per_s"}
             assert 0 < metrics[b]["p50_ms"] <= metrics[b]["p99_ms"]
-        assert metrics["accuracy"]["max_abs_err"] < 1e-3 and metrics["accuracy"]["top1_agreement"] == 1.0
+        if "int8" not in t:
+            assert metrics["accuracy"]["max_abs_err"] < 1e-3 and metrics["accuracy"]["top1_agreement"] == 1.0
         assert (project / "reports" / "plots" / f"{t}.csv").read_text().startswith("batch,ms_per_image")
         assert len(json.loads((project / "reports" / "runs" / f"{t}.json").read_text())["times_ms"]["b1"]) >= 3
     report = (project / "reports" / "benchmark.md").read_text()
     assert all(f"| {t} |" in report for t in targets) and "passed." in report
     assert "| torch-eager | torch | fp32 -> fp32 |" in report and "1.00x" in report
+    assert "| onnxruntime-int8 | onnxruntime | int8 -> int8 |" in report
+    assert "Accuracy against eager fp32, on 64 images from data/eval" in report
+    assert len(list((project / "data" / "calibration").glob("*.jpg"))) == 300
 
     # Nothing changed: only the probe runs, quickly.
     timings = []
@@ -96,22 +104,36 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     # One target changed: only its stages and the report.
     run(["python", "-m", "kiln.params", "targets.openvino.threads=1"], project)
     changed = run(["dvc", "repro"], project)
-    assert stages_run(changed.stdout) == {"probe", "build@openvino", "benchmark@openvino", "report"}
+    assert stages_run(changed.stdout) == {"probe", "calibrate@openvino", "build@openvino", "benchmark@openvino", "report"}
     assert json.loads((project / "reports" / "runs" / "openvino.json").read_text())["threads"] == 1
+
+    # New calibration data (other photographs: different activation ranges): calibration re-runs,
+    # and only the int8 targets re-build.
+    eval_images = sorted((project / "data" / "eval").glob("*.jpg"))
+    for i, image in enumerate(sorted((project / "data" / "calibration").glob("*.jpg"))):
+        image.write_bytes(eval_images[i % len(eval_images)].read_bytes())
+    first_image = project / "data" / "calibration" / "0000.jpg"
+    recal = run(["dvc", "repro"], project)
+    int8 = {"onnxruntime-int8", "openvino-int8"}
+    assert stages_run(recal.stdout) == {"probe", "sample-data", "report"} | {f"calibrate@{t}" for t in targets} | {
+        f"{s}@{t}" for s in ("build", "benchmark") for t in int8
+    }
+    assert "already holds images: left as it is" in recal.stderr
+    assert first_image.read_bytes() == (project / "data" / "eval" / "0000.jpg").read_bytes()
 
     # The model changed (in conf/, where `dvc exp run` will find it too): everything from export on.
     tiny = project / "conf" / "model" / "tiny.yaml"
     tiny.write_text(tiny.read_text().replace("kwargs: {}", "kwargs: {num_classes: 5}"))
     run(["python", "-m", "kiln.params", "targets.openvino.threads=1"], project)
     remodel = run(["dvc", "repro"], project)
-    assert stages_run(remodel.stdout) == every_stage
+    assert stages_run(remodel.stdout) == {"probe"} | from_export
     assert json.loads((project / "artifacts" / "export.json").read_text())["outputs"]["logits"]["shape"] == ["batch", 5]
 
     # An experiment with a Hydra override re-composes params.yaml and re-runs one target.
     run(["git", "add", "-A"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "five classes"], project)
     exp = run(["dvc", "exp", "run", "-S", "targets.openvino.threads=2"], project)
-    assert stages_run(exp.stdout) == {"probe", "build@openvino", "benchmark@openvino", "report"}
+    assert stages_run(exp.stdout) == {"probe", "calibrate@openvino", "build@openvino", "benchmark@openvino", "report"}
     assert "threads: 2" in (project / "params.yaml").read_text()
     assert json.loads((project / "reports" / "runs" / "openvino.json").read_text())["threads"] == 2
 
@@ -120,7 +142,8 @@ def test_validation_gate_stops_the_pipeline(tmp_path):
     project = make_project(tmp_path, "model.entrypoint=tinymodels:batch_size_arithmetic", "export.exporter=torchscript")
     result = run(["dvc", "repro"], project, check=False)
     assert result.returncode != 0
-    assert stages_run(result.stdout) == {"probe", "export", "validate"}
+    ran = stages_run(result.stdout)
+    assert {"export", "validate"} <= ran <= {"probe", "sample-data", "export", "validate"}, ran
     error = [ln for ln in result.stderr.splitlines() if ln.startswith("kiln: error:")]
     assert len(error) == 1 and "froze a batch-dependent shape" in error[0]
     assert not (project / "artifacts" / "engines").exists()

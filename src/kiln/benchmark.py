@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -31,11 +31,13 @@ class BenchmarkSettings:
     min_time_s: float = 2.0
     max_iters: int = 10000
     seed: int = 7
+    accuracy_budget: dict[str, Any] = field(default_factory=dict)
+    fail_on_budget: bool = True
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any] | None) -> "BenchmarkSettings":
         raw = dict(raw or {})
-        known = {"batch_sizes", "warmup_iters", "min_iters", "min_time_s", "max_iters", "seed"}
+        known = {"batch_sizes", "warmup_iters", "min_iters", "min_time_s", "max_iters", "seed", "accuracy_budget", "fail_on_budget"}
         unknown = set(raw) - known
         if unknown:
             raise KilnError(f"benchmark has unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
@@ -101,17 +103,44 @@ def benchmark_latency(
     return stats, raw, notes
 
 
-def accuracy_against_reference(
-    session: Session, inputs: tuple[InputSpec, ...], reference: Mapping[str, np.ndarray], seed: int, chunk: int
-) -> dict[str, Any]:
-    """The engine's outputs on the reference inputs, compared with the eager fp32 outputs."""
-    samples = next(iter(reference.values())).shape[0]
-    feeds = make_inputs(inputs, samples, seed)
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in reference}
+def accuracy_against_reference(session: Session, reference: Mapping[str, Any], chunk: int) -> dict[str, Any]:
+    """The engine's outputs on the reference inputs against the eager fp32 outputs (and labels, when there are)."""
+    inputs, expected = reference["inputs"], reference["outputs"]
+    samples = next(iter(inputs.values())).shape[0]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in expected}
     for start in range(0, samples, chunk):
-        out = session.infer({k: v[start : start + chunk] for k, v in feeds.items()})
-        for n in reference:
+        out = session.infer({k: v[start : start + chunk] for k, v in inputs.items()})
+        for n in expected:
             parts[n].append(np.asarray(out[n], dtype=np.float32))
     got = {n: np.concatenate(v) for n, v in parts.items()}
-    comparisons = compare_outputs(reference, got)
-    return {**summarize(comparisons), "samples": samples, "outputs": {c.name: c.to_dict() for c in comparisons}}
+    comparisons = compare_outputs(expected, got)
+    result: dict[str, Any] = {**summarize(comparisons), "samples": samples, "source": reference.get("source")}
+    labels = reference.get("labels")
+    scores = next((c.name for c in comparisons if c.top1_agreement is not None), None)
+    if labels is not None and scores is not None:
+        ref_top1 = float(np.mean(np.argmax(expected[scores], axis=1) == labels))
+        top1 = float(np.mean(np.argmax(got[scores], axis=1) == labels))
+        result.update(top1=top1, top1_fp32=ref_top1, top1_drop=100.0 * (ref_top1 - top1))
+    result["outputs"] = {c.name: c.to_dict() for c in comparisons}
+    return result
+
+
+BUDGET_KEYS = {"min_top1_agreement": ("top1_agreement", min), "max_top1_drop": ("top1_drop", max), "min_sqnr_db": ("sqnr_db", min), "min_cosine": ("cosine", min)}
+
+
+def budget_violations(accuracy: Mapping[str, Any], budget: Mapping[str, Any]) -> list[str]:
+    """Each way `accuracy` is outside `budget`, as a readable line; metrics that were not measured are not judged."""
+    unknown = set(budget) - set(BUDGET_KEYS)
+    if unknown:
+        raise KilnError(f"accuracy_budget has unknown keys {sorted(unknown)}; known: {', '.join(sorted(BUDGET_KEYS))}")
+    out = []
+    for key, limit in budget.items():
+        if limit is None:
+            continue
+        metric, kind = BUDGET_KEYS[key]
+        value = accuracy.get(metric)
+        if value is None or isinstance(value, str):
+            continue
+        if (kind is min and value < limit) or (kind is max and value > limit):
+            out.append(f"{metric} {value:.4g} {'<' if kind is min else '>'} {key} {limit:g}")
+    return out

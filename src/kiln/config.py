@@ -165,6 +165,8 @@ class Target:
     threads: int | None = None
     profile: ShapeProfile = field(default_factory=ShapeProfile)
     options: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # per-target overrides of params `calibration`
+    accuracy_budget: dict[str, Any] = field(default_factory=dict)  # per-target overrides of benchmark.accuracy_budget
 
     @classmethod
     def from_params(cls, name: str, params: Mapping[str, Any]) -> "Target":
@@ -173,7 +175,7 @@ class Target:
             raise KilnError(f"no target '{name}' in params.yaml{close_matches(name, targets)}; targets: {', '.join(targets) or 'none'}")
         raw = targets[name] or {}
         where = f"targets.{name}"
-        known = {"runtime", "precision", "device", "threads", "profile", "options"}
+        known = {"runtime", "precision", "device", "threads", "profile", "options", "calibration", "accuracy_budget"}
         unknown = set(raw) - known
         if unknown:
             hint = "".join(close_matches(k, known) for k in sorted(unknown))
@@ -194,6 +196,8 @@ class Target:
             threads=threads,
             profile=ShapeProfile.from_params(raw.get("profile"), where),
             options=dict(raw.get("options") or {}),
+            calibration=dict(raw.get("calibration") or {}),
+            accuracy_budget=dict(raw.get("accuracy_budget") or {}),
         )
 
     @property
@@ -208,4 +212,6 @@ class Target:
             "threads": self.threads,
             "profile": self.profile.to_params(),
             "options": self.options,
+            "calibration": self.calibration,
+            "accuracy_budget": self.accuracy_budget,
         }

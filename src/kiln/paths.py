@@ -8,6 +8,7 @@ ONNX = ARTIFACTS / "model.onnx"
 EXPORT_MANIFEST = ARTIFACTS / "export.json"
 REFERENCE = ARTIFACTS / "reference.npz"
 ENGINES = ARTIFACTS / "engines"
+CALIBRATION = ARTIFACTS / "calibration"
 
 REPORTS = Path("reports")
 VALIDATE = REPORTS / "validate.json"

@@ -53,6 +53,7 @@ def render(
         "| target | runtime | precision (requested -> executed) | threads | batch | ms/batch p50 | ms/batch p99 | ms/image | images/s | speed-up | max abs err | top-1 agreement |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    accuracy_rows = []
     for name, res in results.items():
         metrics, run = res["metrics"], res["run"]
         acc = metrics.get("accuracy", {})
@@ -69,6 +70,28 @@ def render(
             )
         for note in run.get("notes", []):
             lines.append(f"| {name} | | | | | | | | | | | {note} |")
+        budget = run.get("budget") or {}
+        violations = budget.get("violations") or []
+        verdict = "ok"
+        if violations:
+            verdict = "OVER BUDGET: " + "; ".join(violations) + ("" if budget.get("enforced") else " (not enforced: random weights or fail_on_budget off)")
+        accuracy_rows.append(
+            f"| {name} | {_fmt(acc.get('top1_agreement'), '.4f')} | {_fmt(acc.get('sqnr_db'), '.1f')} | {_fmt(acc.get('cosine'), '.6f')} "
+            f"| {_fmt(acc.get('max_abs_err'), '.2e')} | {_fmt(acc.get('top1'), '.4f')} | {_fmt(acc.get('top1_drop'), '.2f')} "
+            f"| {verdict} |"
+        )
+    if accuracy_rows:
+        source = next(iter(results.values()))["run"].get("accuracy", {}).get("source", "the reference inputs")
+        lines += [
+            "",
+            f"## Accuracy against eager fp32, on {source}",
+            "",
+            "SQNR n/a means the outputs are identical to the reference. Real top-1 needs labelled eval data (ImageFolder layout).",
+            "",
+            "| target | top-1 agreement | SQNR dB | cosine | max abs err | top-1 | top-1 drop (points) | budget |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+            *accuracy_rows,
+        ]
     if validate:
         lines += [
             "",

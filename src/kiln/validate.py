@@ -137,11 +137,69 @@ def validate_export(model: nn.Module, onnx_path: str | Path, spec: ModelSpec, se
 
 
 def reference_outputs(model: nn.Module, spec: ModelSpec, onnx_output_names: list[str], samples: int, seed: int, chunk: int = 8) -> dict[str, np.ndarray]:
-    """Eager fp32 outputs on seeded inputs: what every engine's accuracy is measured against."""
-    feeds = make_inputs(spec.inputs, samples, seed)
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in onnx_output_names}
+    """Eager fp32 outputs on seeded inputs."""
+    return eager_outputs(model, spec, make_inputs(spec.inputs, samples, seed), onnx_output_names, chunk)
+
+
+def eager_outputs(model: nn.Module, spec: ModelSpec, feeds: dict[str, np.ndarray], names: list[str], chunk: int = 8) -> dict[str, np.ndarray]:
+    samples = next(iter(feeds.values())).shape[0]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for start in range(0, samples, chunk):
         sub = {k: v[start : start + chunk] for k, v in feeds.items()}
-        for k, v in _eager(model, sub, spec, onnx_output_names).items():
+        for k, v in _eager(model, sub, spec, names).items():
             parts[k].append(v)
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def reference_set(model: nn.Module, spec: ModelSpec, names: list[str], data: dict[str, Any], settings: ValidateSettings) -> dict[str, Any]:
+    """What every engine's accuracy is judged on: held-out images (data.eval_dir) through the shared
+    preprocessing when the model takes one image input and the folder has images, else seeded inputs.
+    Returns inputs, the eager fp32 outputs, labels (ImageFolder layout) and a description."""
+    from .calibration import check_image_input
+    from .images import ImageSet, Preprocess
+
+    eval_dir = data.get("eval_dir")
+    if eval_dir and Path(eval_dir).is_dir():
+        preprocess = Preprocess.from_params(data.get("preprocess"))
+        check_image_input(spec, preprocess)
+        images = ImageSet.scan(eval_dir, "eval folder")
+        limit = int(data.get("eval_limit") or len(images))
+        if limit < len(images):
+            # Spread the subset over the folder so every class is represented.
+            picks = np.linspace(0, len(images) - 1, limit).round().astype(int)
+            images = type(images)(images.root, tuple(images.paths[i] for i in picks),
+                                  tuple(images.labels[i] for i in picks) if images.labels else None, images.classes)
+        feeds = {spec.inputs[0].name: images.load(preprocess)}
+        labels = None
+        if images.labels is not None and images.classes is not None:
+            # Class folders named by index ("0".."9") map to that index; otherwise sorted order.
+            if all(c.isdigit() for c in images.classes):
+                labels = np.array([int(images.classes[i]) for i in images.labels])
+            else:
+                labels = np.array(images.labels)
+        source = f"{len(images)} images from {eval_dir}" + (" (labelled)" if labels is not None else "")
+    else:
+        feeds = make_inputs(spec.inputs, settings.reference_samples, settings.reference_seed)
+        labels = None
+        source = f"{settings.reference_samples} seeded random inputs (no eval images)"
+    return {"inputs": feeds, "outputs": eager_outputs(model, spec, feeds, names), "labels": labels, "source": source}
+
+
+def save_reference(path: str | Path, ref: dict[str, Any]) -> None:
+    from .atomic import atomic_path
+
+    arrays = {f"input/{k}": v for k, v in ref["inputs"].items()} | {f"output/{k}": v for k, v in ref["outputs"].items()}
+    if ref["labels"] is not None:
+        arrays["labels"] = ref["labels"]
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, source=np.array(ref["source"]), **arrays)
+
+
+def load_reference(path: str | Path) -> dict[str, Any]:
+    with np.load(path) as z:
+        return {
+            "inputs": {k[6:]: z[k] for k in z.files if k.startswith("input/")},
+            "outputs": {k[7:]: z[k] for k in z.files if k.startswith("output/")},
+            "labels": z["labels"] if "labels" in z.files else None,
+            "source": str(z["source"]),
+        }

@@ -8,7 +8,9 @@ Each runtime is one module here exposing `RUNTIME`, an object with:
 - `build(target, source, engine_dir) -> dict`: write the engine files into `engine_dir`
   and return manifest fields (at least `executed_precision`);
 - `load(engine_dir, manifest, target) -> Session`: a session with
-  `input_names`, `output_names` and `infer(feeds) -> dict[str, np.ndarray]`.
+  `input_names`, `output_names` and `infer(feeds) -> dict[str, np.ndarray]`;
+- for runtimes offering int8: `calibrate(target, onnx_path, calibration_set, settings, out_dir) -> dict`,
+  which writes the runtime's quantized model into `out_dir` for `build` to pick up.
 
 Stages and the benchmark only talk to this protocol; adding a runtime is adding a module
 and a line in RUNTIMES. Importing this package imports no framework.
@@ -36,10 +38,12 @@ RUNTIMES = {
 
 @dataclass(frozen=True)
 class BuildSource:
-    """What a build starts from: the validated ONNX graph, and the model spec for runtimes that run PyTorch."""
+    """What a build starts from: the validated ONNX graph, the model spec for runtimes that run PyTorch,
+    and the target's calibration folder for precisions that need one."""
 
     onnx_path: Path
     model: ModelSpec
+    calibration_dir: Path | None = None
 
 
 class Session(Protocol):

@@ -12,6 +12,9 @@ from ..config import Target
 from ..errors import KilnError
 
 OPTIMIZED = "model.optimized.onnx"
+QDQ = "model.qdq.onnx"
+COMPUTE_OPS = {"Conv", "MatMul", "Gemm", "ConvTranspose"}
+INT8_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool"}
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -39,15 +42,82 @@ class OrtSession:
         return dict(zip(self.output_names, self.session.run(self.output_names, dict(feeds))))
 
 
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader over kiln's calibration batches, with a progress bar."""
+
+    def __init__(self, calib: Any):
+        from tqdm import tqdm
+
+        self._batches = calib.batches()
+        self._bar = tqdm(total=len(calib), desc="calibrating (onnxruntime)", unit="img", mininterval=2.0)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        if batch is None:
+            self._bar.close()
+            return None
+        self._bar.update(len(next(iter(batch.values()))))
+        return batch
+
+
+def executed_precision(optimized: Path) -> str:
+    """int8 when the optimised graph runs its convolutions/matmuls as quantized kernels."""
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node]
+    int8 = sum(op in INT8_OPS or op.startswith("QLinear") for op in ops)
+    fp = sum(op in COMPUTE_OPS or op.startswith("Fused") for op in ops)
+    if not int8:
+        return "fp32"
+    return "int8" if not fp else f"int8 ({int8} ops), fp32 ({fp} ops)"
+
+
+def _has_vnni(machine_features: list[str]) -> bool:
+    return any(f in machine_features for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 class OnnxRuntimeRuntime:
     name = "onnxruntime"
-    precisions = ("fp32",)
+    precisions = ("fp32", "int8")
     libraries = ("onnxruntime",)
 
     def unavailable_reason(self, target: Target) -> str | None:
         if target.device != "cpu":
             return f"kiln's onnxruntime targets use the CPU execution provider; device '{target.device}' is not supported yet"
         return None
+
+    def calibrate(self, target: Target, onnx_path: Path, calib: Any, settings: Any, out_dir: Path) -> dict[str, Any]:
+        """Static QDQ quantization: per-channel int8 weights, activations calibrated on `calib`."""
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        from ..fingerprint import collect
+
+        nodes = {n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+        unknown = [n for n in settings.ignored_scope if n not in nodes]
+        if unknown:
+            raise KilnError(
+                f"targets.{target.name}: ignored_scope names no node of the graph: {', '.join(unknown)} "
+                f"(node names look like {', '.join(sorted(nodes)[:3])}...)"
+            )
+        pre = out_dir / "model.pre.onnx"
+        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
+        # Without VNNI, x86 int8 kernels multiply u8 x s8 pairs into saturating int16 (vpmaddubsw);
+        # 7-bit weights avoid the overflow that otherwise wrecks accuracy.
+        features = collect()["hardware"]["cpu"]["features"]
+        reduce_range = settings.options.get("reduce_range", "auto")
+        if reduce_range == "auto":
+            reduce_range = not _has_vnni(features)
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[settings.method]
+        quantize_static(
+            str(pre), str(out_dir / QDQ), _Reader(calib),
+            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=bool(reduce_range),
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=method, nodes_to_exclude=list(settings.ignored_scope) or None,
+        )
+        pre.unlink()
+        return {"artifact": QDQ, "method": settings.method, "per_channel": True, "reduce_range": bool(reduce_range), "format": "QDQ u8s8"}
 
     def build(self, target: Target, source: Any, engine_dir: Path) -> dict[str, Any]:
         level_name = str(target.options.get("graph_optimization_level", "all"))
@@ -56,8 +126,13 @@ class OnnxRuntimeRuntime:
         so = _options(target, LEVELS[level_name])
         so.optimized_model_filepath = str(engine_dir / OPTIMIZED)
         # Creating the session runs the optimisers and writes the optimised graph.
-        ort.InferenceSession(str(source.onnx_path), so, providers=["CPUExecutionProvider"])
-        return {"executed_precision": "fp32", "graph_optimization_level": level_name, "provider": "CPUExecutionProvider"}
+        model = source.onnx_path if target.precision == "fp32" else source.calibration_dir / QDQ
+        ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        return {
+            "executed_precision": executed_precision(engine_dir / OPTIMIZED),
+            "graph_optimization_level": level_name,
+            "provider": "CPUExecutionProvider",
+        }
 
     def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> OrtSession:
         # The saved graph is already optimised (with layouts for this CPU): optimising it again is wasted work.

@@ -18,9 +18,9 @@ from ..config import Target
 from ..errors import KilnError
 
 IR = "model.xml"
-HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}  # int8: quantized layers run int8, the rest f32
 # OPTIMIZATION_CAPABILITIES a device must list to really run a precision (else it silently runs f32).
-CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}
+CAPABILITY = {"bf16": "BF16", "fp16": "FP16", "int8": "INT8"}
 COMPUTE_LAYERS = {"Convolution", "FullyConnected", "MatMul", "GroupConvolution", "Deconvolution"}
 
 
@@ -85,9 +85,43 @@ class OpenVinoRuntime:
                 )
         return None
 
+    def calibrate(self, target: Target, onnx_path: Path, calib: Any, settings: Any, out_dir: Path) -> dict[str, Any]:
+        """NNCF post-training quantization of the OpenVINO model, statistics gathered image by image."""
+        import nncf
+        from tqdm import tqdm
+
+        if settings.method == "entropy":
+            raise KilnError(f"targets.{target.name}: OpenVINO's quantizer (NNCF) has no entropy calibration; use method minmax or percentile")
+        presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
+        if settings.preset not in presets:
+            raise KilnError(f"targets.{target.name}: calibration.preset '{settings.preset}' is not one of {', '.join(presets)}")
+        model = ov.Core().read_model(str(onnx_path))
+        # ignored_scope holds ONNX node names; OpenVINO splits some nodes (a Conv's bias becomes an Add),
+        # naming the parts "<node>/...": take every part.
+        names = [op.get_friendly_name() for op in model.get_ordered_ops()]
+        matched = {n: [f for f in names if f == n or f.startswith(n + "/")] for n in settings.ignored_scope}
+        unknown = [n for n, found in matched.items() if not found]
+        if unknown:
+            raise KilnError(f"targets.{target.name}: ignored_scope names no layer of the model: {', '.join(unknown)}")
+        ignored = sorted({f for found in matched.values() for f in found})
+        advanced = None
+        if settings.method == "percentile":
+            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+            from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+            advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.QUANTILE)
+        samples = list(tqdm(calib.samples(), total=len(calib), desc="reading calibration images", unit="img", mininterval=2.0))
+        quantized = nncf.quantize(
+            model, nncf.Dataset(samples), preset=presets[settings.preset], subset_size=len(samples),
+            ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
+            advanced_parameters=advanced,
+        )
+        ov.save_model(quantized, str(out_dir / IR), compress_to_fp16=False)
+        return {"artifact": IR, "method": settings.method, "preset": settings.preset, "quantizer": f"nncf {nncf.__version__}"}
+
     def build(self, target: Target, source: Any, engine_dir: Path) -> dict[str, Any]:
         core = ov.Core()
-        model = core.read_model(str(source.onnx_path))
+        model = core.read_model(str(source.onnx_path if target.precision != "int8" else source.calibration_dir / IR))
         # fp32 weights in the IR: precision is decided at compile time by the hint, not by lossy storage.
         ov.save_model(model, str(engine_dir / IR), compress_to_fp16=False)
         compiled = core.compile_model(model, _device(target), _config(target))

@@ -1,0 +1,125 @@
+"""The calibrate stage's library: which targets need calibration, the calibration set, and its settings.
+
+Calibration is per target (calibrate@<target>), because targets quantize differently
+(runtime, method, layers kept in float). A target that needs none gets a fixed marker,
+so new calibration data re-builds only the targets that use it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from .config import ModelSpec, Target
+from .errors import KilnError
+from .images import ImageSet, Preprocess
+
+MARKER = "calibration.json"
+# Precisions that need activation statistics from real data.
+CALIBRATED_PRECISIONS = ("int8",)
+METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    subset_size: int = 300
+    batch: int = 8
+    method: str = "minmax"
+    preset: str = "performance"  # NNCF: performance (symmetric) or mixed (asymmetric activations)
+    ignored_scope: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_target(cls, raw: Mapping[str, Any] | None, target: Target) -> "CalibrationSettings":
+        merged = {**dict(raw or {}), **target.calibration}
+        known = {"subset_size", "batch", "method", "preset", "ignored_scope", "options"}
+        unknown = set(merged) - known
+        if unknown:
+            raise KilnError(f"calibration (or targets.{target.name}.calibration) has unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        s = cls(**{k: tuple(v or ()) if k == "ignored_scope" else v for k, v in merged.items()})
+        if not isinstance(s.subset_size, int) or s.subset_size < 1:
+            raise KilnError(f"calibration.subset_size must be a positive integer, got {s.subset_size!r}")
+        if s.method not in METHODS:
+            raise KilnError(f"calibration.method '{s.method}' is not one of {', '.join(METHODS)}")
+        return s
+
+
+def needs_calibration(target: Target) -> bool:
+    return target.precision in CALIBRATED_PRECISIONS
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Preprocessed calibration images, fed to a runtime's quantizer as {input name: batch}."""
+
+    images: ImageSet
+    preprocess: Preprocess
+    input_name: str
+    batch: int
+
+    @classmethod
+    def from_params(cls, data: Mapping[str, Any], spec: ModelSpec, settings: CalibrationSettings) -> "CalibrationSet":
+        preprocess = Preprocess.from_params(data.get("preprocess"))
+        check_image_input(spec, preprocess)
+        images = ImageSet.scan(data.get("calibration_dir", "data/calibration"), "calibration folder")
+        return cls(images.subset(settings.subset_size), preprocess, spec.inputs[0].name, settings.batch)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        for arr in self.images.batches(self.preprocess, self.batch):
+            yield {self.input_name: arr}
+
+    def samples(self) -> Iterator[dict[str, np.ndarray]]:
+        """One image at a time (NNCF gathers its statistics per sample)."""
+        for arr in self.images.batches(self.preprocess, 1):
+            yield {self.input_name: arr}
+
+
+def check_image_input(spec: ModelSpec, preprocess: Preprocess) -> None:
+    if len(spec.inputs) != 1:
+        raise KilnError(f"image data needs a model with one image input; this one has {len(spec.inputs)} ({', '.join(i.name for i in spec.inputs)})")
+    inp = spec.inputs[0]
+    if tuple(inp.shape) != preprocess.sample_shape() or inp.dtype != preprocess.dtype:
+        raise KilnError(
+            f"data.preprocess makes {preprocess.dtype} images of shape {list(preprocess.sample_shape())}, but model.inputs.{inp.name} "
+            f"is {inp.dtype} {list(inp.shape)}: make data.preprocess (crop, layout, dtype) match the model input"
+        )
+
+
+def write_marker(out_dir: Path, info: Mapping[str, Any]) -> None:
+    (out_dir / MARKER).write_text(json.dumps(dict(info), indent=2) + "\n", encoding="utf-8")
+
+
+def read_marker(calibration_dir: Path) -> dict[str, Any]:
+    path = calibration_dir / MARKER
+    if not path.is_file():
+        raise KilnError(f"{calibration_dir} holds no calibration; run `dvc repro calibrate@<target>`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+
+
+def calibrate_target(target: Target, onnx_path: Path, spec: ModelSpec, params: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Write `out_dir` (atomically): the runtime's quantized model for int8 targets, a marker for the rest."""
+    from .atomic import atomic_path
+    from .engine import check_buildable
+    from .runtimes import get_runtime
+
+    info: dict[str, Any] = {"target": target.name, "runtime": target.runtime, "precision": target.precision, "needed": needs_calibration(target)}
+    if info["needed"]:
+        # Fail before reading a single image when the target cannot be built here anyway.
+        check_buildable(target)
+        settings = CalibrationSettings.for_target(params.get("calibration"), target)
+        calib = CalibrationSet.from_params(params.get("data") or {}, spec, settings)
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        if info["needed"]:
+            info.update(images=len(calib), folder=str(calib.images.root), ignored_scope=list(settings.ignored_scope))
+            info.update(get_runtime(target.runtime).calibrate(target, Path(onnx_path), calib, settings, tmp))
+        write_marker(tmp, info)
+    return info

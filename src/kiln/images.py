@@ -1,0 +1,141 @@
+"""Image folders and the one preprocessing definition that calibration, validation and benchmark share.
+
+Calibration must see what serving sees: resizing, cropping, normalisation and layout
+are defined once in config (`data.preprocess`) and applied here for every consumer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .errors import KilnError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the short side, centre-crop, scale to [0, 1], normalise, lay out as NCHW or NHWC."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    layout: str = "NCHW"
+    dtype: str = "float32"
+
+    @classmethod
+    def from_params(cls, raw: Mapping[str, Any] | None) -> "Preprocess":
+        raw = dict(raw or {})
+        known = {"resize", "crop", "mean", "std", "layout", "dtype"}
+        unknown = set(raw) - known
+        if unknown:
+            raise KilnError(f"data.preprocess has unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        p = cls(**{k: tuple(v) if k in ("mean", "std") else v for k, v in raw.items()})
+        if p.layout not in ("NCHW", "NHWC"):
+            raise KilnError(f"data.preprocess.layout must be NCHW or NHWC, got {p.layout!r}")
+        if p.dtype not in ("float32", "uint8"):
+            raise KilnError(f"data.preprocess.dtype must be float32 or uint8, got {p.dtype!r}")
+        if p.crop > p.resize:
+            raise KilnError(f"data.preprocess.crop ({p.crop}) cannot exceed resize ({p.resize})")
+        if len(p.mean) != len(p.std):
+            raise KilnError("data.preprocess.mean and std must have one value per channel")
+        return p
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def sample_shape(self) -> tuple[int, ...]:
+        c, s = self.channels, self.crop
+        return (c, s, s) if self.layout == "NCHW" else (s, s, c)
+
+    def __call__(self, path: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB" if self.channels == 3 else "L")
+                w, h = im.size
+                scale = self.resize / min(w, h)
+                im = im.resize((max(self.resize, round(w * scale)), max(self.resize, round(h * scale))), Image.BILINEAR)
+                w, h = im.size
+                left, top = (w - self.crop) // 2, (h - self.crop) // 2
+                im = im.crop((left, top, left + self.crop, top + self.crop))
+                arr = np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as e:
+            raise KilnError(f"cannot read image {path}: {e}; remove it or replace it with a jpg/png") from e
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if self.dtype == "uint8":
+            out = arr
+        else:
+            out = (arr.astype(np.float32) / 255.0 - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(out.transpose(2, 0, 1) if self.layout == "NCHW" else out)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """The images under a folder (any depth, sorted); labelled when laid out as `<class>/<image>`."""
+
+    root: Path
+    paths: tuple[Path, ...]
+    labels: tuple[int, ...] | None
+    classes: tuple[str, ...] | None
+
+    @classmethod
+    def scan(cls, root: str | Path, what: str = "image folder") -> "ImageSet":
+        root = Path(root)
+        if not root.is_dir():
+            raise KilnError(f"{what} '{root}' does not exist; put jpg/png images in it (any depth)")
+        paths = tuple(sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        if not paths:
+            raise KilnError(f"{what} '{root}' holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))} at any depth)")
+        # ImageFolder layout: every image exactly one directory below the root.
+        parents = {p.parent for p in paths}
+        if all(p.parent.parent == root for p in paths) and len(parents) > 1:
+            classes = tuple(sorted(p.name for p in parents))
+            index = {c: i for i, c in enumerate(classes)}
+            return cls(root, paths, tuple(index[p.parent.name] for p in paths), classes)
+        return cls(root, paths, None, None)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, n: int, what: str = "calibration set") -> "ImageSet":
+        if n > len(self):
+            raise KilnError(f"{what} '{self.root}' has {len(self)} images, fewer than the {n} asked for; add images or lower the subset size")
+        return ImageSet(self.root, self.paths[:n], self.labels[:n] if self.labels else None, self.classes)
+
+    def batches(self, preprocess: Preprocess, batch: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(self), batch):
+            yield np.stack([preprocess(p) for p in self.paths[start : start + batch]])
+
+    def load(self, preprocess: Preprocess) -> np.ndarray:
+        return np.stack([preprocess(p) for p in self.paths])
+
+
+def make_sample_images(out_dir: str | Path, sources: Sequence[np.ndarray], count: int, seed: int, size: int = 256) -> list[Path]:
+    """Random crops (scale, position, flip) of photographs, saved as JPEG: a reproducible offline image set."""
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = []
+    for i in range(count):
+        src = sources[i % len(sources)]
+        h, w = src.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.35, 1.0))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(src[top : top + side, left : left + side]).resize((size, size), Image.BILINEAR)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        path = out / f"{i:04d}.jpg"
+        crop.save(path, quality=92)
+        written.append(path)
+    return written

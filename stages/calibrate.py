@@ -1,0 +1,30 @@
+"""calibrate@<target>: the runtime's quantized model from data/calibration for int8 targets; a fixed marker for the rest.
+
+A target that needs no calibration writes the same marker every time, so new calibration
+images re-build only the targets that use them.
+"""
+
+import logging
+import sys
+
+from kiln import paths
+from kiln.calibration import calibrate_target
+from kiln.config import ModelSpec, Target, load_params
+from kiln.stage import run_stage
+
+
+def main() -> None:
+    name = sys.argv[1]
+    params = load_params()
+    target = Target.from_params(name, params)
+    spec = ModelSpec.from_params(params.get("model") or {})
+    info = calibrate_target(target, paths.ONNX, spec, params, paths.CALIBRATION / name)
+    log = logging.getLogger("kiln.calibrate")
+    if info["needed"]:
+        log.info("%s: %s %s calibrated on %d images from %s", name, target.runtime, target.precision, info["images"], info["folder"])
+    else:
+        log.info("%s: %s needs no calibration", name, target.precision)
+
+
+if __name__ == "__main__":
+    run_stage(main)

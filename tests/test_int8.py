@@ -1,0 +1,129 @@
+"""Calibration and int8 on a model trained on real (shipped) data: accuracy kept, bad input refused."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from digits import digits_params, train, write_digits
+
+from kiln.benchmark import accuracy_against_reference, budget_violations
+from kiln.calibration import calibrate_target, read_marker
+from kiln.config import ModelSpec, Target
+from kiln.engine import build_engine, load_engine
+from kiln.errors import KilnError
+from kiln.export import ExportSettings, export_onnx
+from kiln.models import build_model
+from kiln.runtimes import BuildSource
+from kiln.validate import ValidateSettings, reference_set
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    dirs = write_digits(root / "data")
+    checkpoint = root / "digits.pt"
+    torch.save(train(dirs["train"]).state_dict(), checkpoint)
+    params = digits_params(dirs, checkpoint)
+    spec = ModelSpec.from_params(params["model"])
+    onnx_path = root / "model.onnx"
+    export_onnx(build_model(spec), spec, ExportSettings(), onnx_path)
+    reference = reference_set(build_model(spec), spec, ["logits"], params["data"], ValidateSettings())
+    return {"root": root, "dirs": dirs, "params": params, "spec": spec, "onnx": onnx_path, "reference": reference}
+
+
+def int8_target(runtime: str, **extra) -> Target:
+    return Target.from_params("q", {"targets": {"q": {"runtime": runtime, "precision": "int8", "threads": 1, **extra}}})
+
+
+def quantize(digits, target: Target, name: str, params=None):
+    cal = digits["root"] / f"cal-{name}"
+    calibrate_target(target, digits["onnx"], digits["spec"], params or digits["params"], cal)
+    manifest = build_engine(target, BuildSource(digits["onnx"], digits["spec"], cal), digits["root"] / f"engine-{name}")
+    session, _ = load_engine(digits["root"] / f"engine-{name}", target)
+    return manifest, accuracy_against_reference(session, digits["reference"], chunk=8)
+
+
+def test_the_reference_is_labelled_held_out_data_and_the_model_is_trained(digits):
+    ref = digits["reference"]
+    assert ref["labels"] is not None and len(ref["labels"]) == 597
+    assert "labelled" in ref["source"] and str(digits["dirs"]["eval"]) in ref["source"]
+    top1 = (ref["outputs"]["logits"].argmax(1) == ref["labels"]).mean()
+    assert top1 > 0.9
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_int8_keeps_accuracy_on_a_trained_model(digits, runtime):
+    manifest, acc = quantize(digits, int8_target(runtime), runtime)
+    assert manifest["precision"]["requested"] == "int8"
+    assert manifest["precision"]["executed"].split()[0] in ("int8", "i8", "u8")
+    assert acc["top1_agreement"] >= 0.99 and acc["top1_drop"] <= 1.0, acc
+    assert acc["sqnr_db"] > 15 and acc["top1"] > 0.9
+    assert budget_violations(acc, {"min_top1_agreement": 0.99, "max_top1_drop": 1.0}) == []
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_ignored_scope_keeps_a_layer_in_float(digits, runtime):
+    first_conv = next(n.name for n in onnx.load(str(digits["onnx"])).graph.node if n.op_type == "Conv")
+    target = int8_target(runtime, calibration={"ignored_scope": [first_conv]})
+    manifest, acc = quantize(digits, target, f"ignored-{runtime}")
+    executed = manifest["precision"]["executed"]
+    assert "f32" in executed or "fp32" in executed, executed
+    assert acc["top1_agreement"] >= 0.99
+    assert read_marker(digits["root"] / f"cal-ignored-{runtime}")["ignored_scope"] == [first_conv]
+
+
+def test_fp32_targets_get_a_fixed_marker_and_read_no_images(digits, tmp_path):
+    target = Target.from_params("f", {"targets": {"f": {"runtime": "openvino", "precision": "fp32"}}})
+    params = {**digits["params"], "data": {**digits["params"]["data"], "calibration_dir": str(tmp_path / "nothing-here")}}
+    info = calibrate_target(target, digits["onnx"], digits["spec"], params, tmp_path / "cal")
+    assert info == {"target": "f", "runtime": "openvino", "precision": "fp32", "needed": False}
+    assert [p.name for p in (tmp_path / "cal").iterdir()] == ["calibration.json"]
+
+
+def test_budget_violations_name_metric_value_and_limit():
+    acc = {"top1_agreement": 0.36, "top1_drop": 41.5, "sqnr_db": 3.0}
+    assert budget_violations(acc, {"min_top1_agreement": 0.99, "max_top1_drop": 1.0}) == [
+        "top1_agreement 0.36 < min_top1_agreement 0.99",
+        "top1_drop 41.5 > max_top1_drop 1",
+    ]
+    assert budget_violations({"top1_agreement": None}, {"min_top1_agreement": 0.99}) == []
+    with pytest.raises(KilnError, match="accuracy_budget has unknown keys"):
+        budget_violations(acc, {"min_top1": 0.9})
+
+
+def bad_calibration(digits, tmp_path, target: Target, match: str, **data_or_calibration):
+    params = dict(digits["params"])
+    data = {k: v for k, v in data_or_calibration.items() if k in params["data"]}
+    calib = {k: v for k, v in data_or_calibration.items() if k in params["calibration"]}
+    params = {**params, "data": {**params["data"], **data}, "calibration": {**params["calibration"], **calib}}
+    with pytest.raises(KilnError, match=match):
+        calibrate_target(target, digits["onnx"], digits["spec"], params, tmp_path / "cal")
+    assert not (tmp_path / "cal").exists()
+
+
+def test_missing_or_empty_calibration_folder(digits, tmp_path):
+    bad_calibration(digits, tmp_path, int8_target("onnxruntime"), r"calibration folder '.*missing' does not exist", calibration_dir=str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    bad_calibration(digits, tmp_path, int8_target("openvino"), r"calibration folder '.*empty' holds no images", calibration_dir=str(tmp_path / "empty"))
+
+
+def test_too_few_images_and_unreadable_images(digits, tmp_path):
+    bad_calibration(digits, tmp_path, int8_target("onnxruntime"), r"has 300 images, fewer than the 1000 asked for", subset_size=1000)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "0001.png").write_bytes(b"not a png")
+    bad_calibration(digits, tmp_path, int8_target("onnxruntime"), r"cannot read image .*0001.png", calibration_dir=str(broken), subset_size=1)
+
+
+def test_a_method_the_runtime_lacks_and_an_ignored_scope_naming_nothing(digits, tmp_path):
+    bad_calibration(digits, tmp_path, int8_target("openvino"), r"NNCF\) has no entropy calibration", method="entropy")
+    bad_calibration(digits, tmp_path, int8_target("onnxruntime"), r"calibration.method 'kl' is not one of", method="kl")
+    for runtime in ("onnxruntime", "openvino"):
+        bad_calibration(digits, tmp_path, int8_target(runtime), r"ignored_scope names no (node|layer) .*no_such_conv", ignored_scope=["no_such_conv"])
+
+
+def test_preprocessing_that_does_not_fit_the_model(digits, tmp_path):
+    bad = {**digits["params"]["data"]["preprocess"], "crop": 12, "resize": 12}
+    bad_calibration(digits, tmp_path, int8_target("onnxruntime"), r"data.preprocess makes float32 images of shape \[3, 12, 12\], but model.inputs.input is float32 \[3, 16, 16\]", preprocess=bad)
