@@ -7,7 +7,7 @@ from kiln import fingerprint, paths
 from kiln.atomic import write_json, write_text
 from kiln.benchmark import BenchmarkSettings, accuracy_against_reference, benchmark_latency, budget_violations
 from kiln.config import ModelSpec, Target, load_params
-from kiln.engine import load_engine
+from kiln.engine import load_engine, read_manifest
 from kiln.errors import KilnError
 from kiln.stage import run_stage
 from kiln.validate import load_reference
@@ -23,6 +23,11 @@ def main() -> None:
     spec = ModelSpec.from_params(params.get("model") or {})
     settings = BenchmarkSettings.from_params(params.get("benchmark"))
     machine = fingerprint.collect()
+    if skipped := read_manifest(paths.ENGINES / name).get("skipped"):
+        logging.getLogger("kiln.benchmark").warning("%s skipped on this machine: %s", name, skipped)
+        write_outputs(name, {"target": name, "runtime": target.runtime, "skipped": skipped,
+                             "precision": {"requested": target.precision, "executed": None}}, {}, {})
+        return
     session, manifest = load_engine(paths.ENGINES / name, target, machine)
 
     # Accuracy first: an engine over its budget fails before minutes of timing.
@@ -61,8 +66,13 @@ def main() -> None:
         "times_ms": raw,
         "accuracy": accuracy,
         "budget": {"limits": budget, "violations": violations, "enforced": enforced},
+        "calibration": manifest.get("calibration"),
         "notes": notes,
     }
+    write_outputs(name, run, stats, metrics)
+
+
+def write_outputs(name: str, run: dict, stats: dict, metrics: dict) -> None:
     write_json(paths.RUNS / f"{name}.json", run)
     rows = ["batch,ms_per_image,images_per_s,p50_ms,p99_ms"]
     rows += [f"{k[1:]},{s['ms_per_image']:.4f},{s['images_per_s']:.2f},{s['p50_ms']:.4f},{s['p99_ms']:.4f}" for k, s in stats.items()]

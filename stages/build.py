@@ -18,7 +18,11 @@ def main() -> None:
     spec = ModelSpec.from_params(params.get("model") or {})
     machine = json.loads(paths.FINGERPRINT.read_text())
     manifest = build_engine(target, BuildSource(paths.ONNX, spec, paths.CALIBRATION / name), paths.ENGINES / name, machine)
-    logging.getLogger("kiln.build").info(
+    log = logging.getLogger("kiln.build")
+    if manifest.get("skipped"):
+        log.warning("%s skipped on this machine: %s", name, manifest["skipped"])
+        return
+    log.info(
         "%s: %s %s (executed %s) in %.2f s -> %s",
         name, target.runtime, target.precision, manifest["precision"]["executed"], manifest["build_seconds"], paths.ENGINES / name,
     )

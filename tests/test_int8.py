@@ -127,3 +127,15 @@ def test_a_method_the_runtime_lacks_and_an_ignored_scope_naming_nothing(digits, 
 def test_preprocessing_that_does_not_fit_the_model(digits, tmp_path):
     bad = {**digits["params"]["data"]["preprocess"], "crop": 12, "resize": 12}
     bad_calibration(digits, tmp_path, int8_target("onnxruntime"), r"data.preprocess makes float32 images of shape \[3, 12, 12\], but model.inputs.input is float32 \[3, 16, 16\]", preprocess=bad)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_sensitivity_ranks_quantized_layers(digits, runtime):
+    info = read_marker(digits["root"] / f"cal-{runtime}")  # written by test_int8_keeps_accuracy_on_a_trained_model
+    rows = info["sensitivity"]
+    assert 1 <= len(rows) <= 10
+    noise = [r["noise_added_pct"] for r in rows]
+    assert noise == sorted(noise, reverse=True) and all(n >= 0 for n in noise)
+    assert all(r["sqnr_db"] > 10 for r in rows)
+    conv_names = {n.name for n in onnx.load(str(digits["onnx"])).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    assert all(any(r["layer"] == c or r["layer"].startswith(c + "/") or c in r["layer"] for c in conv_names) for r in rows), rows

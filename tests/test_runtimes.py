@@ -128,3 +128,27 @@ def test_every_runtime_module_implements_the_protocol():
         assert "fp32" in rt.precisions
         for method in ("unavailable_reason", "build", "load"):
             assert callable(getattr(rt, method))
+
+
+def native_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(fingerprint.collect()["hardware"]["cpu"]["features"]))
+
+
+def test_torch_bf16_runs_where_native_and_is_refused_or_skipped_elsewhere(tmp_path, tiny_onnx):
+    path, spec, _ = tiny_onnx
+    if native_bf16():
+        manifest = build_engine(target("torch-eager", precision="bf16"), BuildSource(path, spec), tmp_path / "e")
+        assert manifest["precision"]["executed"] == "bf16 autocast"
+        session, _ = load_engine(tmp_path / "e", target("torch-eager", precision="bf16"))
+        feeds = make_inputs(spec.inputs, 4, 3)
+        ref = reference_outputs(build_model(spec), spec, ["output"], samples=4, seed=3)
+        np.testing.assert_allclose(session.infer(feeds)["output"], ref["output"], atol=0.1, rtol=0.05)
+        return
+    with pytest.raises(KilnError, match=r"has no native bf16 .*mark the target `required: false` to skip it"):
+        build_engine(target("torch-eager", precision="bf16"), BuildSource(path, spec), tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+    optional = target("torch-eager", precision="bf16", required=False)
+    manifest = build_engine(optional, BuildSource(path, spec), tmp_path / "e")
+    assert "no native bf16" in manifest["skipped"] and manifest["precision"]["executed"] is None
+    with pytest.raises(KilnError, match="was skipped when built: .*no native bf16"):
+        load_engine(tmp_path / "e", optional)

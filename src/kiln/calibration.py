@@ -105,21 +105,34 @@ def read_marker(calibration_dir: Path) -> dict[str, Any]:
 
 
 
+def layer_sensitivity(runtime: Any, onnx_path: Path, calibration_dir: Path, calib: CalibrationSet, samples: int = 16) -> list[dict[str, Any]]:
+    """Top layers by quantization noise added, on a few calibration images (a diagnostic, not an accuracy figure)."""
+    from .sensitivity import rank_layers
+
+    if not hasattr(runtime, "layer_activations"):
+        return []
+    feeds = {calib.input_name: calib.images.subset(min(samples, len(calib))).load(calib.preprocess)}
+    return rank_layers(runtime.layer_activations(onnx_path, calibration_dir, feeds))
+
+
 def calibrate_target(target: Target, onnx_path: Path, spec: ModelSpec, params: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     """Write `out_dir` (atomically): the runtime's quantized model for int8 targets, a marker for the rest."""
     from .atomic import atomic_path
-    from .engine import check_buildable
+    from .engine import skip_reason
     from .runtimes import get_runtime
 
     info: dict[str, Any] = {"target": target.name, "runtime": target.runtime, "precision": target.precision, "needed": needs_calibration(target)}
+    # Fail (or skip an optional target) before reading a single image when it cannot be built here anyway.
+    if info["needed"] and (skipped := skip_reason(target)):
+        info.update(needed=False, skipped=skipped)
     if info["needed"]:
-        # Fail before reading a single image when the target cannot be built here anyway.
-        check_buildable(target)
         settings = CalibrationSettings.for_target(params.get("calibration"), target)
         calib = CalibrationSet.from_params(params.get("data") or {}, spec, settings)
     with atomic_path(out_dir, is_dir=True) as tmp:
         if info["needed"]:
             info.update(images=len(calib), folder=str(calib.images.root), ignored_scope=list(settings.ignored_scope))
-            info.update(get_runtime(target.runtime).calibrate(target, Path(onnx_path), calib, settings, tmp))
+            runtime = get_runtime(target.runtime)
+            info.update(runtime.calibrate(target, Path(onnx_path), calib, settings, tmp))
+            info["sensitivity"] = layer_sensitivity(runtime, Path(onnx_path), tmp, calib)
         write_marker(tmp, info)
     return info

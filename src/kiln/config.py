@@ -167,6 +167,7 @@ class Target:
     options: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)  # per-target overrides of params `calibration`
     accuracy_budget: dict[str, Any] = field(default_factory=dict)  # per-target overrides of benchmark.accuracy_budget
+    required: bool = True  # false: skipped (and reported) on machines that cannot run it, instead of failing
 
     @classmethod
     def from_params(cls, name: str, params: Mapping[str, Any]) -> "Target":
@@ -175,7 +176,7 @@ class Target:
             raise KilnError(f"no target '{name}' in params.yaml{close_matches(name, targets)}; targets: {', '.join(targets) or 'none'}")
         raw = targets[name] or {}
         where = f"targets.{name}"
-        known = {"runtime", "precision", "device", "threads", "profile", "options", "calibration", "accuracy_budget"}
+        known = {"runtime", "precision", "device", "threads", "profile", "options", "calibration", "accuracy_budget", "required"}
         unknown = set(raw) - known
         if unknown:
             hint = "".join(close_matches(k, known) for k in sorted(unknown))
@@ -198,6 +199,7 @@ class Target:
             options=dict(raw.get("options") or {}),
             calibration=dict(raw.get("calibration") or {}),
             accuracy_budget=dict(raw.get("accuracy_budget") or {}),
+            required=bool(raw.get("required", True)),
         )
 
     @property
@@ -214,4 +216,5 @@ class Target:
             "options": self.options,
             "calibration": self.calibration,
             "accuracy_budget": self.accuracy_budget,
+            "required": self.required,
         }

@@ -25,7 +25,13 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
-def check_buildable(target: Target) -> None:
+def skip_reason(target: Target) -> str | None:
+    """Why this machine cannot run `target`, for a target marked `required: false`; None when it can.
+
+    A precision the runtime never offers is a config error and raises for every target; a
+    target this machine cannot run raises unless it is optional (a CPU set shared by machines
+    with and without bf16, say), in which case it is skipped and the report says why.
+    """
     runtime = get_runtime(target.runtime)
     if target.precision not in runtime.precisions:
         raise KilnError(
@@ -33,16 +39,25 @@ def check_buildable(target: Target) -> None:
             f"it offers {', '.join(runtime.precisions)}"
         )
     reason = runtime.unavailable_reason(target)
-    if reason:
-        raise KilnError(f"targets.{target.name}: cannot build on this machine: {reason}")
+    if reason and target.required:
+        raise KilnError(f"targets.{target.name}: cannot build on this machine: {reason} (mark the target `required: false` to skip it on such machines)")
+    return reason
 
 
 def build_engine(target: Target, source: BuildSource, engine_dir: str | Path, machine: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Build `target` into `engine_dir` (atomically) and return its manifest."""
-    check_buildable(target)
+    """Build `target` into `engine_dir` (atomically) and return its manifest.
+
+    An optional target this machine cannot run gets a manifest that says it was skipped, and why."""
+    skipped = skip_reason(target)
     runtime = get_runtime(target.runtime)
     machine = dict(machine or fingerprint.collect())
     engine_dir = Path(engine_dir)
+    if skipped:
+        manifest = {"kiln": __version__, "target": target.name, "runtime": target.runtime, "skipped": skipped,
+                    "precision": {"requested": target.precision, "executed": None}, "hardware": machine["hardware"]}
+        with atomic_path(engine_dir, is_dir=True) as tmp:
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        return manifest
     with atomic_path(engine_dir, is_dir=True) as tmp:
         start = time.perf_counter()
         extra = runtime.build(target, source, tmp)
@@ -60,10 +75,19 @@ def build_engine(target: Target, source: BuildSource, engine_dir: str | Path, ma
             "source_onnx_sha256": sha256_file(source.onnx_path),
             "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(seconds, 3),
+            **_calibration_info(source),
             **extra,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def _calibration_info(source: BuildSource) -> dict[str, Any]:
+    marker = source.calibration_dir / "calibration.json" if source.calibration_dir else None
+    if marker is None or not marker.is_file():
+        return {}
+    info = json.loads(marker.read_text(encoding="utf-8"))
+    return {"calibration": info} if info.get("needed") else {}
 
 
 def read_manifest(engine_dir: str | Path) -> dict[str, Any]:
@@ -90,6 +114,8 @@ def check_compatible(manifest: Mapping[str, Any], machine: Mapping[str, Any]) ->
 def load_engine(engine_dir: str | Path, target: Target, machine: Mapping[str, Any] | None = None) -> tuple[Session, dict[str, Any]]:
     """A ready session for the engine in `engine_dir`, after checking it was built for this machine."""
     manifest = read_manifest(engine_dir)
+    if manifest.get("skipped"):
+        raise KilnError(f"engine '{manifest.get('target')}' was skipped when built: {manifest['skipped']}")
     check_compatible(manifest, machine or fingerprint.collect())
     runtime = get_runtime(manifest["runtime"])
     return runtime.load(Path(engine_dir), manifest, target), manifest

@@ -37,8 +37,8 @@ def render(
 ) -> str:
     lines = ["# Kiln benchmark", ""]
     if results:
-        any_run = next(iter(results.values()))["run"]
-        lines += [f"Machine: {any_run.get('machine', 'unknown')}.", ""]
+        machine = next((r["run"]["machine"] for r in results.values() if r["run"].get("machine")), "unknown")
+        lines += [f"Machine: {machine}.", ""]
     if export:
         lines += [
             f"Model `{export.get('model')}` exported with the {export.get('exporter')} exporter at opset {export.get('opset')} "
@@ -54,8 +54,11 @@ def render(
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     accuracy_rows = []
+    skipped = {n: r["run"]["skipped"] for n, r in results.items() if r["run"].get("skipped")}
     for name, res in results.items():
         metrics, run = res["metrics"], res["run"]
+        if name in skipped:
+            continue
         acc = metrics.get("accuracy", {})
         prec = run.get("precision", {})
         for key, stats in metrics.items():
@@ -80,8 +83,11 @@ def render(
             f"| {_fmt(acc.get('max_abs_err'), '.2e')} | {_fmt(acc.get('top1'), '.4f')} | {_fmt(acc.get('top1_drop'), '.2f')} "
             f"| {verdict} |"
         )
+    if skipped:
+        lines += ["", "Skipped on this machine (targets marked `required: false`):", ""]
+        lines += [f"- `{n}`: {reason}" for n, reason in skipped.items()]
     if accuracy_rows:
-        source = next(iter(results.values()))["run"].get("accuracy", {}).get("source", "the reference inputs")
+        source = next((r["run"]["accuracy"]["source"] for r in results.values() if r["run"].get("accuracy")), "the reference inputs")
         lines += [
             "",
             f"## Accuracy against eager fp32, on {source}",
@@ -92,6 +98,24 @@ def render(
             "|---|---:|---:|---:|---:|---:|---:|---|",
             *accuracy_rows,
         ]
+    calibrated = {n: r["run"]["calibration"] for n, r in results.items() if r["run"].get("calibration")}
+    if calibrated:
+        lines += ["", "## Calibration: layers whose quantization costs the most", ""]
+        lines += [
+            "Per layer, the quantization noise it adds (relative to signal power) over the layer before it, on a few "
+            "calibration images; keep the worst in float with `targets.<name>.calibration.ignored_scope`.",
+        ]
+        for name, cal in calibrated.items():
+            kept = cal.get("ignored_scope") or []
+            lines += [
+                "",
+                f"`{name}`: {cal.get('images')} images from {cal.get('folder')}, method {cal.get('method')}"
+                + (f", kept in float: {', '.join(kept)}" if kept else ", every quantizable layer in int8") + ".",
+                "",
+                "| layer | SQNR dB at its output | noise added (% of signal) |",
+                "|---|---:|---:|",
+                *[f"| {r['layer']} | {r['sqnr_db']:.1f} | {r['noise_added_pct']:.3f} |" for r in cal.get("sensitivity") or []],
+            ]
     if validate:
         lines += [
             "",

@@ -13,6 +13,7 @@ from ..errors import KilnError
 
 OPTIMIZED = "model.optimized.onnx"
 QDQ = "model.qdq.onnx"
+PREPROCESSED = "model.fp32.onnx"  # the fp32 graph the QDQ graph was made from: same nodes, same tensor names
 COMPUTE_OPS = {"Conv", "MatMul", "Gemm", "ConvTranspose"}
 INT8_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool"}
 LEVELS = {
@@ -101,7 +102,7 @@ class OnnxRuntimeRuntime:
                 f"targets.{target.name}: ignored_scope names no node of the graph: {', '.join(unknown)} "
                 f"(node names look like {', '.join(sorted(nodes)[:3])}...)"
             )
-        pre = out_dir / "model.pre.onnx"
+        pre = out_dir / PREPROCESSED
         quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
         # Without VNNI, x86 int8 kernels multiply u8 x s8 pairs into saturating int16 (vpmaddubsw);
         # 7-bit weights avoid the overflow that otherwise wrecks accuracy.
@@ -116,8 +117,39 @@ class OnnxRuntimeRuntime:
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=method, nodes_to_exclude=list(settings.ignored_scope) or None,
         )
-        pre.unlink()
         return {"artifact": QDQ, "method": settings.method, "per_channel": True, "reduce_range": bool(reduce_range), "format": "QDQ u8s8"}
+
+    def layer_activations(self, onnx_path: Path, calibration_dir: Path, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Outputs of each quantized compute node, in the fp32 graph and in the QDQ graph (same tensor names)."""
+        import onnx
+
+        qdq = onnx.load(str(calibration_dir / QDQ))
+        # Pre-processing fused some nodes (Conv+BatchNorm): compare with the graph it produced, not the export.
+        fp32 = onnx.load(str(calibration_dir / PREPROCESSED))
+        produced = {o for n in fp32.graph.node for o in n.output}
+        qdq_tensors = {o for n in qdq.graph.node for o in n.output}
+        layers: list[tuple[str, str, str]] = []  # (node, tensor in the fp32 graph, tensor in the QDQ graph)
+        for n in qdq.graph.node:
+            if n.op_type not in COMPUTE_OPS:
+                continue
+            # The quantizer folds a following Relu into the output quantization and renames final outputs;
+            # compare what the next layer really sees: the dequantized tensor of the original name.
+            name = n.output[0].removesuffix("_QuantizeLinear_Input")
+            seen = f"{name}_DequantizeLinear_Output" if f"{name}_DequantizeLinear_Output" in qdq_tensors else name
+            if name in produced and seen in qdq_tensors | {o.name for o in qdq.graph.output}:
+                layers.append((n.name, name, seen))
+
+        def run(model: Any, names: list[str]) -> list[np.ndarray]:
+            existing = {o.name for o in model.graph.output}
+            model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names if t not in existing)
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            return sess.run(names, dict(feeds))
+
+        ref = run(fp32, [t for _, t, _ in layers])
+        got = run(qdq, [t for _, _, t in layers])
+        return [(node, r, g) for (node, _, _), r, g in zip(layers, ref, got)]
 
     def build(self, target: Target, source: Any, engine_dir: Path) -> dict[str, Any]:
         level_name = str(target.options.get("graph_optimization_level", "all"))

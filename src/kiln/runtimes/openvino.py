@@ -119,6 +119,38 @@ class OpenVinoRuntime:
         ov.save_model(quantized, str(out_dir / IR), compress_to_fp16=False)
         return {"artifact": IR, "method": settings.method, "preset": settings.preset, "quantizer": f"nncf {nncf.__version__}"}
 
+    def layer_activations(self, onnx_path: Path, calibration_dir: Path, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Outputs of each compute layer (matched by name) in the fp32 model and in NNCF's quantized model, run in f32."""
+        core = ov.Core()
+        fp32, quantized = core.read_model(str(onnx_path)), core.read_model(str(calibration_dir / IR))
+        fp32_ops = {op.get_friendly_name(): op for op in fp32.get_ordered_ops()}
+        quantized_ops = {op.get_friendly_name(): op for op in quantized.get_ordered_ops()}
+        layers = []
+        for op in quantized.get_ordered_ops():
+            if op.get_type_name() not in ("Convolution", "MatMul", "GroupConvolution"):
+                continue
+            # A Conv/Gemm with bias is split into "<node>/WithoutBiases" + an Add named "<node>": compare after the bias.
+            name = op.get_friendly_name().removesuffix("/WithoutBiases")
+            name = name if name in quantized_ops and name in fp32_ops else op.get_friendly_name()
+            if name in fp32_ops:
+                layers.append(name)
+
+        def run(model: ov.Model, ops: dict[str, Any]) -> list[np.ndarray]:
+            model.add_outputs([ops[name].output(0) for name in layers])
+            # With low-precision transformations on, the CPU plugin fuses Conv+FakeQuantize and returns zeros
+            # for outputs added inside the fused int8 chain (seen with OpenVINO 2026.4); off, it simulates the
+            # quantization in f32, which is what a per-layer error needs.
+            compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": "NO"})
+            result = compiled.create_infer_request().infer(dict(feeds))
+            # Match results to layers by the node that produces them: the plugin may order outputs its own way.
+            by_producer = {}
+            for port, result_node in zip(compiled.outputs, model.get_results()):
+                by_producer[result_node.input_value(0).get_node().get_friendly_name()] = np.asarray(result[port])
+            return [by_producer[name] for name in layers]
+
+        ref, got = run(fp32, fp32_ops), run(quantized, quantized_ops)
+        return list(zip(layers, ref, got))
+
     def build(self, target: Target, source: Any, engine_dir: Path) -> dict[str, Any]:
         core = ov.Core()
         model = core.read_model(str(source.onnx_path if target.precision != "int8" else source.calibration_dir / IR))
