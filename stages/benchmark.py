@@ -6,7 +6,7 @@ import sys
 from kiln import fingerprint, paths
 from kiln.atomic import write_json, write_text
 from kiln.benchmark import BenchmarkSettings, accuracy_against_reference, benchmark_latency, budget_violations
-from kiln.config import ModelSpec, Target, load_params
+from kiln.config import Target, load_params, served_spec
 from kiln.engine import load_engine, read_manifest
 from kiln.errors import KilnError
 from kiln.stage import run_stage
@@ -20,7 +20,7 @@ def main() -> None:
     name = sys.argv[1]
     params = load_params()
     target = Target.from_params(name, params)
-    spec = ModelSpec.from_params(params.get("model") or {})
+    spec = served_spec(params)
     settings = BenchmarkSettings.from_params(params.get("benchmark"))
     machine = fingerprint.collect()
     if skipped := read_manifest(paths.ENGINES / name).get("skipped"):

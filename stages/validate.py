@@ -4,7 +4,7 @@ import logging
 
 from kiln import paths
 from kiln.atomic import write_json
-from kiln.config import ModelSpec, load_params
+from kiln.config import load_params, served_spec
 from kiln.export import ExportSettings
 from kiln.models import build_model
 from kiln.stage import run_stage
@@ -13,7 +13,7 @@ from kiln.validate import ValidateSettings, reference_set, save_reference, valid
 
 def main() -> None:
     params = load_params()
-    spec = ModelSpec.from_params(params.get("model") or {})
+    spec = served_spec(params)
     traced = ExportSettings.from_params(params.get("export")).batch
     settings = ValidateSettings.from_params(params.get("validate"), traced)
     model = build_model(spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -15,7 +16,7 @@ from kiln.errors import KilnError
 from kiln.export import ExportSettings, export_onnx
 from kiln.models import build_model
 from kiln.runtimes import BuildSource
-from kiln.validate import ValidateSettings, reference_set
+from kiln.validate import ValidateSettings, reference_set, validate_export
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +140,36 @@ def test_sensitivity_ranks_quantized_layers(digits, runtime):
     assert all(r["sqnr_db"] > 10 for r in rows)
     conv_names = {n.name for n in onnx.load(str(digits["onnx"])).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
     assert all(any(r["layer"] == c or r["layer"].startswith(c + "/") or c in r["layer"] for c in conv_names) for r in rows), rows
+
+
+def test_folded_preprocessing_serves_uint8_images_and_matches_python_preprocessing(digits, tmp_path):
+    from kiln.config import served_spec
+    from kiln.engine import build_engine, load_engine
+
+    params = {**digits["params"], "export": {"fold_preprocess": True}}
+    spec = served_spec(params)
+    assert [(i.name, i.shape, i.dtype) for i in spec.inputs] == [("input", (16, 16, 3), "uint8")]
+    onnx_path = tmp_path / "folded.onnx"
+    manifest = export_onnx(build_model(spec), spec, ExportSettings(), onnx_path)
+    assert manifest["inputs"]["input"]["dtype"] == "uint8"
+    # The gate compares the folded graph with kiln's numpy preprocessing + the plain model.
+    report = validate_export(build_model(spec), onnx_path, spec, ValidateSettings(), 2)
+    assert report["outputs"]["logits"]["max_abs_err"] < 1e-4
+    folded_ref = reference_set(build_model(spec), spec, ["logits"], params["data"], ValidateSettings())
+    assert folded_ref["inputs"]["input"].dtype == "uint8"
+    # Same images, same answers as the float pipeline.
+    np.testing.assert_allclose(folded_ref["outputs"]["logits"], digits["reference"]["outputs"]["logits"], atol=1e-4)
+    target = Target.from_params("f", {"targets": {"f": {"runtime": "onnxruntime", "threads": 1}}})
+    build_engine(target, BuildSource(onnx_path, spec), tmp_path / "engine")
+    session, _ = load_engine(tmp_path / "engine", target)
+    acc = accuracy_against_reference(session, folded_ref, chunk=8)
+    assert acc["max_abs_err"] < 1e-4 and acc["top1_agreement"] == 1.0
+
+
+def test_fold_needs_an_input_shaped_like_the_preprocessing(digits):
+    from kiln.config import served_spec
+
+    params = {**digits["params"], "export": {"fold_preprocess": True},
+              "data": {**digits["params"]["data"], "preprocess": {**digits["params"]["data"]["preprocess"], "crop": 8, "resize": 8}}}
+    with pytest.raises(KilnError, match=r"fold_preprocess needs one float32 image input shaped like data.preprocess makes it \(\[3, 8, 8\]\)"):
+        served_spec(params)

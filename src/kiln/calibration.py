@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import ModelSpec, Target
 from .errors import KilnError
-from .images import ImageSet, Preprocess
+from .images import ImageSet, Preprocess, preprocess_for
 
 MARKER = "calibration.json"
 # Precisions that need activation statistics from real data.
@@ -63,7 +63,7 @@ class CalibrationSet:
 
     @classmethod
     def from_params(cls, data: Mapping[str, Any], spec: ModelSpec, settings: CalibrationSettings) -> "CalibrationSet":
-        preprocess = Preprocess.from_params(data.get("preprocess"))
+        preprocess = preprocess_for(spec, data)
         check_image_input(spec, preprocess)
         images = ImageSet.scan(data.get("calibration_dir", "data/calibration"), "calibration folder")
         return cls(images.subset(settings.subset_size), preprocess, spec.inputs[0].name, settings.batch)

@@ -85,6 +85,8 @@ class ModelSpec:
     inputs: tuple[InputSpec, ...]
     outputs: tuple[str, ...] | None
     seed: int = 0
+    # data.preprocess folded into the model: inputs are then uint8 HWC images (see served_spec).
+    fold: dict[str, Any] | None = None
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any]) -> "ModelSpec":
@@ -104,6 +106,7 @@ class ModelSpec:
             inputs=tuple(InputSpec.from_params(str(k), v or {}) for k, v in inputs_raw.items()),
             outputs=tuple(outputs) if outputs else None,
             seed=int(raw.get("seed", 0)),
+            fold=dict(raw["fold"]) if raw.get("fold") else None,
         )
 
     def to_params(self) -> dict[str, Any]:
@@ -116,11 +119,32 @@ class ModelSpec:
             "inputs": {i.name: {"shape": list(i.shape), "dtype": i.dtype} for i in self.inputs},
             "outputs": list(self.outputs) if self.outputs else None,
             "seed": self.seed,
+            "fold": self.fold,
         }
 
     @property
     def label(self) -> str:
         return self.name or self.entrypoint or "?"
+
+
+def served_spec(params: Mapping[str, Any]) -> ModelSpec:
+    """The model as engines serve it. With export.fold_preprocess, data.preprocess's scaling, normalisation
+    and layout move into the graph, and the single image input becomes uint8 [crop, crop, channels]."""
+    spec = ModelSpec.from_params(params.get("model") or {})
+    if not (params.get("export") or {}).get("fold_preprocess"):
+        return spec
+    from .images import Preprocess
+
+    preprocess = Preprocess.from_params((params.get("data") or {}).get("preprocess"))
+    if len(spec.inputs) != 1 or preprocess.dtype != "float32" or tuple(spec.inputs[0].shape) != preprocess.sample_shape():
+        raise KilnError(
+            f"export.fold_preprocess needs one float32 image input shaped like data.preprocess makes it "
+            f"({list(preprocess.sample_shape())}); model.inputs is {[(i.name, list(i.shape), i.dtype) for i in spec.inputs]}"
+        )
+    folded = InputSpec(spec.inputs[0].name, preprocess.folded().sample_shape(), "uint8")
+    from dataclasses import replace
+
+    return replace(spec, inputs=(folded,), fold=preprocess.to_params())
 
 
 @dataclass(frozen=True)

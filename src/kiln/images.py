@@ -46,6 +46,9 @@ class Preprocess:
             raise KilnError("data.preprocess.mean and std must have one value per channel")
         return p
 
+    def to_params(self) -> dict[str, Any]:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std), "layout": self.layout, "dtype": self.dtype}
+
     @property
     def channels(self) -> int:
         return len(self.mean)
@@ -55,6 +58,22 @@ class Preprocess:
         return (c, s, s) if self.layout == "NCHW" else (s, s, c)
 
     def __call__(self, path: Path) -> np.ndarray:
+        arr = self.decode(path)
+        if self.dtype == "uint8":
+            return np.ascontiguousarray(arr.transpose(2, 0, 1) if self.layout == "NCHW" else arr)
+        return self.normalize(arr[None])[0]
+
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, C] images -> float32 scaled, normalised, in this layout (the part an export can fold)."""
+        out = (images.astype(np.float32) / 255.0 - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(out.transpose(0, 3, 1, 2) if self.layout == "NCHW" else out)
+
+    def folded(self) -> "Preprocess":
+        """What a graph with folded preprocessing takes: the decoded, cropped uint8 image, HWC."""
+        return Preprocess(self.resize, self.crop, self.mean, self.std, "NHWC", "uint8")
+
+    def decode(self, path: Path) -> np.ndarray:
+        """Decode, resize the short side, centre-crop: uint8 [H, W, C]."""
         from PIL import Image, UnidentifiedImageError
 
         try:
@@ -69,13 +88,13 @@ class Preprocess:
                 arr = np.asarray(im, dtype=np.uint8)
         except (UnidentifiedImageError, OSError) as e:
             raise KilnError(f"cannot read image {path}: {e}; remove it or replace it with a jpg/png") from e
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        if self.dtype == "uint8":
-            out = arr
-        else:
-            out = (arr.astype(np.float32) / 255.0 - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(out.transpose(2, 0, 1) if self.layout == "NCHW" else out)
+        return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def preprocess_for(spec: Any, data: Mapping[str, Any]) -> Preprocess:
+    """data.preprocess as the served model takes it: all of it, or with the folded part left to the graph."""
+    preprocess = Preprocess.from_params(data.get("preprocess"))
+    return preprocess.folded() if spec.fold else preprocess
 
 
 @dataclass(frozen=True)

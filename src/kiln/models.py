@@ -107,6 +107,21 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     model.load_state_dict(state)
 
 
+class FoldedPreprocess(nn.Module):
+    """uint8 [N, H, W, C] images -> scale, normalise, layout -> the model: preprocessing inside the graph."""
+
+    def __init__(self, model: nn.Module, mean: Any, std: Any, layout: str):
+        super().__init__()
+        self.model = model
+        self.nchw = layout == "NCHW"
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> Any:
+        x = (images.to(torch.float32) / 255.0 - self.mean) / self.std
+        return self.model(x.permute(0, 3, 1, 2) if self.nchw else x)
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """The user's model with its checkpoint loaded, in eval mode (exports and references are for inference)."""
     # Weights not loaded from a checkpoint are random: seed them so export, validate and the
@@ -123,6 +138,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
         apply_state_dict(model, load_state_dict_file(spec.checkpoint), f"model.checkpoint '{spec.checkpoint}'")
     if model.training:
         log.info("model put in eval mode (it was in training mode): dropout and batch-norm statistics are frozen for export")
+    if spec.fold:
+        model = FoldedPreprocess(model, spec.fold["mean"], spec.fold["std"], spec.fold["layout"])
     return model.eval()
 
 

@@ -19,7 +19,7 @@ from .compare import OutputComparison, compare_output, degenerate_reason
 from .config import ModelSpec
 from .errors import KilnError, ValidationFailed
 from .inputs import make_inputs
-from .models import flatten_outputs
+from .models import FoldedPreprocess, flatten_outputs
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,15 @@ class ValidateSettings:
 
 
 def _eager(model: nn.Module, feeds: dict[str, np.ndarray], spec: ModelSpec, names: list[str]) -> dict[str, np.ndarray]:
+    if spec.fold and isinstance(model, FoldedPreprocess):
+        # The reference for a graph with folded preprocessing is kiln's own (numpy) preprocessing
+        # followed by the plain model: an independent implementation of what the graph must compute.
+        from .images import Preprocess
+
+        normalize = Preprocess.from_params(spec.fold).normalize
+        with torch.inference_mode():
+            out = model.model(*(torch.from_numpy(normalize(feeds[i.name])) for i in spec.inputs))
+        return {k: v.detach().float().numpy() for k, v in flatten_outputs(out, tuple(names)).items()}
     with torch.inference_mode():
         out = model(*(torch.from_numpy(feeds[i.name]) for i in spec.inputs))
     return {k: v.detach().float().numpy() for k, v in flatten_outputs(out, tuple(names)).items()}
@@ -156,11 +165,11 @@ def reference_set(model: nn.Module, spec: ModelSpec, names: list[str], data: dic
     preprocessing when the model takes one image input and the folder has images, else seeded inputs.
     Returns inputs, the eager fp32 outputs, labels (ImageFolder layout) and a description."""
     from .calibration import check_image_input
-    from .images import ImageSet, Preprocess
+    from .images import ImageSet, preprocess_for
 
     eval_dir = data.get("eval_dir")
     if eval_dir and Path(eval_dir).is_dir():
-        preprocess = Preprocess.from_params(data.get("preprocess"))
+        preprocess = preprocess_for(spec, data)
         check_image_input(spec, preprocess)
         images = ImageSet.scan(eval_dir, "eval folder")
         limit = int(data.get("eval_limit") or len(images))
