@@ -173,3 +173,28 @@ def test_fold_needs_an_input_shaped_like_the_preprocessing(digits):
               "data": {**digits["params"]["data"], "preprocess": {**digits["params"]["data"]["preprocess"], "crop": 8, "resize": 8}}}
     with pytest.raises(KilnError, match=r"fold_preprocess needs one float32 image input shaped like data.preprocess makes it \(\[3, 8, 8\]\)"):
         served_spec(params)
+
+
+def test_float_layers_are_reported(digits):
+    for runtime in ("onnxruntime", "openvino"):
+        assert read_marker(digits["root"] / f"cal-{runtime}")["float_layers"] == []
+        kept = read_marker(digits["root"] / f"cal-ignored-{runtime}")["float_layers"]
+        first_conv = next(n.name for n in onnx.load(str(digits["onnx"])).graph.node if n.op_type == "Conv")
+        assert kept == [first_conv], (runtime, kept)
+
+
+def test_accuracy_aware_quantization_keeps_the_drop_within_budget(digits):
+    target = int8_target("openvino", calibration={"options": {"accuracy_aware": {"max_drop": 0.5}}})
+    manifest, acc = quantize(digits, target, "aware")
+    info = read_marker(digits["root"] / "cal-aware")
+    assert info["accuracy_aware"] == {"max_drop_points": 0.5, "eval_images": 597}
+    assert acc["top1_drop"] <= 0.5 + 1e-9
+
+
+def test_accuracy_aware_needs_labelled_eval_data(digits, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in list(digits["dirs"]["eval"].rglob("*.png"))[:5]:
+        (flat / p.name).write_bytes(p.read_bytes())
+    target = int8_target("openvino", calibration={"options": {"accuracy_aware": {"max_drop": 1.0}}})
+    bad_calibration(digits, tmp_path, target, r"accuracy-aware quantization needs labelled held-out images", eval_dir=str(flat))

@@ -60,13 +60,16 @@ class CalibrationSet:
     preprocess: Preprocess
     input_name: str
     batch: int
+    eval_images: ImageSet | None = None  # held-out data, for quantizers that check accuracy themselves
 
     @classmethod
     def from_params(cls, data: Mapping[str, Any], spec: ModelSpec, settings: CalibrationSettings) -> "CalibrationSet":
         preprocess = preprocess_for(spec, data)
         check_image_input(spec, preprocess)
         images = ImageSet.scan(data.get("calibration_dir", "data/calibration"), "calibration folder")
-        return cls(images.subset(settings.subset_size), preprocess, spec.inputs[0].name, settings.batch)
+        eval_dir = data.get("eval_dir")
+        eval_images = ImageSet.scan(eval_dir, "eval folder") if eval_dir and Path(eval_dir).is_dir() else None
+        return cls(images.subset(settings.subset_size), preprocess, spec.inputs[0].name, settings.batch, eval_images)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -74,6 +77,17 @@ class CalibrationSet:
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
         for arr in self.images.batches(self.preprocess, self.batch):
             yield {self.input_name: arr}
+
+    def labelled_eval(self) -> list[tuple[dict[str, np.ndarray], int]]:
+        """(input, class index) pairs from the eval folder; an error when it is missing or unlabelled."""
+        targets = self.eval_images.target_indices() if self.eval_images else None
+        if targets is None:
+            raise KilnError(
+                "accuracy-aware quantization needs labelled held-out images: put data/eval in ImageFolder layout "
+                "(<class>/<image>, class folders named by index) or drop calibration.options.accuracy_aware"
+            )
+        assert self.eval_images is not None
+        return [({self.input_name: self.preprocess(p)[None]}, int(t)) for p, t in zip(self.eval_images.paths, targets)]
 
     def samples(self) -> Iterator[dict[str, np.ndarray]]:
         """One image at a time (NNCF gathers its statistics per sample)."""

@@ -125,6 +125,15 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def target_indices(self) -> np.ndarray | None:
+        """The model's class index for each image: folders named by index ("0".."999") map to that index,
+        other names to their sorted position. None when the folder is not labelled."""
+        if self.labels is None or self.classes is None:
+            return None
+        if all(c.isdigit() for c in self.classes):
+            return np.array([int(self.classes[i]) for i in self.labels])
+        return np.array(self.labels)
+
     def subset(self, n: int, what: str = "calibration set") -> "ImageSet":
         if n > len(self):
             raise KilnError(f"{what} '{self.root}' has {len(self)} images, fewer than the {n} asked for; add images or lower the subset size")

@@ -106,11 +106,13 @@ def render(
             "calibration images; keep the worst in float with `targets.<name>.calibration.ignored_scope`.",
         ]
         for name, cal in calibrated.items():
-            kept = cal.get("ignored_scope") or []
+            kept = cal.get("float_layers") or []
+            aware = cal.get("accuracy_aware")
             lines += [
                 "",
                 f"`{name}`: {cal.get('images')} images from {cal.get('folder')}, method {cal.get('method')}"
-                + (f", kept in float: {', '.join(kept)}" if kept else ", every quantizable layer in int8") + ".",
+                + (f", accuracy-aware (max top-1 drop {aware['max_drop_points']} points on {aware['eval_images']} eval images)" if aware else "")
+                + (f"; left in float: {', '.join(kept)}" if kept else "; every quantizable layer in int8") + ".",
                 "",
                 "| layer | SQNR dB at its output | noise added (% of signal) |",
                 "|---|---:|---:|",

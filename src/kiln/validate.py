@@ -179,13 +179,7 @@ def reference_set(model: nn.Module, spec: ModelSpec, names: list[str], data: dic
             images = type(images)(images.root, tuple(images.paths[i] for i in picks),
                                   tuple(images.labels[i] for i in picks) if images.labels else None, images.classes)
         feeds = {spec.inputs[0].name: images.load(preprocess)}
-        labels = None
-        if images.labels is not None and images.classes is not None:
-            # Class folders named by index ("0".."9") map to that index; otherwise sorted order.
-            if all(c.isdigit() for c in images.classes):
-                labels = np.array([int(images.classes[i]) for i in images.labels])
-            else:
-                labels = np.array(images.labels)
+        labels = images.target_indices()
         source = f"{len(images)} images from {eval_dir}" + (" (labelled)" if labels is not None else "")
     else:
         feeds = make_inputs(spec.inputs, settings.reference_samples, settings.reference_seed)

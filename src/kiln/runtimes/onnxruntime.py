@@ -117,7 +117,12 @@ class OnnxRuntimeRuntime:
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=method, nodes_to_exclude=list(settings.ignored_scope) or None,
         )
-        return {"artifact": QDQ, "method": settings.method, "per_channel": True, "reduce_range": bool(reduce_range), "format": "QDQ u8s8"}
+        qdq = onnx.load(str(out_dir / QDQ), load_external_data=False)
+        dequantized = {n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+        # A compute node whose weights do not come through DequantizeLinear stayed in float.
+        float_nodes = [n.name for n in qdq.graph.node if n.op_type in COMPUTE_OPS and len(n.input) > 1 and n.input[1] not in dequantized]
+        return {"artifact": QDQ, "method": settings.method, "per_channel": True, "reduce_range": bool(reduce_range),
+                "format": "QDQ u8s8", "float_layers": float_nodes}
 
     def layer_activations(self, onnx_path: Path, calibration_dir: Path, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """Outputs of each quantized compute node, in the fp32 graph and in the QDQ graph (same tensor names)."""

@@ -53,6 +53,18 @@ def executed_precision(compiled: ov.CompiledModel) -> str:
     return ", ".join(f"{p} ({n}/{total})" for p, n in counts.most_common())
 
 
+def float_layers(model: ov.Model) -> list[str]:
+    """Compute layers a quantizer left in float: their weights come straight from a float constant,
+    where quantized ones get int8 weights through a dequantizing Convert/Multiply (or a FakeQuantize)."""
+    names = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() in ("Convolution", "MatMul", "GroupConvolution") and op.get_input_size() > 1:
+            source = op.input_value(1).get_node()
+            if source.get_type_name() == "Constant" and source.get_output_element_type(0).is_real():
+                names.append(op.get_friendly_name().removesuffix("/WithoutBiases"))
+    return names
+
+
 class OpenVinoSession:
     def __init__(self, compiled: ov.CompiledModel):
         self.compiled = compiled
@@ -111,13 +123,36 @@ class OpenVinoRuntime:
 
             advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.QUANTILE)
         samples = list(tqdm(calib.samples(), total=len(calib), desc="reading calibration images", unit="img", mininterval=2.0))
-        quantized = nncf.quantize(
-            model, nncf.Dataset(samples), preset=presets[settings.preset], subset_size=len(samples),
-            ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
-            advanced_parameters=advanced,
-        )
+        common = {
+            "preset": presets[settings.preset], "subset_size": len(samples),
+            "ignored_scope": nncf.IgnoredScope(names=ignored) if ignored else None,
+        }
+        accuracy_aware = settings.options.get("accuracy_aware")
+        extra: dict[str, Any] = {}
+        if accuracy_aware:
+            # NNCF quantizes, measures top-1 on labelled held-out images, and returns layers to float
+            # (most damaging first) until the drop is within max_drop points.
+            max_drop = float(accuracy_aware.get("max_drop", 1.0))
+            validation = calib.labelled_eval()
+
+            def top1(compiled: ov.CompiledModel, items: Any) -> tuple[float, list[float]]:
+                output = compiled.outputs[0]
+                hits = [float(np.argmax(compiled(x)[output]) == label) for x, label in items]
+                return float(np.mean(hits)), hits
+
+            quantized = nncf.quantize_with_accuracy_control(
+                model, nncf.Dataset(samples), nncf.Dataset(validation, lambda item: item[0]), top1,
+                max_drop=max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE,
+                advanced_quantization_parameters=advanced, **common,
+            )
+            extra = {"accuracy_aware": {"max_drop_points": max_drop, "eval_images": len(validation)}}
+        else:
+            quantized = nncf.quantize(model, nncf.Dataset(samples), advanced_parameters=advanced, **common)
         ov.save_model(quantized, str(out_dir / IR), compress_to_fp16=False)
-        return {"artifact": IR, "method": settings.method, "preset": settings.preset, "quantizer": f"nncf {nncf.__version__}"}
+        return {
+            "artifact": IR, "method": settings.method, "preset": settings.preset, "quantizer": f"nncf {nncf.__version__}",
+            "float_layers": float_layers(quantized), **extra,
+        }
 
     def layer_activations(self, onnx_path: Path, calibration_dir: Path, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """Outputs of each compute layer (matched by name) in the fp32 model and in NNCF's quantized model, run in f32."""
