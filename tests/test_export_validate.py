@@ -130,3 +130,8 @@ def test_validate_settings_need_batch_sizes_other_than_the_traced_one():
         ValidateSettings.from_params({"batch_sizes": [2, 4]}, traced_batch=2)
     with pytest.raises(KilnError, match=r"export.batch must be an integer >= 2"):
         ExportSettings.from_params({"batch": 1})
+
+
+def test_unknown_export_key_is_named():
+    with pytest.raises(KilnError, match=r"export has unknown keys \['opset_version'\]"):
+        ExportSettings.from_params({"opset_version": 17})

@@ -39,6 +39,10 @@ class ExportSettings:
     @classmethod
     def from_params(cls, raw: dict[str, Any] | None) -> "ExportSettings":
         raw = dict(raw or {})
+        known = {"opset", "exporter", "batch", "seed", "fold_preprocess"}  # fold_preprocess: read by config.served_spec
+        unknown = set(raw) - known
+        if unknown:
+            raise KilnError(f"export has unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
         s = cls(
             opset=raw.get("opset", cls.opset),
             exporter=raw.get("exporter", cls.exporter),
@@ -157,6 +161,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
         "torch": torch.__version__,
         "model": spec.label,
         "was_training": was_training,
+        "folded_preprocess": spec.fold,
         **info,
         "sha256": sha256_file(out_path),
         "warnings": manifest_warnings,

@@ -42,7 +42,8 @@ def render(
     if export:
         lines += [
             f"Model `{export.get('model')}` exported with the {export.get('exporter')} exporter at opset {export.get('opset')} "
-            f"({export.get('nodes')} nodes, traced at batch {export.get('traced_batch')}, {len(export.get('warnings', []))} exporter warnings).",
+            f"({export.get('nodes')} nodes, traced at batch {export.get('traced_batch')}, {len(export.get('warnings', []))} exporter warnings)"
+            + (", preprocessing folded into the graph (engines take uint8 HWC images)" if export.get("folded_preprocess") else "") + ".",
             "",
         ]
     base = results.get(baseline, {}).get("metrics", {})
