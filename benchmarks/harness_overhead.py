@@ -23,7 +23,7 @@ import numpy as np
 from kiln import paths
 from kiln.benchmark import BenchmarkSettings, time_infer
 from kiln.config import ModelSpec, Target, load_params
-from kiln.engine import load_engine
+from kiln.engine import load_engine, read_manifest
 from kiln.inputs import make_inputs
 
 
@@ -85,7 +85,8 @@ def main() -> None:
     spec = ModelSpec.from_params(params["model"])
     feeds = make_inputs(spec.inputs, args.batch, seed=7 + args.batch)
     settings = BenchmarkSettings(warmup_iters=0, min_iters=args.iters, min_time_s=0.0, max_iters=args.iters)
-    names = args.targets or [n for n in params["targets"] if (paths.ENGINES / n / "manifest.json").is_file()]
+    built = [n for n in params["targets"] if (paths.ENGINES / n / "manifest.json").is_file()]
+    names = args.targets or [n for n in built if not read_manifest(paths.ENGINES / n).get("skipped")]
 
     print(f"batch {args.batch}, {args.rounds} alternating rounds of {args.iters} iterations; medians of all iterations\n")
     print(f"| target | bare API ms/image | kiln ms/image | kiln overhead |")
