@@ -51,7 +51,8 @@ def main() -> None:
     stats, raw, notes = benchmark_latency(session, spec.inputs, target.profile, settings)
 
     metrics = {key: {k: round(s[k], 4) for k in METRIC_KEYS} for key, s in stats.items()}
-    metrics["accuracy"] = {k: accuracy[k] for k in ACCURACY_KEYS if k in accuracy}
+    # Rounded so `dvc metrics diff` shows differences that mean something, not float noise.
+    metrics["accuracy"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in accuracy.items() if k in ACCURACY_KEYS}
     run = {
         "target": name,
         "runtime": target.runtime,
