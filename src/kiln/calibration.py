@@ -117,8 +117,6 @@ def read_marker(calibration_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-
-
 def layer_sensitivity(runtime: Any, onnx_path: Path, calibration_dir: Path, calib: CalibrationSet, samples: int = 16) -> list[dict[str, Any]]:
     """Top layers by quantization noise added, on a few calibration images (a diagnostic, not an accuracy figure)."""
     from .sensitivity import rank_layers

@@ -83,10 +83,11 @@ def build_engine(target: Target, source: BuildSource, engine_dir: str | Path, ma
 
 
 def _calibration_info(source: BuildSource) -> dict[str, Any]:
-    marker = source.calibration_dir / "calibration.json" if source.calibration_dir else None
-    if marker is None or not marker.is_file():
+    from .calibration import MARKER, read_marker
+
+    if source.calibration_dir is None or not (source.calibration_dir / MARKER).is_file():
         return {}
-    info = json.loads(marker.read_text(encoding="utf-8"))
+    info = read_marker(source.calibration_dir)
     return {"calibration": info} if info.get("needed") else {}
 
 
