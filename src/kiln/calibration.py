@@ -20,7 +20,7 @@ from .images import ImageSet, Preprocess, preprocess_for
 
 MARKER = "calibration.json"
 # Precisions that need activation statistics from real data.
-CALIBRATED_PRECISIONS = ("int8",)
+CALIBRATED_PRECISIONS = ("int8", "fp8")
 METHODS = ("minmax", "entropy", "percentile")
 
 

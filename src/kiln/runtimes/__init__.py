@@ -12,6 +12,15 @@ Each runtime is one module here exposing `RUNTIME`, an object with:
 - for runtimes offering int8: `calibrate(target, onnx_path, calibration_set, settings, out_dir) -> dict`,
   which writes the runtime's quantized model into `out_dir` for `build` to pick up.
 
+Optional parts of the protocol, used where present:
+
+- `build` may return `graph`: what the compiler did, for the report's "where did the speed come
+  from" table: `{"nodes_in": int, "nodes_out": int, "fusions": {"Conv+BatchNorm+Relu": 12, ...},
+  "layer_precisions": {"f32": 40, "u8": 12}, "source": "how nodes_out was counted"}` (any key may be
+  missing where the runtime cannot say), and `compile_seconds` for ahead-of-time compilers;
+- a session may have `time_ms(feeds) -> float`: run one inference and return its time measured on
+  the device (CUDA events); the benchmark then uses it instead of the host clock.
+
 Stages and the benchmark only talk to this protocol; adding a runtime is adding a module
 and a line in RUNTIMES. Importing this package imports no framework.
 """
@@ -33,6 +42,7 @@ RUNTIMES = {
     "torch": "kiln.runtimes.torch",
     "onnxruntime": "kiln.runtimes.onnxruntime",
     "openvino": "kiln.runtimes.openvino",
+    "tensorrt": "kiln.runtimes.tensorrt",
 }
 
 
