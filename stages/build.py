@@ -5,7 +5,7 @@ import logging
 import sys
 
 from kiln import paths
-from kiln.config import Target, load_params, served_spec
+from kiln.config import Target, load_stage_params, served_spec
 from kiln.engine import build_engine
 from kiln.runtimes import BuildSource
 from kiln.stage import run_stage
@@ -13,7 +13,7 @@ from kiln.stage import run_stage
 
 def main() -> None:
     name = sys.argv[1]
-    params = load_params()
+    params = load_stage_params("build", name)
     target = Target.from_params(name, params)
     spec = served_spec(params)
     machine = json.loads(paths.FINGERPRINT.read_text())

@@ -9,13 +9,13 @@ import sys
 
 from kiln import paths
 from kiln.calibration import calibrate_target
-from kiln.config import Target, load_params, served_spec
+from kiln.config import Target, load_stage_params, served_spec
 from kiln.stage import run_stage
 
 
 def main() -> None:
     name = sys.argv[1]
-    params = load_params()
+    params = load_stage_params("calibrate", name)
     target = Target.from_params(name, params)
     spec = served_spec(params)
     info = calibrate_target(target, paths.ONNX, spec, params, paths.CALIBRATION / name)

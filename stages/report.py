@@ -1,4 +1,4 @@
-"""report: reports/benchmark.md from the metrics of the targets in params (and only those)."""
+"""report: reports/benchmark.md and reports/summary.csv from the metrics of the targets in params (and only those)."""
 
 import json
 import logging
@@ -6,20 +6,34 @@ import logging
 from kiln import paths
 from kiln.atomic import write_text
 from kiln.config import load_params
-from kiln.report import load_results, render
+from kiln.plots import render_latency_png, write_latency_csv
+from kiln.report import load_results, render, stale_result_files, summary_csv, summary_rows
+from kiln.report_sections import committed_metrics
 from kiln.stage import run_stage
 
 
 def main() -> None:
+    log = logging.getLogger("kiln.report")
     params = load_params()
     names = list(params.get("targets") or {})
+    # A target set that shrank leaves the removed targets' files behind; they must not count anywhere
+    # (the plots read every file in reports/plots/).
+    for stale in stale_result_files(names, paths.METRICS, paths.RUNS, paths.PLOTS):
+        log.info("removing %s: its target is no longer in params", stale)
+        stale.unlink()
     results = load_results(names, paths.METRICS, paths.RUNS)
     validate = json.loads(paths.VALIDATE.read_text()) if paths.VALIDATE.is_file() else None
     export = json.loads(paths.EXPORT_MANIFEST.read_text()) if paths.EXPORT_MANIFEST.is_file() else None
     baseline = (params.get("report") or {}).get("baseline", "torch-eager")
     missing = [n for n in names if n not in results]
-    write_text(paths.BENCHMARK_MD, render(results, validate, baseline, export, missing))
-    logging.getLogger("kiln.report").info("%s: %d targets", paths.BENCHMARK_MD, len(results))
+    previous = committed_metrics(names, paths.METRICS)
+    rows = summary_rows(results, baseline)
+    write_text(paths.SUMMARY_CSV, summary_csv(rows))
+    plot_csvs = {n: paths.PLOTS / f"{n}.csv" for n in names}  # missing files count as "not measured"
+    write_latency_csv(plot_csvs, paths.LATENCY_CSV)
+    render_latency_png(plot_csvs, paths.LATENCY_PNG)
+    write_text(paths.BENCHMARK_MD, render(results, validate, baseline, export, missing, previous, "HEAD"))
+    log.info("%s: %d targets", paths.BENCHMARK_MD, len(results))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ outputs are `persist`, so replacing the images simply re-runs calibration.
 Reproduce by hand: `python stages/sample_data.py` in an empty checkout.
 """
 
+import hashlib
 import logging
 from pathlib import Path
 
-from kiln.atomic import atomic_path
+from kiln import paths
+from kiln.atomic import atomic_path, write_json
 from kiln.images import IMAGE_SUFFIXES, make_sample_images
 from kiln.stage import run_stage
 
@@ -36,6 +38,16 @@ def has_images(folder: Path) -> bool:
     return folder.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*"))
 
 
+def digest(folder: Path) -> dict:
+    """What the calibrate stages depend on instead of the folders themselves: one small file is much
+    cheaper for DVC to check on every `dvc repro` than hundreds of images once per target."""
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for p in files:
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return {"files": len(files), "sha256": h.hexdigest()}
+
+
 def main() -> None:
     log = logging.getLogger("kiln.sample_data")
     for spec in (CALIBRATION, EVAL):
@@ -46,6 +58,8 @@ def main() -> None:
         with atomic_path(spec["dir"], is_dir=True) as tmp:
             written = make_sample_images(tmp, photos, spec["count"], spec["seed"])
         log.info("%s: %d crops of %s", spec["dir"], len(written), ", ".join(spec["photos"]))
+    for spec, out in ((CALIBRATION, paths.CALIBRATION_DIGEST), (EVAL, paths.EVAL_DIGEST)):
+        write_json(out, {str(spec["dir"]): digest(spec["dir"])})
 
 
 if __name__ == "__main__":

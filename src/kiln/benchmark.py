@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -33,37 +33,110 @@ class BenchmarkSettings:
     seed: int = 7
     accuracy_budget: dict[str, Any] = field(default_factory=dict)
     fail_on_budget: bool = True
+    serve: dict[Any, float] | None = None  # default served distribution; parsed per target (Target.serve)
+    served_requests: int = 200  # at least this many requests drawn from it (and min_time_s)
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any] | None) -> "BenchmarkSettings":
         raw = dict(raw or {})
-        known = {"batch_sizes", "warmup_iters", "min_iters", "min_time_s", "max_iters", "seed", "accuracy_budget", "fail_on_budget"}
+        known = {"batch_sizes", "warmup_iters", "min_iters", "min_time_s", "max_iters", "seed", "accuracy_budget", "fail_on_budget",
+                 "serve", "served_requests"}
         unknown = set(raw) - known
         if unknown:
             raise KilnError(f"benchmark has unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
         s = cls(**{k: (tuple(v) if k == "batch_sizes" else v) for k, v in raw.items()})
         if not s.batch_sizes or any(not isinstance(b, int) or b < 1 for b in s.batch_sizes):
             raise KilnError(f"benchmark.batch_sizes must be a non-empty list of positive integers, got {list(s.batch_sizes)}")
-        if s.min_iters < 1 or s.warmup_iters < 0 or s.min_time_s < 0:
-            raise KilnError("benchmark.min_iters must be >= 1, warmup_iters and min_time_s >= 0")
+        if s.min_iters < 1 or s.warmup_iters < 0 or s.min_time_s < 0 or s.served_requests < 1:
+            raise KilnError("benchmark.min_iters and served_requests must be >= 1, warmup_iters and min_time_s >= 0")
         return s
+
+    def to_params(self) -> dict[str, Any]:
+        return {**self.__dict__, "batch_sizes": list(self.batch_sizes)}
+
+
+def _timer(session: Session) -> Callable[[Mapping[str, np.ndarray]], float]:
+    """One inference's time in ms: on the device where the session can say (CUDA events), else the host clock."""
+    device_time = getattr(session, "time_ms", None)
+    if device_time is not None:
+        return device_time  # type: ignore[no-any-return]
+    clock = time.perf_counter
+
+    def host_time(feeds: Mapping[str, np.ndarray]) -> float:
+        t0 = clock()
+        session.infer(feeds)
+        return (clock() - t0) * 1e3
+
+    return host_time
 
 
 def time_infer(session: Session, feeds: Mapping[str, np.ndarray], settings: BenchmarkSettings) -> list[float]:
-    """Per-iteration wall times in ms, after warm-up."""
+    """Per-iteration times in ms, after warm-up."""
     for _ in range(settings.warmup_iters):
         session.infer(feeds)
+    timed = _timer(session)
     times: list[float] = []
-    clock = time.perf_counter
-    start = clock()
+    start = time.perf_counter()
     while len(times) < settings.max_iters:
-        t0 = clock()
-        session.infer(feeds)
-        t1 = clock()
-        times.append((t1 - t0) * 1e3)
-        if len(times) >= settings.min_iters and t1 - start >= settings.min_time_s:
+        times.append(timed(feeds))
+        if len(times) >= settings.min_iters and time.perf_counter() - start >= settings.min_time_s:
             break
     return times
+
+
+def benchmark_served(
+    session: Session, inputs: tuple[InputSpec, ...], serve: Mapping[int, float], settings: BenchmarkSettings
+) -> tuple[dict[str, Any], list[list[float]]]:
+    """Requests whose batch sizes are drawn from `serve`, one after another, as a server would see them.
+
+    Returns (stats, [[batch, ms], ...]): per-request latency percentiles, and images/s and ms/image over
+    the whole run, which is what the served traffic gets (not what the best batch size gets)."""
+    batches = sorted(serve)
+    feeds = {b: make_inputs(inputs, b, settings.seed + b) for b in batches}
+    for b in batches:  # warm every shape: the first call at a new shape can cost a re-plan or a re-compile
+        for _ in range(max(1, settings.warmup_iters)):
+            session.infer(feeds[b])
+    rng = np.random.default_rng(settings.seed)
+    probs = np.array([serve[b] for b in batches])
+    timed = _timer(session)
+    requests: list[list[float]] = []
+    start = time.perf_counter()
+    while len(requests) < settings.max_iters:
+        for b in rng.choice(batches, size=32, p=probs):
+            requests.append([int(b), timed(feeds[int(b)])])
+        if len(requests) >= settings.served_requests and time.perf_counter() - start >= settings.min_time_s:
+            break
+    ms = np.array([r[1] for r in requests])
+    images = sum(int(r[0]) for r in requests)
+    drawn = {str(b): round(sum(1 for r in requests if r[0] == b) / len(requests), 4) for b in batches}
+    stats = {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "ms_per_image": float(ms.sum()) / images,
+        "images_per_s": 1e3 * images / float(ms.sum()),
+        "requests": len(requests),
+        "images": images,
+        "mean_batch": images / len(requests),
+        "drawn": drawn,
+    }
+    return stats, [[int(b), round(float(t), 4)] for b, t in requests]
+
+
+def profile_mismatch(profile: ShapeProfile, serve: Mapping[int, float]) -> str | None:
+    """A line for the report when the batch the engine is tuned for is not what it will mostly serve.
+
+    The optimum counts as near when most requests (>= 50%) have a batch within a factor of two of it."""
+    near = sum(share for b, share in serve.items() if profile.opt / 2 <= b <= profile.opt * 2)
+    if near >= 0.5:
+        return None
+    mean = sum(b * share for b, share in serve.items())
+    top = max(serve, key=lambda b: serve[b])
+    return (
+        f"profile optimum is batch {profile.opt}, but only {near:.0%} of served requests are within 2x of it "
+        f"(most common batch {top} at {serve[top]:.0%}, mean {mean:.2g}): the batch-{profile.opt} figures are not what serving gets"
+    )
 
 
 def latency_stats(times_ms: list[float], batch: int) -> dict[str, float]:
@@ -87,7 +160,8 @@ def benchmark_latency(
     stats: dict[str, dict[str, float]] = {}
     raw: dict[str, list[float]] = {}
     notes: list[str] = []
-    for batch in settings.batch_sizes:
+    # The profile's min, opt and max are always measured: a figure only at a shape nobody serves proves little.
+    for batch in sorted(set(settings.batch_sizes) | {profile.min, profile.opt, profile.max}):
         if not profile.contains(batch):
             notes.append(f"batch {batch} skipped: outside the target's profile [{profile.min}, {profile.max}]")
             continue

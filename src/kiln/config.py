@@ -31,6 +31,17 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> dict[str, Any]:
     return data
 
 
+def load_stage_params(stage: str, target: str) -> dict[str, Any]:
+    """The slice of params a per-target stage reads, written by the configure stage."""
+    path = Path("artifacts") / "targets" / target / f"{stage}.json"
+    if not path.is_file():
+        raise KilnError(f"{path} not found: no target '{target}' in params.yaml, or the configure stage has not run (`dvc repro configure`)")
+    import json
+
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
 def default_threads() -> int:
     """All the cores this process may run on (not the machine's total, which containers lie about)."""
     try:
@@ -192,6 +203,12 @@ class Target:
     calibration: dict[str, Any] = field(default_factory=dict)  # per-target overrides of params `calibration`
     accuracy_budget: dict[str, Any] = field(default_factory=dict)  # per-target overrides of benchmark.accuracy_budget
     required: bool = True  # false: skipped (and reported) on machines that cannot run it, instead of failing
+    serve: dict[int, float] | None = None  # batch size -> share of requests, for serve-shaped benchmarks
+
+    @property
+    def main_batch(self) -> int:
+        """The batch size the headline figures are quoted at: the one the engine is tuned for."""
+        return self.profile.opt
 
     @classmethod
     def from_params(cls, name: str, params: Mapping[str, Any]) -> "Target":
@@ -200,7 +217,7 @@ class Target:
             raise KilnError(f"no target '{name}' in params.yaml{close_matches(name, targets)}; targets: {', '.join(targets) or 'none'}")
         raw = targets[name] or {}
         where = f"targets.{name}"
-        known = {"runtime", "precision", "device", "threads", "profile", "options", "calibration", "accuracy_budget", "required"}
+        known = {"runtime", "precision", "device", "threads", "profile", "options", "calibration", "accuracy_budget", "required", "serve"}
         unknown = set(raw) - known
         if unknown:
             hint = "".join(close_matches(k, known) for k in sorted(unknown))
@@ -213,17 +230,21 @@ class Target:
         threads = raw.get("threads")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise KilnError(f"{where}.threads must be a positive integer or null (all cores), got {threads!r}")
+        profile = ShapeProfile.from_params(raw.get("profile"), where)
+        serve_raw = raw["serve"] if "serve" in raw else (params.get("benchmark") or {}).get("serve")
+        serve_where = f"{where}.serve" if "serve" in raw else "benchmark.serve"
         return cls(
             name=name,
             runtime=runtime,
             precision=str(raw.get("precision", "fp32")),
             device=str(raw.get("device", "cpu")),
             threads=threads,
-            profile=ShapeProfile.from_params(raw.get("profile"), where),
+            profile=profile,
             options=dict(raw.get("options") or {}),
             calibration=dict(raw.get("calibration") or {}),
             accuracy_budget=dict(raw.get("accuracy_budget") or {}),
             required=bool(raw.get("required", True)),
+            serve=served_distribution(serve_raw, profile, serve_where),
         )
 
     @property
@@ -241,4 +262,33 @@ class Target:
             "calibration": self.calibration,
             "accuracy_budget": self.accuracy_budget,
             "required": self.required,
+            "serve": dict(self.serve) if self.serve else None,
         }
+
+
+def served_distribution(raw: Any, profile: ShapeProfile, where: str) -> dict[int, float] | None:
+    """The batch sizes a target will serve and each one's share of requests, e.g. {1: 0.7, 4: 0.2, 8: 0.1}."""
+    if raw is None or raw == {}:
+        return None
+    if not isinstance(raw, Mapping):
+        raise KilnError(f"{where} must map batch sizes to their share of requests, e.g. {{1: 0.7, 4: 0.2, 8: 0.1}}; got {raw!r}")
+    dist: dict[int, float] = {}
+    for key, share in raw.items():
+        try:
+            batch = int(key)  # keys arrive as strings from `dvc exp run -S` overrides
+        except (TypeError, ValueError):
+            batch = 0
+        if batch < 1 or str(key).strip() != str(batch):
+            raise KilnError(f"{where}: '{key}' is not a batch size (a positive integer)")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or share < 0:
+            raise KilnError(f"{where}.{key}: the share of requests must be a number >= 0, got {share!r}")
+        if not profile.contains(batch):
+            raise KilnError(
+                f"{where}: batch {batch} is outside the target's profile [{profile.min}, {profile.max}]: "
+                "the engine could not serve it; widen the profile or change the distribution"
+            )
+        dist[batch] = float(share)
+    total = sum(dist.values())
+    if abs(total - 1.0) > 1e-6:
+        raise KilnError(f"{where}: the shares of requests sum to {total:g}, not 1 ({dict(sorted(dist.items()))})")
+    return dict(sorted(dist.items()))

@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from .report_sections import compared_section, compiler_section, served_section
+
 METRICS_DIR = Path("reports/metrics")
 RUNS_DIR = Path("reports/runs")
+SUMMARY_COLUMNS = ("target", "runtime", "precision", "batch", "ms_per_image", "images_per_s", "speedup", "top1_agreement")
 
 
-def _fmt(value: Any, spec: str = ".3f") -> str:
+def fmt(value: Any, spec: str = ".3f") -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -28,12 +31,54 @@ def load_results(target_names: list[str], metrics_dir: Path = METRICS_DIR, runs_
     return results
 
 
+def stale_result_files(target_names: list[str], *folders: Path) -> list[Path]:
+    """Per-target files (metrics, runs, plots) of targets no longer in params: left behind when a target set shrinks."""
+    keep = set(target_names)
+    return sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir() if p.is_file() and p.stem not in keep)
+
+
+def _speedup(base: Mapping[str, Any], stats: Mapping[str, Any], key: str) -> float | None:
+    base_stats = (base or {}).get(key)
+    return base_stats["ms_per_image"] / stats["ms_per_image"] if base_stats else None
+
+
+def summary_rows(results: Mapping[str, Mapping[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """One row per built target at its main batch size: what the plots and the summary table show."""
+    base = results.get(baseline, {}).get("run", {}).get("latency", {})
+    rows = []
+    for name, res in results.items():
+        run = res["run"]
+        if run.get("skipped"):
+            continue
+        key = f"b{run['main_batch']}"
+        stats = run["latency"][key]
+        rows.append({
+            "target": name,
+            "runtime": run.get("runtime"),
+            "precision": (run.get("precision") or {}).get("requested"),
+            "batch": run["main_batch"],
+            "ms_per_image": round(stats["ms_per_image"], 4),
+            "images_per_s": round(stats["images_per_s"], 2),
+            "speedup": round(s, 3) if (s := _speedup(base, stats, key)) else None,
+            "top1_agreement": (run.get("accuracy") or {}).get("top1_agreement"),
+        })
+    return rows
+
+
+def summary_csv(rows: list[dict[str, Any]]) -> str:
+    lines = [",".join(SUMMARY_COLUMNS)]
+    lines += [",".join("" if r.get(c) is None else str(r[c]) for c in SUMMARY_COLUMNS) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def render(
     results: Mapping[str, Mapping[str, Any]],
     validate: Mapping[str, Any] | None,
     baseline: str,
     export: Mapping[str, Any] | None = None,
     missing: list[str] | None = None,
+    previous: Mapping[str, Mapping[str, Any]] | None = None,
+    previous_label: str = "HEAD",
 ) -> str:
     lines = ["# Kiln benchmark", ""]
     if results:
@@ -46,31 +91,49 @@ def render(
             + (", preprocessing folded into the graph (engines take uint8 HWC images)" if export.get("folded_preprocess") else "") + ".",
             "",
         ]
-    base = results.get(baseline, {}).get("metrics", {})
+    base = results.get(baseline, {}).get("run", {}).get("latency", {})
+    skipped = {n: r["run"]["skipped"] for n, r in results.items() if r["run"].get("skipped")}
+    built = {n: r for n, r in results.items() if n not in skipped}
+    summary = summary_rows(results, baseline)
+    if summary:
+        lines += [
+            "## Summary at each target's main batch size (its profile's opt)",
+            "",
+            "| target | precision | batch | ms/image | images/s | speed-up | top-1 agreement | served images/s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in summary:
+            served = built[row["target"]]["run"].get("served") or {}
+            lines.append(
+                f"| {row['target']} | {row['precision']} | {row['batch']} | {fmt(row['ms_per_image'])} | {fmt(row['images_per_s'], '.1f')} "
+                f"| {fmt(row['speedup'], '.2f')}{'x' if row['speedup'] else ''} | {fmt(row['top1_agreement'], '.3f')} "
+                f"| {fmt(served.get('images_per_s'), '.1f')} |"
+            )
+        lines.append("")
     lines += [
+        "## Latency per batch size",
+        "",
         f"Speed-up is ms/image of `{baseline}` divided by the target's, at the same batch size"
-        + ("" if base else f" (n/a: no `{baseline}` target in this run)") + ". Latency is the median (p50) of the timed iterations.",
+        + ("" if base else f" (n/a: no `{baseline}` target in this run)") + ". Latency is the median (p50) of the timed iterations; "
+        "min/opt/max mark the batch sizes of the target's profile.",
         "",
         "| target | runtime | precision (requested -> executed) | threads | batch | ms/batch p50 | ms/batch p99 | ms/image | images/s | speed-up | max abs err | top-1 agreement |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     accuracy_rows = []
-    skipped = {n: r["run"]["skipped"] for n, r in results.items() if r["run"].get("skipped")}
-    for name, res in results.items():
-        metrics, run = res["metrics"], res["run"]
-        if name in skipped:
-            continue
-        acc = metrics.get("accuracy", {})
+    for name, res in built.items():
+        run = res["run"]
+        acc = run.get("accuracy") or {}
         prec = run.get("precision", {})
-        for key, stats in metrics.items():
-            if not key.startswith("b") or not isinstance(stats, dict):
-                continue
-            base_stats = base.get(key)
-            speedup = base_stats["ms_per_image"] / stats["ms_per_image"] if base_stats else None
+        profile = run.get("profile") or {}
+        for key, stats in (run.get("latency") or {}).items():
+            batch = int(key[1:])
+            marks = "/".join(m for m in ("min", "opt", "max") if profile.get(m) == batch)
+            speedup = _speedup(base, stats, key)
             lines.append(
-                f"| {name} | {run.get('runtime')} | {prec.get('requested')} -> {prec.get('executed')} | {run.get('threads')} | {key[1:]} "
-                f"| {_fmt(stats['p50_ms'])} | {_fmt(stats['p99_ms'])} | {_fmt(stats['ms_per_image'])} | {_fmt(stats['images_per_s'], '.1f')} "
-                f"| {_fmt(speedup, '.2f')}{'x' if speedup else ''} | {_fmt(acc.get('max_abs_err'), '.2e')} | {_fmt(acc.get('top1_agreement'), '.3f')} |"
+                f"| {name} | {run.get('runtime')} | {prec.get('requested')} -> {prec.get('executed')} | {run.get('threads')} | {batch}{f' ({marks})' if marks else ''} "
+                f"| {fmt(stats['p50_ms'])} | {fmt(stats['p99_ms'])} | {fmt(stats['ms_per_image'])} | {fmt(stats['images_per_s'], '.1f')} "
+                f"| {fmt(speedup, '.2f')}{'x' if speedup else ''} | {fmt(acc.get('max_abs_err'), '.2e')} | {fmt(acc.get('top1_agreement'), '.3f')} |"
             )
         for note in run.get("notes", []):
             lines.append(f"| {name} | | | | | | | | | | | {note} |")
@@ -80,15 +143,16 @@ def render(
         if violations:
             verdict = "OVER BUDGET: " + "; ".join(violations) + ("" if budget.get("enforced") else " (not enforced: random weights or fail_on_budget off)")
         accuracy_rows.append(
-            f"| {name} | {_fmt(acc.get('top1_agreement'), '.4f')} | {_fmt(acc.get('sqnr_db'), '.1f')} | {_fmt(acc.get('cosine'), '.6f')} "
-            f"| {_fmt(acc.get('max_abs_err'), '.2e')} | {_fmt(acc.get('top1'), '.4f')} | {_fmt(acc.get('top1_drop'), '.2f')} "
+            f"| {name} | {fmt(acc.get('top1_agreement'), '.4f')} | {fmt(acc.get('sqnr_db'), '.1f')} | {fmt(acc.get('cosine'), '.6f')} "
+            f"| {fmt(acc.get('max_abs_err'), '.2e')} | {fmt(acc.get('top1'), '.4f')} | {fmt(acc.get('top1_drop'), '.2f')} "
             f"| {verdict} |"
         )
     if skipped:
         lines += ["", "Skipped on this machine (targets marked `required: false`):", ""]
         lines += [f"- `{n}`: {reason}" for n, reason in skipped.items()]
+    lines += served_section(built)
     if accuracy_rows:
-        source = next((r["run"]["accuracy"]["source"] for r in results.values() if r["run"].get("accuracy")), "the reference inputs")
+        source = next((r["run"]["accuracy"]["source"] for r in built.values() if r["run"].get("accuracy")), "the reference inputs")
         lines += [
             "",
             f"## Accuracy against eager fp32, on {source}",
@@ -99,44 +163,58 @@ def render(
             "|---|---:|---:|---:|---:|---:|---:|---|",
             *accuracy_rows,
         ]
-    calibrated = {n: r["run"]["calibration"] for n, r in results.items() if r["run"].get("calibration")}
-    if calibrated:
-        lines += ["", "## Calibration: layers whose quantization costs the most", ""]
-        lines += [
-            "Per layer, the quantization noise it adds (relative to signal power) over the layer before it, on a few "
-            "calibration images; keep the worst in float with `targets.<name>.calibration.ignored_scope`.",
-        ]
-        for name, cal in calibrated.items():
-            kept = cal.get("float_layers") or []
-            aware = cal.get("accuracy_aware")
-            lines += [
-                "",
-                f"`{name}`: {cal.get('images')} images from {cal.get('folder')}, method {cal.get('method')}"
-                + (f", accuracy-aware (max top-1 drop {aware['max_drop_points']} points on {aware['eval_images']} eval images)" if aware else "")
-                + (f"; left in float: {', '.join(kept)}" if kept else "; every quantizable layer in int8") + ".",
-                "",
-                "| layer | SQNR dB at its output | noise added (% of signal) |",
-                "|---|---:|---:|",
-                *[f"| {r['layer']} | {r['sqnr_db']:.1f} | {r['noise_added_pct']:.3f} |" for r in cal.get("sensitivity") or []],
-            ]
-    if validate:
-        lines += [
-            "",
-            "## Validation (eager PyTorch against the exported ONNX graph in ONNX Runtime fp32)",
-            "",
-            f"Batch sizes {validate.get('batch_sizes')} (traced at {validate.get('traced_batch')}), "
-            f"tolerance atol {validate.get('atol')} + rtol {validate.get('rtol')} x |ref|: "
-            + ("passed." if validate.get("passed") else "FAILED."),
-            "",
-            "| output | max abs err | max rel err | mean abs err | top-1 agreement | note |",
-            "|---|---:|---:|---:|---:|---|",
-        ]
-        for name, o in validate.get("outputs", {}).items():
-            note = f"reference proves little: {o['degenerate']}" if o.get("degenerate") else ""
-            lines.append(
-                f"| {name} | {_fmt(o['max_abs_err'], '.2e')} | {_fmt(o['max_rel_err'], '.2e')} | {_fmt(o['mean_abs_err'], '.2e')} "
-                f"| {_fmt(o.get('top1_agreement'), '.3f')} | {note} |"
-            )
+    lines += compiler_section(built)
+    lines += _calibration_section(built)
+    lines += _validation_section(validate)
+    lines += compared_section({n: r["metrics"] for n, r in built.items()}, previous, previous_label)
     if missing:
         lines += ["", f"No benchmark results for: {', '.join(missing)} (their stages have not run yet)."]
     return "\n".join(lines) + "\n"
+
+
+def _calibration_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    calibrated = {n: r["run"]["calibration"] for n, r in built.items() if r["run"].get("calibration")}
+    if not calibrated:
+        return []
+    lines = [
+        "", "## Calibration: layers whose quantization costs the most", "",
+        "Per layer, the quantization noise it adds (relative to signal power) over the layer before it, on a few "
+        "calibration images; keep the worst in float with `targets.<name>.calibration.ignored_scope`.",
+    ]
+    for name, cal in calibrated.items():
+        kept = cal.get("float_layers") or []
+        aware = cal.get("accuracy_aware")
+        lines += [
+            "",
+            f"`{name}`: {cal.get('images')} images from {cal.get('folder')}, method {cal.get('method')}"
+            + (f", accuracy-aware (max top-1 drop {aware['max_drop_points']} points on {aware['eval_images']} eval images)" if aware else "")
+            + (f"; left in float: {', '.join(kept)}" if kept else "; every quantizable layer in int8") + ".",
+            "",
+            "| layer | SQNR dB at its output | noise added (% of signal) |",
+            "|---|---:|---:|",
+            *[f"| {r['layer']} | {r['sqnr_db']:.1f} | {r['noise_added_pct']:.3f} |" for r in cal.get("sensitivity") or []],
+        ]
+    return lines
+
+
+def _validation_section(validate: Mapping[str, Any] | None) -> list[str]:
+    if not validate:
+        return []
+    lines = [
+        "",
+        "## Validation (eager PyTorch against the exported ONNX graph in ONNX Runtime fp32)",
+        "",
+        f"Batch sizes {validate.get('batch_sizes')} (traced at {validate.get('traced_batch')}), "
+        f"tolerance atol {validate.get('atol')} + rtol {validate.get('rtol')} x |ref|: "
+        + ("passed." if validate.get("passed") else "FAILED."),
+        "",
+        "| output | max abs err | max rel err | mean abs err | top-1 agreement | note |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, o in validate.get("outputs", {}).items():
+        note = f"reference proves little: {o['degenerate']}" if o.get("degenerate") else ""
+        lines.append(
+            f"| {name} | {fmt(o['max_abs_err'], '.2e')} | {fmt(o['max_rel_err'], '.2e')} | {fmt(o['mean_abs_err'], '.2e')} "
+            f"| {fmt(o.get('top1_agreement'), '.3f')} | {note} |"
+        )
+    return lines

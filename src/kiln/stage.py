@@ -12,6 +12,9 @@ def run_stage(main: Callable[[], None]) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("kiln").setLevel(logging.INFO)
     try:
+        from .params import check_fresh
+
+        check_fresh()
         main()
     except KeyboardInterrupt:
         print("kiln: interrupted; no output was written", file=sys.stderr)

@@ -73,6 +73,35 @@ def executed_precision(optimized: Path) -> str:
     return "int8" if not fp else f"int8 ({int8} ops), fp32 ({fp} ops)"
 
 
+def graph_info(given: Path, optimized: Path) -> dict[str, Any]:
+    """Nodes before and after ONNX Runtime's graph optimisers. Its CPU kernels fuse an activation (and a
+    residual Add) into the convolution (FusedConv, or NCHWc Conv with an `activation` attribute and a Sum input)."""
+    from collections import Counter
+
+    import onnx
+
+    given_nodes = onnx.load(str(given), load_external_data=False).graph.node
+    out_nodes = onnx.load(str(optimized), load_external_data=False).graph.node
+    fusions: Counter[str] = Counter()
+    for n in out_nodes:
+        if n.op_type in ("Conv", "FusedConv") and n.domain.startswith("com.microsoft"):
+            activation = next((a.s.decode() for a in n.attribute if a.name == "activation"), None)
+            parts = ["Conv", *(["Add"] if len(n.input) > 3 and n.input[3] else []), *([activation] if activation else [])]
+            if len(parts) > 1:
+                fusions["+".join(parts)] += 1
+        elif n.op_type in ("ReorderInput", "ReorderOutput"):
+            fusions["NCHWc layout reorder (added)"] += 1
+    removed = Counter(n.op_type for n in given_nodes) - Counter(n.op_type for n in out_nodes)
+    for op in ("BatchNormalization", "Identity"):
+        if removed.get(op):
+            fusions[f"{op} folded away"] += removed[op]
+    int8 = sum(n.op_type in INT8_OPS or n.op_type.startswith("QLinear") for n in out_nodes)
+    fp = sum(n.op_type in COMPUTE_OPS or n.op_type.startswith("Fused") for n in out_nodes)
+    return {"nodes_in": len(given_nodes), "nodes_out": len(out_nodes), "fusions": dict(fusions),
+            "layer_precisions": {k: v for k, v in (("int8", int8), ("fp32", fp)) if v},
+            "source": "ONNX graph vs ONNX Runtime's optimised graph (compute layers for precisions)"}
+
+
 def _has_vnni(machine_features: list[str]) -> bool:
     return any(f in machine_features for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
@@ -169,6 +198,7 @@ class OnnxRuntimeRuntime:
             "executed_precision": executed_precision(engine_dir / OPTIMIZED),
             "graph_optimization_level": level_name,
             "provider": "CPUExecutionProvider",
+            "graph": graph_info(model, engine_dir / OPTIMIZED),
         }
 
     def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> OrtSession:

@@ -65,6 +65,31 @@ def float_layers(model: ov.Model) -> list[str]:
     return names
 
 
+def graph_info(model: ov.Model, compiled: ov.CompiledModel) -> dict[str, Any]:
+    """What OpenVINO's CPU plugin made of the graph: its runtime model names, per node, the original
+    operations fused into it (`originalLayersNames`) and the precision it runs in."""
+    skip = {"Parameter", "Result", "Constant"}
+    original = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
+    nodes_in = sum(op.get_type_name() not in skip for op in model.get_ordered_ops())
+    fusions: Counter[str] = Counter()
+    precisions: Counter[str] = Counter()
+    nodes_out = 0
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+        if kind in ("Input", "Output", "Parameter", "Result", "Constant"):
+            continue
+        nodes_out += 1
+        if "runtimePrecision" in info:
+            precisions[info["runtimePrecision"].astype(str).lower()] += 1
+        names = [n for n in (info["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in info else []) if n]
+        types = [original[n] for n in names if n in original and original[n] not in skip]
+        if len(types) > 1:
+            fusions["+".join(dict.fromkeys(types))] += 1
+    return {"nodes_in": nodes_in, "nodes_out": nodes_out, "fusions": dict(fusions), "layer_precisions": dict(precisions),
+            "source": "OpenVINO runtime model (rt_info originalLayersNames, runtimePrecision)"}
+
+
 class OpenVinoSession:
     def __init__(self, compiled: ov.CompiledModel):
         self.compiled = compiled
@@ -197,7 +222,7 @@ class OpenVinoRuntime:
             "executed_precision": executed,
             "device_name": core.get_property(_device(target), "FULL_DEVICE_NAME"),
             "compile_config": {k: str(v) for k, v in _config(target).items()},
-            "runtime_ops": len(compiled.get_runtime_model().get_ordered_ops()),
+            "graph": graph_info(model, compiled),
         }
 
     def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> OpenVinoSession:

@@ -1,0 +1,96 @@
+"""Sweeps with `dvc exp run --queue`, `dvc exp show` and `dvc metrics diff`, and what a bad sweep says."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import ROOT
+from test_pipeline import make_project, run, stages_run
+
+from kiln.config import Target
+from kiln.errors import KilnError
+from kiln.params import compose
+
+# A small target set for the sweep: the baseline and two fp32 runtimes.
+MINI = """\
+torch-eager: {runtime: torch, precision: fp32, device: cpu, threads: null, profile: {min: 1, opt: 4, max: 8}, options: {}}
+onnxruntime: {runtime: onnxruntime, precision: fp32, device: cpu, threads: null, profile: {min: 1, opt: 4, max: 8},
+              options: {graph_optimization_level: all}}
+openvino: {runtime: openvino, precision: fp32, device: cpu, threads: null, profile: {min: 1, opt: 4, max: 8},
+           options: {performance_hint: LATENCY}}
+"""
+
+
+def test_a_sweep_over_a_misspelt_target_key_names_the_key():
+    with pytest.raises(KilnError, match=r"(?s)Could not override 'targets.openvino.precison'.*'targets.openvino.precison' \(did you mean 'precision'\?\)"):
+        compose(["targets.openvino.precison=int8"], config_dir=ROOT / "conf")
+    params = compose(["+targets.openvino.precison=int8"], config_dir=ROOT / "conf")  # appended on purpose...
+    with pytest.raises(KilnError, match=r"targets.openvino has unknown keys \['precison'\] \(did you mean 'precision'\?\)"):
+        Target.from_params("openvino", params)  # ...the configure stage refuses it before anything builds
+
+
+def test_a_target_set_that_does_not_exist_lists_the_ones_that_do():
+    with pytest.raises(KilnError, match=r"(?s)Could not find 'targets/gpux'.*Available options in 'targets':\s+cpu"):
+        compose(["targets=gpux"], config_dir=ROOT / "conf")
+
+
+def test_a_new_top_level_key_is_refused():
+    with pytest.raises(KilnError, match=r"(?s)Could not override 'benchmarks.min_iters'.*'benchmarks' \(did you mean 'benchmark'\?\)"):
+        compose(["benchmarks.min_iters=3"], config_dir=ROOT / "conf")
+
+
+@pytest.mark.slow
+def test_queued_sweep_show_and_metrics_diff(tmp_path):
+    project = make_project(tmp_path)
+    (project / "conf" / "targets" / "mini.yaml").write_text(MINI)
+    config = project / "conf" / "config.yaml"
+    config.write_text(config.read_text().replace("- targets: cpu", "- targets: mini"))
+    run(["python", "-m", "kiln.params"], project)
+    run(["dvc", "repro"], project)
+    # As a user would: commit the results, so experiments start from them and re-run only what they change.
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project)
+
+    queued = run(["dvc", "exp", "run", "--queue", "-S", "targets.openvino.precision=fp32,int8"], project)
+    assert queued.stdout.count("Queued experiment") == 2, queued.stdout
+    started = run(["dvc", "queue", "start", "-j", "1"], project)
+    assert "Started" in started.stdout + started.stderr
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert "Failed" not in status, run(["dvc", "queue", "logs", status.split()[-4]], project, check=False).stdout
+
+    start = time.perf_counter()
+    shown = run(["dvc", "exp", "show", "--json"], project)
+    show_seconds = time.perf_counter() - start
+    rows = json.loads(shown.stdout)
+    exps = [e for commit in rows for e in (commit.get("experiments") or [])]
+    assert len(exps) == 2
+    precisions, names = {}, []
+    for exp in exps:
+        data = exp["revs"][0]["data"]
+        name = exp["revs"][0].get("name") or data["rev"]
+        names.append(name)
+        openvino = data["params"]["params.yaml"]["data"]["targets"]["openvino"]["precision"]
+        metrics = data["metrics"]["reports/metrics/openvino.json"]["data"]
+        # The headline columns, and only those: ms/image at the main batch, images/s, accuracy, served traffic.
+        assert set(metrics) == {"batch", "ms_per_image", "images_per_s", "top1_agreement", "served_images_per_s", "served_p99_ms"}
+        precisions[openvino] = metrics
+    assert set(precisions) == {"fp32", "int8"}
+    assert precisions["fp32"]["top1_agreement"] == 1.0
+    assert show_seconds < 3.0, f"dvc exp show took {show_seconds:.1f} s"
+
+    diff = run(["dvc", "metrics", "diff", names[0], names[1], "--json"], project)
+    changed = json.loads(diff.stdout)["reports/metrics/openvino.json"]
+    assert {"ms_per_image", "images_per_s"} <= set(changed)
+    assert all(round(v["new"], 4) == v["new"] for v in changed.values() if isinstance(v.get("new"), float))
+    # Only the swept target's stages ran in each experiment.
+    for name in names:
+        log = run(["dvc", "exp", "show", "--json", "--rev", name], project, check=False)
+        assert log.returncode == 0
+    assert stages_run(queued.stdout) == set()
