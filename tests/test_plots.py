@@ -1,0 +1,337 @@
+"""DVC plots that draw with no network: the inlined HTML template, the dvc.yaml plots in headless
+Chromium (`dvc plots show` and `dvc plots diff`), and the static PNG of the latency chart.
+
+The template needs the pinned npm packages (`npm ci --prefix plots`) and the browser checks need
+Chromium (`apt-get install -y chromium`); where either is missing those tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT, venv_env
+from kiln import plots
+
+NODE_MODULES = ROOT / "plots" / "node_modules"
+VEGA_TEMPLATES = ROOT / "plots" / "templates"
+CHROMIUM = next(
+    (p for p in (os.environ.get("KILN_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
+                 shutil.which("google-chrome")) if p),
+    None,
+)
+
+needs_npm = pytest.mark.skipif(
+    not all((NODE_MODULES / name / "package.json").is_file() for name in plots.PACKAGES),
+    reason="plots/node_modules is missing: the set-up runs `npm ci --prefix plots` (CI does)",
+)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="no headless Chromium: `apt-get install -y chromium` (CI does), or set KILN_CHROMIUM"
+)
+
+# The top-level `plots:` of dvc.yaml, used when dvc.yaml has none yet (it is the snippet docs/plots.md shows).
+PLOTS_SECTION = yaml.safe_load("""
+plots:
+  - latency:
+      template: plots/templates/latency.json
+      title: ms per image against batch size, per target
+      x: batch
+      y:
+        reports/latency.csv: ms_per_image
+      x_label: batch size (images per call)
+      y_label: ms per image (lower is better)
+  - throughput:
+      template: plots/templates/throughput.json
+      title: images/s per target, at its main batch size
+      x: images_per_s
+      y:
+        reports/summary.csv: target
+      x_label: images/s (higher is better)
+      y_label: target
+  - accuracy_vs_speed:
+      template: plots/templates/pareto.json
+      title: accuracy against speed (grey line - the Pareto front)
+      x: images_per_s
+      y:
+        reports/summary.csv: top1_agreement
+      x_label: images/s at the main batch size (higher is better)
+      y_label: top-1 agreement with eager fp32
+""")["plots"]
+
+LATENCY = {  # target -> rows of reports/plots/<target>.csv (batch, ms_per_image, images_per_s, p50_ms, p99_ms)
+    "torch-eager": [(1, 48.74, 20.52, 48.74, 62.59), (8, 39.31, 25.44, 314.48, 349.49), (32, 42.42, 23.57, 1357.45, 1519.64)],
+    "onnxruntime": [(1, 23.45, 42.65, 23.45, 28.20), (8, 24.32, 41.11, 194.58, 218.25), (32, 22.70, 44.06, 726.32, 801.67)],
+    "openvino-int8": [(1, 11.94, 83.76, 11.94, 16.47), (8, 10.31, 96.97, 82.50, 102.15), (32, 11.97, 83.56, 382.94, 472.07)],
+    "onnxruntime-int8": [(1, 12.26, 81.56, 12.26, 15.82), (8, 12.51, 79.96, 100.05, 109.69), (32, 11.05, 90.49, 353.64, 405.43)],
+    "torch-bf16": [],  # skipped on this CPU: header only
+}
+SUMMARY = """target,runtime,precision,batch,ms_per_image,images_per_s,speedup,top1_agreement
+torch-eager,torch,fp32,8,39.31,25.44,1.0,1.0
+onnxruntime,onnxruntime,fp32,8,24.32,41.11,1.616,1.0
+onnxruntime-int8,onnxruntime,int8,8,12.51,79.96,3.143,0.984
+openvino-int8,openvino,int8,8,10.31,96.97,3.812,0.969
+"""
+
+
+def write_plot_csvs(folder: Path, latency: dict = LATENCY) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for target, rows in latency.items():
+        lines = ["batch,ms_per_image,images_per_s,p50_ms,p99_ms"] + [",".join(map(str, r)) for r in rows]
+        (folder / f"{target}.csv").write_text("\n".join(lines) + "\n")
+        out[target] = folder / f"{target}.csv"
+    return out
+
+
+# --------------------------------------------------------------------------- template
+
+
+def test_inline_script_is_safe_in_a_dvc_template():
+    js = 'var a = "</script>", b = "<!-- x", c = "</SCRIPT >";\n//# sourceMappingURL=vega.min.js.map\n'
+    out = plots.inline_script(js)
+    assert "</script" not in out.lower() and "<!--" not in out and "sourceMappingURL" not in out
+    assert r"<\/script>" in out and r"<\/SCRIPT >" in out
+    for placeholder in plots.DVC_PLACEHOLDERS:  # DVC str.replace()s these over the whole page
+        with pytest.raises(plots.PlotsSetupError, match="DVC replaces"):
+            plots.inline_script(f"var s = '{placeholder}';")
+
+
+def test_package_lock_pins_what_package_json_names():
+    manifest = json.loads((ROOT / "plots" / "package.json").read_text())
+    lock = json.loads((ROOT / "plots" / "package-lock.json").read_text())
+    for name in plots.PACKAGES:
+        pinned = manifest["dependencies"][name]
+        assert re.fullmatch(r"\d+\.\d+\.\d+", pinned), f"{name}: pin an exact version, not {pinned!r}"
+        assert lock["packages"][f"node_modules/{name}"]["version"] == pinned
+    # DVC 3's specs are vega-lite v5 (`$schema .../vega-lite/v5.json`), embedded by vega-embed 6 on vega 5.
+    majors = {name: int(manifest["dependencies"][name].split(".")[0]) for name in plots.PACKAGES}
+    assert majors == {"vega": 5, "vega-lite": 5, "vega-embed": 6}
+
+
+@pytest.fixture(scope="module")
+def html_template(tmp_path_factory) -> Path:
+    if not all((NODE_MODULES / name / "package.json").is_file() for name in plots.PACKAGES):
+        pytest.skip("plots/node_modules is missing: the set-up runs `npm ci --prefix plots` (CI does)")
+    return plots.write_html_template(tmp_path_factory.mktemp("template") / "offline.html", NODE_MODULES)
+
+
+@needs_npm
+def test_template_inlines_vega_vega_lite_and_vega_embed(html_template):
+    page = html_template.read_text(encoding="utf-8")
+    assert plots.script_sources(page) == [], "a <script src> would need the network"
+    assert not re.search(r"<link\b[^>]*href=[\"']?https?:", page, re.IGNORECASE)
+    assert page.count("{plot_divs}") == 1 and "{scripts}" not in page  # DVC's CDN tags have nowhere to go
+    manifest = json.loads((ROOT / "plots" / "package.json").read_text())
+    for name in plots.PACKAGES:
+        version, path = plots.package_script(name, NODE_MODULES)
+        assert version == manifest["dependencies"][name], f"plots/node_modules is stale: run `npm ci --prefix plots`"
+        assert f'data-package="{name}@{version}"' in page
+        body = plots.inline_script(path.read_text(encoding="utf-8"))
+        assert len(body) > 50_000 and body.strip() in page, f"{name} is not inlined whole"
+    assert page.index('data-package="vega@') < page.index('data-package="vega-lite@') < page.index('data-package="vega-embed@')
+
+
+@needs_npm
+def test_template_cli(tmp_path):
+    out = tmp_path / "offline.html"
+    assert plots.main(["template", "--out", str(out), "--node-modules", str(NODE_MODULES)]) == 0
+    assert out.stat().st_size > 500_000
+    assert plots.main(["template", "--out", str(tmp_path / "x.html"), "--node-modules", str(tmp_path / "none")]) == 1
+    assert not (tmp_path / "x.html").exists()
+
+
+# --------------------------------------------------------------------------- dvc plots show / diff in Chromium
+
+
+def _plots_section() -> list:
+    """dvc.yaml's top-level `plots:` when it has one (so the real config is what gets drawn), else the documented snippet."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text()) or {}
+    return spec.get("plots") or PLOTS_SECTION
+
+
+def _plot_names(section: list) -> list[str]:
+    return [next(iter(p)) if isinstance(p, dict) else p for p in section]
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = venv_env()
+    env["DVC_NO_ANALYTICS"] = "1"
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory, html_template) -> Path:
+    """A git + DVC repo with the plots section, the templates and two committed revisions of the data."""
+    repo = tmp_path_factory.mktemp("plots-repo")
+    dvc = [sys.executable, "-m", "dvc"]
+    _run(["git", "init", "-q"], repo)
+    _run(["git", "config", "user.email", "kiln@example.com"], repo)
+    _run(["git", "config", "user.name", "kiln tests"], repo)
+    _run([*dvc, "init", "-q"], repo)
+    # The documented way to make the offline page the default: relative to .dvc/.
+    _run([*dvc, "config", "plots.html_template", "../plots/offline.html"], repo)
+    shutil.copytree(VEGA_TEMPLATES, repo / "plots" / "templates")
+    shutil.copy(html_template, repo / "plots" / "offline.html")
+    (repo / ".gitignore").write_text("/plots/offline.html\n/dvc_plots/\n/out-*/\n")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": _plots_section()}, sort_keys=False))
+    reports = repo / "reports"
+    plots.write_latency_csv(write_plot_csvs(repo / "reports" / "plots"), reports / "latency.csv")
+    (reports / "summary.csv").write_text(SUMMARY)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "first run"], repo)
+    # A second run: openvino-int8 got faster and more accurate, eager got faster at batch 32.
+    faster = dict(LATENCY, **{"torch-eager": [*LATENCY["torch-eager"][:2], (32, 30.1, 33.2, 963.2, 1011.0)]})
+    plots.write_latency_csv(write_plot_csvs(repo / "reports" / "plots", faster), reports / "latency.csv")
+    (reports / "summary.csv").write_text(SUMMARY.replace("10.31,96.97,3.812,0.969", "9.1,109.9,4.3,0.975"))
+    _run(["git", "commit", "-qam", "second run"], repo)
+    return repo
+
+
+def _chromium(url: str, profile: Path, *mode: str) -> subprocess.CompletedProcess:
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-extensions", "--hide-scrollbars", "--force-device-scale-factor=1",
+        "--host-resolver-rules=MAP * ~NOTFOUND",  # no network even where CI has one: offline is the point
+        f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--window-size=1200,2400", *mode, url,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}"
+    return proc
+
+
+def _page_status(html: Path, tmp: Path) -> dict:
+    dom = _chromium(html.as_uri(), tmp / "profile-dom", "--dump-dom").stdout
+    m = re.search(r'<script id="kiln-plots-status" type="application/json">(.*?)</script>', dom, re.DOTALL)
+    assert m, "the page has no kiln status element: was it rendered with the kiln template?"
+    return json.loads(m.group(1))
+
+
+def _screenshot(html: Path, tmp: Path):
+    from PIL import Image
+
+    png = tmp / f"{html.parent.name}.png"
+    _chromium(html.as_uri(), tmp / "profile-shot", f"--screenshot={png}")
+    return Image.open(png).convert("RGB")
+
+
+def _ink(image, box) -> tuple[float, float, int]:
+    """(share of non-white pixels, share of coloured (not grey) pixels, distinct colours) inside `box`.
+
+    Axes, grid and text are grey: coloured pixels are the marks (lines, points, bars) themselves.
+    """
+    pixels = np.asarray(image.crop(box).convert("RGB"), dtype=np.uint8).reshape(-1, 3)
+    if not len(pixels):
+        return 0.0, 0.0, 0
+    ink = float((pixels.min(axis=1) < 235).mean())
+    coloured = float((pixels.max(axis=1).astype(int) - pixels.min(axis=1) > 48).mean())
+    colours = len(np.unique(pixels // 16, axis=0))
+    return ink, coloured, colours
+
+
+def _assert_charts_drawn(html: Path, tmp: Path, names: list[str], revisions: list[str]) -> None:
+    page = html.read_text(encoding="utf-8")
+    assert plots.script_sources(page) == [], "dvc put a <script src> into the page: it loads from the network"
+    assert "cdn.jsdelivr.net" not in page
+    for name in names:
+        assert f'<div id = "{name}"' in page or f'<div id="{name}"' in page, f"dvc wrote no chart {name}"
+    status = _page_status(html, tmp)
+    assert all(status["libraries"].values()), f"vega did not load: {status['libraries']}"
+    assert status["errors"] == [], status["errors"]
+    charts = {c["id"]: c for c in status["charts"]}
+    assert set(names) <= set(charts), f"charts in the page: {sorted(charts)}"
+    image = _screenshot(html, tmp)
+    for name in names:
+        chart = charts[name]
+        view = chart["view"]
+        assert chart["drawn"] and view["width"] > 200 and view["height"] > 100, f"{name} did not draw: {chart}"
+        if view["renderer"] == "svg":
+            assert view["svg_elements"] > 30, f"{name}: an empty chart ({view['svg_elements']} svg elements)"
+        box = (view["x"], view["y"], view["x"] + view["width"], view["y"] + view["height"])
+        assert box[2] <= image.width and box[3] <= image.height, f"{name} lies outside the screenshot: {box}"
+        ink, coloured, colours = _ink(image, box)
+        print(f"{name}: ink {ink:.3f}, coloured {coloured:.4f}, {colours} colours")
+        assert ink > 0.02 and coloured > 0.0005 and colours >= 6, (
+            f"{name}: blank chart area in the screenshot (ink {ink:.3f}, marks {coloured:.4f}, {colours} colours)"
+        )
+    for rev in revisions:  # the legend names each revision drawn
+        assert rev in page
+
+
+@needs_npm
+@needs_chromium
+def test_dvc_plots_show_draws_offline(dvc_repo, tmp_path):
+    # No --html-template: .dvc/config's plots.html_template makes the offline page the default.
+    _run([sys.executable, "-m", "dvc", "plots", "show", "-o", "out-show"], dvc_repo)
+    _assert_charts_drawn(dvc_repo / "out-show" / "index.html", tmp_path, _plot_names(_plots_section()), ["workspace"])
+
+
+@needs_npm
+@needs_chromium
+def test_dvc_plots_diff_draws_offline(dvc_repo, tmp_path):
+    template = dvc_repo / "plots" / "offline.html"
+    _run([sys.executable, "-m", "dvc", "plots", "diff", "HEAD~1", "HEAD", "--html-template", str(template), "-o", "out-diff"], dvc_repo)
+    html = dvc_repo / "out-diff" / "index.html"
+    _assert_charts_drawn(html, tmp_path, _plot_names(_plots_section()), ["HEAD~1", "HEAD"])
+    assert "109.9" in html.read_text()  # the second revision's data is in the page
+
+
+@needs_npm
+@needs_chromium
+def test_the_check_fails_when_vega_does_not_load(dvc_repo, tmp_path):
+    """The same page without the inlined libraries (as DVC's CDN page is, offline) must fail the checks."""
+    broken = tmp_path / "broken" / "offline.html"
+    broken.parent.mkdir()
+    page = (dvc_repo / "plots" / "offline.html").read_text(encoding="utf-8")
+    broken.write_text(re.sub(r"<script data-package=.*?</script>", "", page, flags=re.DOTALL), encoding="utf-8")
+    _run([sys.executable, "-m", "dvc", "plots", "show", "--html-template", str(broken), "-o", "out-broken"], dvc_repo)
+    status = _page_status(dvc_repo / "out-broken" / "index.html", tmp_path)
+    assert status["libraries"] == {"vega": None, "vegaLite": None, "vegaEmbed": None}
+    assert not any(c["drawn"] for c in status["charts"])
+    with pytest.raises(AssertionError, match="vega did not load"):
+        _assert_charts_drawn(dvc_repo / "out-broken" / "index.html", tmp_path, _plot_names(_plots_section()), [])
+
+
+# --------------------------------------------------------------------------- data and the static PNG
+
+
+def test_latency_csv_is_the_long_table_of_every_measured_target(tmp_path):
+    csvs = write_plot_csvs(tmp_path / "plots")
+    out = plots.write_latency_csv(tmp_path / "plots", tmp_path / "latency.csv")
+    lines = out.read_text().splitlines()
+    assert lines[0] == "target,batch,ms_per_image,images_per_s,p50_ms,p99_ms"
+    assert len(lines) == 1 + sum(len(r) for r in LATENCY.values())
+    assert "openvino-int8,8,10.31,96.97,82.5,102.15" in lines
+    assert not any(line.startswith("torch-bf16,") for line in lines)  # header-only CSV: skipped target
+    rows, empty = plots.latency_table(csvs)  # a {target: csv} mapping works the same
+    assert empty == ["torch-bf16"] and {r["target"] for r in rows} == set(LATENCY) - {"torch-bf16"}
+
+
+def test_render_latency_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib renders the static PNG: pip install -e . installs it")
+    from PIL import Image
+
+    write_plot_csvs(tmp_path / "plots")
+    out = plots.render_latency_png(tmp_path / "plots", tmp_path / "reports" / "latency.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    image = Image.open(out).convert("RGB")
+    assert image.width >= 1000 and image.height >= 600
+    ink, coloured, colours = _ink(image, (0, 0, image.width, image.height))
+    assert 0.02 < ink < 0.5 and coloured > 0.005 and colours > 20, (ink, coloured, colours)  # lines in several colours, mostly white
+    assert not list((tmp_path / "reports").glob("*.tmp-*"))
+    again = plots.render_latency_png(tmp_path / "plots", tmp_path / "again.png")
+    assert again.read_bytes() == out.read_bytes(), "same data, different PNG: a spurious diff in git"
+    # No target measured (all skipped): still a PNG, since the report stage declares it as an output.
+    empty = plots.render_latency_png({"torch-bf16": tmp_path / "plots" / "torch-bf16.csv"}, tmp_path / "empty.png")
+    assert empty.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
