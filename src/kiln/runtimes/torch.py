@@ -1,51 +1,334 @@
-"""Eager PyTorch: the fp32 baseline every speed-up is measured against.
+"""PyTorch in three modes, chosen by the target's `options.mode`:
 
-The engine folder holds the model's spec and weights; loading rebuilds the module from
-the spec (eager execution needs the model's Python code anyway) and loads the weights.
+- `eager` (the default): the fp32 baseline every speed-up is measured against. The engine folder
+  holds the model's spec and weights; loading rebuilds the module from the spec (eager execution
+  needs the model's Python code anyway) and loads the weights.
+- `compile`: `torch.compile` with inductor. Same engine files as eager plus torch's portable
+  compile caches (`torch.compiler.save_cache_artifacts()`): the build compiles once and times it,
+  loading rebuilds the module, hot-loads the caches and compiles again, warm.
+- `aoti`: `torch.export` + AOTInductor. The engine folder holds a `.pt2` package (compiled code
+  and frozen weights); loading it needs neither the model's code nor a compiler.
+
+Options (`targets.<name>.options`):
+
+- `mode`: eager | compile | aoti
+- `compile_mode` (compile only): torch.compile's mode: default | reduce-overhead | max-autotune |
+  max-autotune-no-cudagraphs
+- `freezing` (compile, aoti; default true): inductor freezing: weights become constants, so
+  Conv+BatchNorm fold and oneDNN weights are pre-packed at compile time.
+
+Precisions: fp32 everywhere, bf16 on CPUs with native bf16 and on CUDA, fp16 on CUDA. Reduced
+precision is autocast, traced into the compiled graph (the way PyTorch's own inductor benchmarks
+run bf16, `--amp`): weights stay fp32 in the model and, with freezing, inductor constant-folds
+their casts, so the compiled engine holds bf16 weights without kiln converting the model by hand;
+numerically sensitive ops (softmax, norms, reductions) stay fp32 as autocast's op lists say.
+
+Batch sizes: compiled engines accept exactly the target's profile [min, max]; `infer` refuses a
+batch outside it before calling into torch (AOTInductor itself does not check the upper bound).
+AOTInductor declares the batch axis as `torch.export.Dim("batch", min, max)`. torch.compile
+marks it dynamic without bounds: dynamo's guards split a range anyway (CPU convolutions guard on
+batch >= 16 when choosing their backend, batch 1 is specialised), and bounded `mark_dynamic` turns
+such a guard into an error. Instead the build and the load compile the profile's min, opt and max
+up front, so every graph a profile batch needs exists before the first timed inference.
+
+Devices: cpu, cuda, cuda:N. CUDA sessions move inputs to the device, return CPU arrays, and offer
+`time_ms` (CUDA events around the forward pass only, inputs already on the device).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import shutil
+import time
+import types
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from ..config import ModelSpec, Target
+from ..config import ModelSpec, ShapeProfile, Target, close_matches
+from ..errors import KilnError
 from ..models import apply_state_dict, build_model, flatten_outputs
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "state_dict.pt"
 SPEC = "model.json"
+PACKAGE = "model.pt2"  # aoti: the AOTInductor package
+COMPILE_CACHE = "compile_cache.bin"  # compile: torch.compiler.save_cache_artifacts() bytes
+
+MODES = ("eager", "compile", "aoti")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OPTIONS = {
+    "mode": f"one of {', '.join(MODES)} (default eager)",
+    "compile_mode": f"mode compile only: one of {', '.join(COMPILE_MODES)} (default default)",
+    "freezing": "modes compile and aoti: true (default) or false",
+}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class EagerSession:
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec, output_names: list[str], bf16: bool = False):
-        # bf16: autocast on channels-last tensors, the layout oneDNN's bf16 kernels want.
-        self.bf16 = bf16
-        self.model = model.to(memory_format=torch.channels_last) if bf16 else model
-        self.input_names = [i.name for i in spec.inputs]
+@dataclass(frozen=True)
+class Settings:
+    mode: str = "eager"
+    compile_mode: str = "default"
+    freezing: bool = True
+
+    @classmethod
+    def from_target(cls, target: Target) -> "Settings":
+        where = f"targets.{target.name}.options"
+        opts = dict(target.options or {})
+        unknown = sorted(set(opts) - set(OPTIONS))
+        if unknown:
+            hint = "".join(close_matches(k, OPTIONS) for k in unknown)
+            known = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
+            raise KilnError(f"{where} has unknown keys {unknown}{hint}; the torch runtime knows {known}")
+        mode = str(opts.get("mode", "eager"))
+        if mode not in MODES:
+            raise KilnError(f"{where}.mode '{mode}' is not one of {', '.join(MODES)}{close_matches(mode, MODES)}")
+        if "compile_mode" in opts and mode != "compile":
+            raise KilnError(f"{where}.compile_mode applies to mode compile only (this target's mode is {mode})")
+        compile_mode = str(opts.get("compile_mode", "default"))
+        if compile_mode not in COMPILE_MODES:
+            raise KilnError(f"{where}.compile_mode '{compile_mode}' is not one of {', '.join(COMPILE_MODES)}{close_matches(compile_mode, COMPILE_MODES)}")
+        if "freezing" in opts and mode == "eager":
+            raise KilnError(f"{where}.freezing applies to modes compile and aoti only (this target's mode is eager)")
+        freezing = opts.get("freezing", True)
+        if not isinstance(freezing, bool):
+            raise KilnError(f"{where}.freezing must be true or false, got {freezing!r}")
+        return cls(mode=mode, compile_mode=compile_mode, freezing=freezing)
+
+
+def _device(target: Target) -> torch.device:
+    d = target.device
+    if d == "cpu" or d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit()):
+        return torch.device(d)
+    raise KilnError(f"targets.{target.name}.device '{d}' is not one the torch runtime knows: cpu, cuda or cuda:N")
+
+
+def _has_cxx() -> str | None:
+    names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    return next((p for p in (shutil.which(n) for n in names if n) if p), None)
+
+
+def _executed(precision: str) -> str:
+    return "fp32" if precision == "fp32" else f"{precision} autocast"
+
+
+class _Served(torch.nn.Module):
+    """The model as a compiled engine serves it: positional inputs, autocast inside the graph (so
+    torch.export and dynamo both capture it), float outputs as a tuple in the ONNX names' order."""
+
+    def __init__(self, model: torch.nn.Module, output_names: list[str], device_type: str, dtype: torch.dtype | None):
+        super().__init__()
+        self.model = model
+        self.output_names = tuple(output_names)
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            out = self.model(*inputs)
+        tensors = flatten_outputs(out, self.output_names).values()
+        return tuple(t.float() if t.is_floating_point() else t for t in tensors)
+
+
+class TorchSession:
+    """One `infer` for every mode: inputs to the device, a batch check for compiled engines, CPU arrays out."""
+
+    def __init__(self, fn: Callable[..., Any], input_names: list[str], output_names: list[str], device: torch.device,
+                 target: Target, mode: str, channels_last: bool = False):
+        self.fn = fn
+        self.input_names = input_names
         self.output_names = output_names
+        self.device = device
+        self.mode = mode
+        self.target_name = target.name
+        # Compiled engines were compiled for the profile's batch sizes; eager runs any batch.
+        self.profile: ShapeProfile | None = None if mode == "eager" else target.profile
+        self.channels_last = channels_last
+        self.load_seconds: float | None = None  # set by load: rebuild + (re)compile or package load + warm-up
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(array)
-        return t.to(memory_format=torch.channels_last) if self.bf16 and t.dim() == 4 else t
+    def _tensors(self, feeds: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise KilnError(f"engine '{self.target_name}' needs inputs {self.input_names}; missing {missing}")
+        arrays = [np.asarray(feeds[n]) for n in self.input_names]
+        if self.profile is not None:
+            batches = {a.shape[0] if a.ndim else None for a in arrays}
+            batch = next(iter(batches))
+            if len(batches) != 1 or batch is None or not self.profile.contains(batch):
+                p = self.profile
+                got = ", ".join(f"{n} {list(a.shape)}" for n, a in zip(self.input_names, arrays))
+                raise KilnError(
+                    f"engine '{self.target_name}' (torch {self.mode}) was compiled for batch sizes {p.min}..{p.max} "
+                    f"(targets.{self.target_name}.profile min={p.min} opt={p.opt} max={p.max}); got {got}: "
+                    f"feed a batch inside the profile or widen the profile and rebuild"
+                )
+        tensors = []
+        for a in arrays:
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            if self.device.type != "cpu":
+                t = t.to(self.device, non_blocking=True)
+            if self.channels_last and t.dim() == 4:
+                t = t.to(memory_format=torch.channels_last)
+            tensors.append(t)
+        return tensors
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model(*(self._tensor(feeds[n]) for n in self.input_names))
-        return {k: v.float().numpy() for k, v in flatten_outputs(out, tuple(self.output_names)).items()}
+        # Inputs are made inside inference mode too, like the compile's warm-up batches: dynamo
+        # guards on a tensor's dispatch keys, and a plain tensor after inference ones recompiles.
+        with torch.inference_mode():
+            out = self.fn(*self._tensors(feeds))
+        if isinstance(out, torch.Tensor):
+            out = (out,)
+        # .cpu() waits for a CUDA stream; on CPU it is a no-op.
+        return {n: t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+                for n, t in zip(self.output_names, out)}
+
+
+class CudaTorchSession(TorchSession):
+    def time_ms(self, feeds: Mapping[str, np.ndarray]) -> float:
+        """One forward pass timed with CUDA events on the session's stream (copies to and from the host excluded)."""
+        with torch.inference_mode(), torch.cuda.device(self.device):
+            tensors = self._tensors(feeds)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.fn(*tensors)
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+
+
+class _AotiPackage:
+    """An AOTInductor package, run through torch's C++ loader directly.
+
+    torch._inductor.aoti_load_package wraps the same loader, but importing torch._inductor costs
+    ~2 s of Python imports (measured here) before the first batch, and its wrapper re-parses the
+    call spec on every call. kiln's compiled graph takes positional tensors and returns a flat
+    tuple, so the wrapper's pytree handling is not needed."""
+
+    def __init__(self, path: Path, device: torch.device):
+        index = device.index if device.index is not None else -1
+        try:
+            self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+            self.run = self.loader.boxed_run
+        except (AttributeError, TypeError, RuntimeError):  # another torch's loader: use the public API
+            loaded = torch._inductor.aoti_load_package(str(path), device_index=index)
+            self.run = lambda flat: loaded(*flat)
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.run(list(inputs)))
+
+
+def _example_batch(profile: ShapeProfile) -> int:
+    """The batch to compile and export at: opt, but never 1 when the profile allows more (torch
+    specialises size-1 dims to a constant)."""
+    return profile.opt if profile.opt > 1 or profile.max == 1 else min(2, profile.max)
+
+
+def _inputs(spec: ModelSpec, batch: int, device: torch.device) -> list[torch.Tensor]:
+    from ..inputs import make_inputs
+
+    feeds = make_inputs(spec.inputs, batch, seed=0)
+    return [torch.from_numpy(feeds[i.name]).to(device) for i in spec.inputs]
+
+
+def _counters() -> dict[str, int]:
+    """Inductor's process-wide counters, to diff around one compile."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import metrics
+
+    inductor = counters["inductor"]
+    # Per-pass rewrite counts: binary_folding (Conv+BatchNorm/Add/Mul folded into weights),
+    # mkldnn_conv_weight_pack, mkldnn_unary_fusion (Conv+ReLU), ...
+    fusions = {f"fusion:{k[: -len('_matcher_count')]}": int(v) for k, v in inductor.items()
+               if k.endswith("_matcher_count") and k != "pattern_matcher_count"}
+    if inductor.get("binary_folding"):
+        fusions["fusion:binary_folding"] = int(inductor["binary_folding"])
+    return {
+        "kernels": int(metrics.generated_kernel_count),
+        "extern_calls": int(inductor.get("extern_calls", 0)),
+        "pattern_matcher_count": int(inductor.get("pattern_matcher_count", 0)),
+        "calls_captured": int(counters["stats"].get("calls_captured", 0)),
+        "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+        **fusions,
+    }
+
+
+def _diff(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
+    # Some torch entry points reset the counters: a negative difference means "counted from zero".
+    return {k: after[k] - before.get(k, 0) if after[k] >= before.get(k, 0) else after[k] for k in after}
+
+
+def _graph(nodes_in: int | None, c: Mapping[str, int], what: str) -> dict[str, Any]:
+    graph: dict[str, Any] = {}
+    if nodes_in:
+        graph["nodes_in"] = nodes_in
+    if c["kernels"] or c["extern_calls"]:
+        graph["nodes_out"] = c["kernels"] + c["extern_calls"]
+    fusions = {k[len("fusion:"):]: v for k, v in c.items() if k.startswith("fusion:") and v}
+    if fusions:
+        graph["fusions"] = fusions
+    graph["source"] = (
+        f"nodes_in: ATen ops in {what}; nodes_out: kernels inductor generated ({c['kernels']}) plus calls into "
+        f"library kernels such as oneDNN/BLAS ({c['extern_calls']}), from torch._inductor.metrics and dynamo counters; "
+        f"fusions: inductor's pattern-matcher passes (binary_folding: Conv+BatchNorm folded into the weights)"
+    )
+    return graph
+
+
+def _aten_ops(gm: torch.fx.GraphModule) -> int:
+    """ATen operators in an exported graph, inside higher-order ops' subgraphs too."""
+    n = 0
+    for m in gm.modules():
+        if isinstance(m, torch.fx.GraphModule):
+            n += sum(1 for node in m.graph.nodes if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+                     and "assert" not in str(node.target))
+    return n
+
+
+@contextlib.contextmanager
+def _fresh_cache_artifacts():
+    """Collect only this compile's cache artifacts (save_cache_artifacts otherwise returns everything the process compiled)."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager
+
+        ctx = CacheArtifactManager.with_fresh_cache()
+    except (ImportError, AttributeError):  # private API moved: fall back to the process-wide set
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
 
 
 class TorchRuntime:
     name = "torch"
-    precisions = ("fp32", "bf16")
+    precisions = ("fp32", "bf16", "fp16")
     libraries = ("torch", "torchvision")
 
     def unavailable_reason(self, target: Target) -> str | None:
-        if target.device != "cpu":
-            return f"the torch runtime runs on device 'cpu' in this version of kiln, not '{target.device}'"
+        settings = Settings.from_target(target)  # a bad option is a config error on every machine
+        device = _device(target)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return f"no CUDA device here (torch.cuda.is_available() is False; torch {torch.__version__}, CUDA build {torch.version.cuda})"
+            index = device.index or 0
+            if index >= torch.cuda.device_count():
+                return f"device '{target.device}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            if target.precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+                return f"{torch.cuda.get_device_name(index)} has no native bf16"
+            if settings.mode in ("compile", "aoti"):
+                from torch.utils._triton import has_triton
+
+                if not has_triton():
+                    return f"torch {settings.mode} on CUDA needs Triton, which is not installed"
+            return None
+        if target.precision == "fp16":
+            return "fp16 runs on CUDA only in the torch runtime (PyTorch's CPU fp16 kernels are slow fallbacks): use bf16 or fp32 on CPU, or device cuda"
         if target.precision == "bf16":
             from ..fingerprint import collect
 
@@ -53,26 +336,205 @@ class TorchRuntime:
             if not set(cpu["features"]) & {"avx512_bf16", "amx_bf16", "bf16"}:
                 # oneDNN then emulates bf16: measured here ~7x slower than fp32 on ResNet-18.
                 return f"{cpu['model']} has no native bf16 (no AVX512-BF16/AMX/Arm BF16): PyTorch would emulate it, slower than fp32"
+        if settings.mode in ("compile", "aoti") and not _has_cxx():
+            return f"torch {settings.mode} on CPU needs a C++ compiler (inductor compiles C++): none found (CXX, g++, c++, clang++)"
         return None
+
+    # ---- build ---------------------------------------------------------------------------------
 
     def build(self, target: Target, source: Any, engine_dir: Path) -> dict[str, Any]:
         import onnx
 
+        settings = Settings.from_target(target)
+        device = _device(target)
         model = build_model(source.model)
-        torch.save(model.state_dict(), engine_dir / WEIGHTS)
         spec = {**source.model.to_params(), "checkpoint": None, "weights": None}
         # The ONNX graph's output names are the names every runtime answers with.
         outputs = [o.name for o in onnx.load(str(source.onnx_path), load_external_data=False).graph.output]
         (engine_dir / SPEC).write_text(json.dumps({"model": spec, "outputs": outputs}, indent=2) + "\n", encoding="utf-8")
-        return {"executed_precision": "bf16 autocast" if target.precision == "bf16" else "fp32", "mode": "eager"}
+        extra: dict[str, Any] = {"executed_precision": _executed(target.precision), "mode": settings.mode}
+        if settings.mode != "aoti":  # an AOTInductor package carries its own (frozen) weights
+            torch.save(model.state_dict(), engine_dir / WEIGHTS)
+        if settings.mode == "eager":
+            return extra
+        torch.set_num_threads(target.effective_threads)
+        served = _Served(model, outputs, device.type, DTYPES[target.precision]).to(device).eval()
+        p = target.profile
+        extra.update(freezing=settings.freezing, batch={"min": p.min, "max": p.max, "example": _example_batch(p)})
+        if settings.mode == "compile":
+            extra.update(self._build_compiled(served, source.model, target, settings, device, engine_dir))
+        else:
+            extra.update(self._build_aoti(served, source.model, target, settings, device, engine_dir))
+        return extra
 
-    def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> EagerSession:
+    def _build_compiled(self, served: _Served, spec: ModelSpec, target: Target, settings: Settings, device: torch.device,
+                        engine_dir: Path) -> dict[str, Any]:
+        with _fresh_cache_artifacts():
+            _, seconds, counts = _compile(served, spec, target, settings, device)
+            saved = torch.compiler.save_cache_artifacts()
+        if saved:
+            (engine_dir / COMPILE_CACHE).write_bytes(saved[0])
+            cache: dict[str, Any] = {"file": COMPILE_CACHE, "bytes": len(saved[0])}
+        else:
+            why = "torch.compiler.save_cache_artifacts() returned nothing: inductor's FX graph cache bypassed these graphs"
+            if settings.freezing and device.type == "cpu":
+                why += " (with freezing on CPU they hold oneDNN-packed weights, which cannot be pickled); loading recompiles from scratch"
+            cache = {"file": None, "why": why}
+        return {
+            "compile_mode": settings.compile_mode,
+            "compile_seconds": round(seconds, 3),
+            "compiled_graphs": counts["unique_graphs"] or None,
+            "compile_cache": cache,
+            "graph": _graph(counts["calls_captured"], counts, "the graphs dynamo captured"),
+        }
+
+    def _build_aoti(self, served: _Served, spec: ModelSpec, target: Target, settings: Settings, device: torch.device,
+                    engine_dir: Path) -> dict[str, Any]:
+        p = target.profile
+        example = _inputs(spec, _example_batch(p), device)
+        dynamic_shapes = None
+        if p.min < p.max:
+            batch = torch.export.Dim("batch", min=p.min, max=p.max)
+            dynamic_shapes = (tuple({0: batch} for _ in example),)  # forward(*inputs): one tuple for the varargs
+        start = time.perf_counter()
+        try:
+            exported = torch.export.export(served, tuple(example), dynamic_shapes=dynamic_shapes)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise KilnError(f"targets.{target.name}: torch.export could not export the model with batch {p.min}..{p.max}: {first}") from e
+        export_seconds = time.perf_counter() - start
+        before = _counters()
+        package = engine_dir / PACKAGE
+        # Inductor freezes only without autograd (compile_fx checks torch.is_grad_enabled()): with grad
+        # on, `freezing: True` is silently ignored (measured: no Conv+BN folding, no oneDNN weight packing).
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs={"freezing": settings.freezing})
+        seconds = time.perf_counter() - start
+        counts = _diff(before, _counters())
+        # What serving pays before its first answer: load the package and run one batch.
+        start = time.perf_counter()
+        loaded = _AotiPackage(package, device)
+        with torch.inference_mode():
+            loaded(*example)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        first = time.perf_counter() - start
+        return {
+            "export_seconds": round(export_seconds, 3),
+            "compile_seconds": round(seconds, 3),
+            "load_first_batch_seconds": round(first, 3),
+            "package_bytes": package.stat().st_size,
+            "graph": _graph(_aten_ops(exported.graph_module), counts, "the exported program"),
+        }
+
+    # ---- load ----------------------------------------------------------------------------------
+
+    def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> TorchSession:
+        start = time.perf_counter()
+        settings = Settings.from_target(target)
+        if settings.mode != manifest.get("mode", "eager"):
+            raise KilnError(f"engine '{manifest.get('target')}' was built in torch mode '{manifest.get('mode', 'eager')}', "
+                            f"but targets.{target.name}.options.mode is now '{settings.mode}': rebuild it")
+        device = _device(target)
         torch.set_num_threads(target.effective_threads)
         saved = json.loads((engine_dir / SPEC).read_text(encoding="utf-8"))
+        input_names = list(saved["model"]["inputs"])  # ModelSpec.to_params: name -> {shape, dtype}, in order
+        cls = CudaTorchSession if device.type == "cuda" else TorchSession
+        if settings.mode == "aoti":
+            # No model code here: the package holds the compiled graph and its weights.
+            path = engine_dir / PACKAGE
+            if not path.is_file():
+                raise KilnError(f"{engine_dir} has no {PACKAGE}: rebuild it with `dvc repro build@{target.name}`")
+            session = cls(_AotiPackage(path, device), input_names, saved["outputs"], device, target, "aoti")
+            if manifest.get("profile"):  # the batch range the package was exported with, whatever params say now
+                session.profile = ShapeProfile(**manifest["profile"])
+            session.load_seconds = time.perf_counter() - start
+            return session
         spec = ModelSpec.from_params(saved["model"])
         model = build_model(spec)
         apply_state_dict(model, torch.load(engine_dir / WEIGHTS, map_location="cpu", weights_only=True), f"engine weights {engine_dir / WEIGHTS}")
-        return EagerSession(model.eval(), spec, saved["outputs"], bf16=target.precision == "bf16")
+        model.eval()
+        dtype = DTYPES[target.precision]
+        if settings.mode == "eager":
+            # bf16 on CPU: autocast on channels-last tensors, the layout oneDNN's bf16 kernels want.
+            channels_last = device.type == "cpu" and dtype is torch.bfloat16
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            served = _Served(model, saved["outputs"], device.type, dtype).to(device).eval()
+            session = cls(served, input_names, saved["outputs"], device, target, "eager", channels_last=channels_last)
+        else:
+            served = _Served(model, saved["outputs"], device.type, dtype).to(device).eval()
+            cache = engine_dir / COMPILE_CACHE
+            if cache.is_file():
+                torch.compiler.load_cache_artifacts(cache.read_bytes())
+            compiled, seconds, _ = _compile(served, spec, target, settings, device)
+            session = cls(compiled, input_names, saved["outputs"], device, target, "compile")
+            session.compile_seconds = seconds  # type: ignore[attr-defined]
+        session.load_seconds = time.perf_counter() - start
+        return session
+
+
+class _Frozen:
+    """Calls a torch.compile'd module with inductor's global `freezing` flag set as the target says.
+
+    torch.compile(options={"freezing": True}) alone does not freeze a module's weights: dynamo reads
+    the global flag while tracing (torch._dynamo.utils.is_parameter_freezing) to treat parameters
+    as constants and guard on their identity; with only the per-compile option, the weights stay
+    graph inputs and nothing is folded into them (measured: a second module of the same class reused
+    the first one's graph). Any recompile, at load or later, happens under the same flag."""
+
+    def __init__(self, compiled: Any, freezing: bool):
+        self.compiled = compiled
+        self.freezing = freezing
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        config = torch._inductor.config
+        before = config.freezing
+        if before == self.freezing:
+            return self.compiled(*inputs)
+        config.freezing = self.freezing  # config.patch does the same, at ~40 us a call
+        try:
+            return self.compiled(*inputs)
+        finally:
+            config.freezing = before
+
+
+def _compile(served: _Served, spec: ModelSpec, target: Target, settings: Settings, device: torch.device) -> tuple[Any, float, dict[str, int]]:
+    """torch.compile `served` and run the profile's example, min and max batches, so every graph
+    the profile needs is compiled now; returns (compiled module, seconds, inductor counters)."""
+    # Dynamo keeps compiled graphs per code object and stops compiling a code object after 8 of them
+    # (recompile_limit), silently running eager from then on. Every engine is 1-3 graphs, and a process
+    # (the benchmark, the tests) may compile several engines: give each its own copy of forward's code.
+    forward = _Served.forward
+    served.__class__ = type("_Served", (_Served,), {"forward": types.FunctionType(
+        forward.__code__.replace(), forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__)})
+    options = {**torch._inductor.list_mode_options(settings.compile_mode), "freezing": settings.freezing}
+    compiled = _Frozen(torch.compile(served, options=options), settings.freezing)
+    p = target.profile
+    example = _example_batch(p)
+    batches = [example] + [b for b in sorted({p.min, p.max}) if b != example]
+    before = _counters()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for i, b in enumerate(batches):
+                tensors = _inputs(spec, b, device)
+                if i == 0 and p.min < p.max and b > 1:
+                    for t in tensors:
+                        torch._dynamo.mark_dynamic(t, 0)
+                compiled(*tensors)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except KilnError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KilnError(f"targets.{target.name}: torch.compile failed ({settings.compile_mode}, freezing={settings.freezing}): {first}") from e
+    seconds = time.perf_counter() - start
+    counts = _diff(before, _counters())
+    if not counts["unique_graphs"]:
+        raise KilnError(f"targets.{target.name}: torch.compile compiled no graph (dynamo fell back to eager; its warnings above say why)")
+    return compiled, seconds, counts
 
 
 RUNTIME = TorchRuntime()
