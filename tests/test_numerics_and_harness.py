@@ -98,8 +98,11 @@ def test_latency_stats():
 def test_batches_outside_the_profile_are_skipped_with_a_note():
     settings = BenchmarkSettings(batch_sizes=(1, 8, 64), warmup_iters=0, min_iters=1, min_time_s=0)
     stats, raw, notes = benchmark_latency(SleepySession(), (InputSpec("x", (4,)),), ShapeProfile(1, 8, 32), settings, progress=False)
-    assert list(stats) == ["b1", "b8"] and len(raw["b8"]) == 1
+    # The profile's min, opt and max are always measured, on top of the configured sizes.
+    assert list(stats) == ["b1", "b8", "b32"] and len(raw["b8"]) == 1
     assert notes == ["batch 64 skipped: outside the target's profile [1, 32]"]
+    stats, _, _ = benchmark_latency(SleepySession(), (InputSpec("x", (4,)),), ShapeProfile(2, 4, 6), settings, progress=False)
+    assert list(stats) == ["b2", "b4", "b6"]
 
 
 def test_accuracy_against_reference_chunks_and_compares():

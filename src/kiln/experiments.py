@@ -1,0 +1,99 @@
+"""`python -m kiln.experiments`: the experiments `dvc exp show` knows, as one short table.
+
+`dvc exp show` puts every param and metric in a column of its own; with a dozen targets that is
+hundreds of columns. This prints one row per experiment and target, with the params that differ
+between experiments and the headline metrics only.
+
+    python -m kiln.experiments                   # every experiment of the workspace's commit
+    python -m kiln.experiments --target openvino --all-commits
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Any, Iterator, Mapping, Sequence
+
+from .errors import KilnError
+
+METRICS_PREFIX = "reports/metrics/"
+COLUMNS = (("ms_per_image", "ms/image", ".3f"), ("images_per_s", "images/s", ".1f"),
+           ("top1_agreement", "top-1 agreement", ".4f"), ("served_images_per_s", "served images/s", ".1f"))
+
+
+def _flatten(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(data, Mapping):
+        for k, v in data.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], data
+
+
+def rows_from_show(show: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flatten `dvc exp show --json` into {name, params: {dotted: value}, metrics: {target: {...}}} per revision."""
+    rows = []
+
+    def add(rev: Mapping[str, Any], fallback: str) -> None:
+        data = rev.get("data") or {}
+        if not data:
+            return
+        params = dict(_flatten(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}))
+        metrics = {
+            path[len(METRICS_PREFIX):].removesuffix(".json"): m.get("data") or {}
+            for path, m in (data.get("metrics") or {}).items()
+            if path.startswith(METRICS_PREFIX)
+        }
+        rows.append({"name": rev.get("name") or data.get("rev", fallback)[:7], "params": params, "metrics": metrics})
+
+    for commit in show:
+        add(commit, commit.get("rev", "?"))
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                add(rev, "?")
+    return rows
+
+
+def changed_params(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys = sorted({k for r in rows for k in r["params"]})
+    return [k for k in keys if len({json.dumps(r["params"].get(k), sort_keys=True) for r in rows}) > 1]
+
+
+def table(rows: Sequence[Mapping[str, Any]], targets: Sequence[str] = ()) -> str:
+    varying = changed_params(rows)
+    header = ["experiment", "params that differ", "target", *(label for _, label, _ in COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(COLUMNS)]
+    for row in rows:
+        params = ", ".join(f"{k}={row['params'].get(k)}" for k in varying) or "-"
+        for target, m in sorted(row["metrics"].items()):
+            if (targets and target not in targets) or not m:
+                continue
+            cells = [format(m[k], spec) if isinstance(m.get(k), (int, float)) else "" for k, _, spec in COLUMNS]
+            lines.append("| " + " | ".join([row["name"], params, target, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kiln.experiments", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", action="append", default=[], help="only this target (repeatable)")
+    parser.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
+    args = parser.parse_args(argv)
+    cmd = ["dvc", "exp", "show", "--json", *(["--all-commits"] if args.all_commits else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KilnError(f"`{' '.join(cmd)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    rows = rows_from_show(json.loads(proc.stdout))
+    if not rows:
+        print("no experiments yet: `dvc exp run` (or `dvc repro`) first")
+        return 0
+    print(table(rows, args.target), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KilnError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        sys.exit(1)
