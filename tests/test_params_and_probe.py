@@ -20,6 +20,14 @@ def test_params_yaml_is_the_composition_of_conf():
     assert committed == composed, "params.yaml drifted from conf/: run `python -m kiln.params`"
 
 
+def test_committed_params_yaml_passes_the_stale_check(monkeypatch):
+    from kiln.params import check_fresh
+
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    monkeypatch.delenv("KILN_ALLOW_STALE_PARAMS", raising=False)
+    check_fresh(ROOT / "params.yaml", ROOT / "conf")  # else a fresh clone's first `dvc repro` stops at once
+
+
 def test_every_default_target_parses():
     params = compose(config_dir=ROOT / "conf")
     assert set(params["targets"]) >= {"torch-eager", "onnxruntime", "openvino"}

@@ -45,7 +45,8 @@ def rows_from_show(show: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for path, m in (data.get("metrics") or {}).items()
             if path.startswith(METRICS_PREFIX)
         }
-        rows.append({"name": rev.get("name") or data.get("rev", fallback)[:7], "params": params, "metrics": metrics})
+        label = str(rev.get("name") or rev.get("rev") or data.get("rev") or fallback)
+        rows.append({"name": label[:7] if len(label) == 40 else label, "params": params, "metrics": metrics})
 
     for commit in show:
         add(commit, commit.get("rev", "?"))

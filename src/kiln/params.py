@@ -11,6 +11,7 @@ conf/ (check_fresh), so after editing conf/ run:
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import sys
@@ -57,9 +58,14 @@ def check_fresh(params_file: str | Path = PARAMS_FILE, config_dir: str | Path = 
     fix = (f"run `python -m kiln.params [overrides]` to re-compose it (hand edits of params.yaml are lost that way: "
            f"put them in conf/), or set {ALLOW_STALE}=1 to use it as it is")
     if first.startswith(STAMP):
-        recorded = first[len(STAMP):].split()[0].removeprefix("sha256:")
-        if recorded != conf_digest(conf):
-            raise KilnError(f"{params} is stale: conf/ changed since it was composed ({first[len(STAMP):].strip()}); {fix}")
+        stamp = first[len(STAMP):].strip()
+        if stamp.split()[0].removeprefix("sha256:") == conf_digest(conf):
+            return
+        # conf/ changed; what matters is whether the composition did (a new, unused target set does not count).
+        overrides = ast.literal_eval(stamp.partition("overrides: ")[2] or "[]")
+        current = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
+        if yaml.safe_load(compose_yaml(overrides, conf)) != current:
+            raise KilnError(f"{params} is stale: conf/ changed since it was composed ({stamp}); {fix}")
         return
     composed_at = params.stat().st_mtime
     newer = sorted(str(p) for p in conf.rglob("*.yaml") if p.stat().st_mtime > composed_at + 1)
