@@ -106,15 +106,15 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     assert "Accuracy against eager fp32, on 64 images from data/eval" in report
     assert len(list((project / "data" / "calibration").glob("*.jpg"))) == 300
 
-    # Nothing changed: only the probe runs, quickly. (DVC's own per-stage work grows with the
-    # number of stages: ~1.4 s for the three-target skeleton, ~2 s for this eight-target set.)
+    # Nothing changed: only the probe runs, quickly. (DVC's own per-stage work, about 30 ms a stage
+    # for its locks and hash checks, grows with the number of stages: 44 for this twelve-target set.)
     timings = []
     for _ in range(3):
         start = time.perf_counter()
         noop = run(["dvc", "repro"], project)
         timings.append(time.perf_counter() - start)
         assert stages_run(noop.stdout) == {"probe"}, noop.stdout
-    assert min(timings) < 2.5, f"no-op dvc repro took {timings}"
+    assert min(timings) < 3.0, f"no-op dvc repro took {timings}"  # ~2.0-2.9 s measured for these 44 stages
 
     # One target changed: only its stages and the report.
     run(["python", "-m", "kiln.params", "targets.openvino.threads=1"], project)

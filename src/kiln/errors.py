@@ -1,5 +1,9 @@
 """The one exception type a user is meant to read."""
 
+from __future__ import annotations
+
+from typing import Callable
+
 
 class KilnError(Exception):
     """Something the user can fix: bad config, bad input, an engine from another machine.
@@ -15,3 +19,14 @@ class ValidationFailed(KilnError):
 
 class EngineMismatch(KilnError):
     """An engine was built for other hardware or other library versions."""
+
+
+def run_cli(main: Callable[[list[str]], int]) -> None:
+    """Run a `python -m kiln.<module>` entry point: a KilnError is one line on stderr and exit status 1."""
+    import sys
+
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KilnError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from typing import Any, Iterator, Mapping, Sequence
 
-from .errors import KilnError
+from .errors import KilnError, run_cli
 
 METRICS_PREFIX = "reports/metrics/"
 COLUMNS = (("ms_per_image", "ms/image", ".3f"), ("images_per_s", "images/s", ".1f"),
@@ -80,10 +80,10 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--target", action="append", default=[], help="only this target (repeatable)")
     parser.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
     args = parser.parse_args(argv)
-    cmd = ["dvc", "exp", "show", "--json", *(["--all-commits"] if args.all_commits else [])]
+    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json", *(["--all-commits"] if args.all_commits else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise KilnError(f"`{' '.join(cmd)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        raise KilnError(f"`dvc {' '.join(cmd[3:])}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
     rows = rows_from_show(json.loads(proc.stdout))
     if not rows:
         print("no experiments yet: `dvc exp run` (or `dvc repro`) first")
@@ -93,8 +93,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KilnError as e:
-        print(f"kiln: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -22,7 +22,7 @@ import yaml
 
 from .atomic import write_text
 from .config import PARAMS_FILE
-from .errors import KilnError
+from .errors import KilnError, run_cli
 
 CONFIG_DIR = "conf"
 CONFIG_NAME = "config"
@@ -93,6 +93,8 @@ def _hint(overrides: Sequence[str], config_dir: str | Path) -> str:
     """Did-you-mean for an override whose key does not exist (a typo in a sweep)."""
     from .config import close_matches
 
+    if not overrides:
+        return ""
     try:
         known: Any = yaml.safe_load(compose_yaml((), config_dir))
     except KilnError:
@@ -163,8 +165,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KilnError as e:
-        print(f"kiln: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

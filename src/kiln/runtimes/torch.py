@@ -5,7 +5,9 @@
   needs the model's Python code anyway) and loads the weights.
 - `compile`: `torch.compile` with inductor. Same engine files as eager plus torch's portable
   compile caches (`torch.compiler.save_cache_artifacts()`): the build compiles once and times it,
-  loading rebuilds the module, hot-loads the caches and compiles again, warm.
+  loading rebuilds the module, hot-loads the caches and compiles again, warm. (With freezing on the
+  CPU Inductor caches nothing: oneDNN-packed weights cannot be pickled. The load then compiles cold;
+  the manifest's `compile_cache.why` says so.)
 - `aoti`: `torch.export` + AOTInductor. The engine folder holds a `.pt2` package (compiled code
   and frozen weights); loading it needs neither the model's code nor a compiler.
 
