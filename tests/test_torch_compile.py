@@ -51,20 +51,20 @@ def reference(spec: ModelSpec, batch: int) -> tuple[dict, dict]:
     return feeds, eager_outputs(build_model(spec), spec, feeds, ["output"])
 
 
+def built(tiny, tmp_path_factory, name: str, options: dict) -> tuple:
+    path, spec = tiny
+    engine = tmp_path_factory.mktemp("engines") / name
+    return engine, build_engine(target(name, options), BuildSource(path, spec), engine)
+
+
 @pytest.fixture(scope="module")
 def compiled(tiny, tmp_path_factory):
-    path, spec = tiny
-    engine = tmp_path_factory.mktemp("engines") / "torch-compile"
-    manifest = build_engine(target("torch-compile", COMPILE), BuildSource(path, spec), engine)
-    return engine, manifest
+    return built(tiny, tmp_path_factory, "torch-compile", COMPILE)
 
 
 @pytest.fixture(scope="module")
 def aoti(tiny, tmp_path_factory):
-    path, spec = tiny
-    engine = tmp_path_factory.mktemp("engines") / "torch-aoti"
-    manifest = build_engine(target("torch-aoti", AOTI), BuildSource(path, spec), engine)
-    return engine, manifest
+    return built(tiny, tmp_path_factory, "torch-aoti", AOTI)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,9 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> dict[str, Any]:
 
 def load_stage_params(stage: str, target: str) -> dict[str, Any]:
     """The slice of params a per-target stage reads, written by the configure stage."""
-    path = Path("artifacts") / "targets" / target / f"{stage}.json"
+    from .paths import TARGET_PARAMS
+
+    path = TARGET_PARAMS / target / f"{stage}.json"
     if not path.is_file():
         raise KilnError(f"{path} not found: no target '{target}' in params.yaml, or the configure stage has not run (`dvc repro configure`)")
     import json

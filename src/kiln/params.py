@@ -64,7 +64,7 @@ def check_fresh(params_file: str | Path = PARAMS_FILE, config_dir: str | Path = 
         # conf/ changed; what matters is whether the composition did (a new, unused target set does not count).
         overrides = ast.literal_eval(stamp.partition("overrides: ")[2] or "[]")
         current = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
-        if yaml.safe_load(compose_yaml(overrides, conf)) != current:
+        if compose(overrides, conf) != current:
             raise KilnError(f"{params} is stale: conf/ changed since it was composed ({stamp}); {fix}")
         return
     composed_at = params.stat().st_mtime

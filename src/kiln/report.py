@@ -6,19 +6,11 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from .report_sections import compared_section, compiler_section, served_section
+from .report_sections import compared_section, compiler_section, fmt, served_section
 
 METRICS_DIR = Path("reports/metrics")
 RUNS_DIR = Path("reports/runs")
 SUMMARY_COLUMNS = ("target", "runtime", "precision", "batch", "ms_per_image", "images_per_s", "speedup", "top1_agreement")
-
-
-def fmt(value: Any, spec: str = ".3f") -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return format(value, spec)
-    return str(value)
 
 
 def load_results(target_names: list[str], metrics_dir: Path = METRICS_DIR, runs_dir: Path = RUNS_DIR) -> dict[str, dict[str, Any]]:

@@ -18,7 +18,7 @@ COMPARED = (
 )
 
 
-def _fmt(value: Any, spec: str = ".3f") -> str:
+def fmt(value: Any, spec: str = ".3f") -> str:
     if value is None:
         return "n/a"
     return format(value, spec) if isinstance(value, float) else str(value)
@@ -48,8 +48,8 @@ def served_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         if warning:
             warnings.append(f"- **`{name}`**: {warning}.")
         lines.append(
-            f"| {name} | {dist} | {s['requests']} | {_fmt(s['p50_ms'])} | {_fmt(s['p90_ms'])} | {_fmt(s['p99_ms'])} "
-            f"| {_fmt(s['ms_per_image'])} | {_fmt(s['images_per_s'], '.1f')} | {_fmt(main.get('ms_per_image'))} "
+            f"| {name} | {dist} | {s['requests']} | {fmt(s['p50_ms'])} | {fmt(s['p90_ms'])} | {fmt(s['p99_ms'])} "
+            f"| {fmt(s['ms_per_image'])} | {fmt(s['images_per_s'], '.1f')} | {fmt(main.get('ms_per_image'))} "
             f"| {'FLAGGED' if warning else 'ok'} |"
         )
     if warnings:
@@ -74,8 +74,8 @@ def compiler_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         if not comp:
             continue
         rows.append(
-            f"| {name} | {_fmt(comp.get('build_seconds'), '.1f')} | {_fmt(comp.get('compile_seconds'), '.1f')} "
-            f"| {_fmt(graph.get('nodes_in'))} | {_fmt(graph.get('nodes_out'))} | {_top(graph.get('fusions')) or '-'} "
+            f"| {name} | {fmt(comp.get('build_seconds'), '.1f')} | {fmt(comp.get('compile_seconds'), '.1f')} "
+            f"| {fmt(graph.get('nodes_in'))} | {fmt(graph.get('nodes_out'))} | {_top(graph.get('fusions')) or '-'} "
             f"| {_top(graph.get('layer_precisions')) or '-'} | {graph.get('source') or ''} |"
         )
     if not rows:
@@ -129,7 +129,7 @@ def compared_section(current: Mapping[str, Mapping[str, Any]], previous: Mapping
                 continue
             change = (new - old) / old * 100 if old else float("inf")
             better = (new > old) == higher_better
-            rows.append(f"| {name} | {label_} | {_fmt(float(old), '.4g')} | {_fmt(float(new), '.4g')} | {change:+.1f}% ({'better' if better else 'worse'}) |")
+            rows.append(f"| {name} | {label_} | {fmt(float(old), '.4g')} | {fmt(float(new), '.4g')} | {change:+.1f}% ({'better' if better else 'worse'}) |")
     if not rows:
         return lines + ["No headline metric changed."]
     lines += ["| target | metric | before | now | change |", "|---|---|---:|---:|---|", *rows]

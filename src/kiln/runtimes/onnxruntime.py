@@ -61,16 +61,18 @@ class _Reader:
         return batch
 
 
-def executed_precision(optimized: Path) -> str:
-    """int8 when the optimised graph runs its convolutions/matmuls as quantized kernels."""
-    import onnx
+def layer_precisions(nodes: Any) -> dict[str, int]:
+    """Compute layers per precision in an (optimised) graph: quantized kernels are int8, the rest fp32."""
+    int8 = sum(n.op_type in INT8_OPS or n.op_type.startswith("QLinear") for n in nodes)
+    fp = sum(n.op_type in COMPUTE_OPS or n.op_type.startswith("Fused") for n in nodes)
+    return {k: v for k, v in (("int8", int8), ("fp32", fp)) if v}
 
-    ops = [n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node]
-    int8 = sum(op in INT8_OPS or op.startswith("QLinear") for op in ops)
-    fp = sum(op in COMPUTE_OPS or op.startswith("Fused") for op in ops)
-    if not int8:
+
+def executed_precision(precisions: Mapping[str, int]) -> str:
+    """int8 when the optimised graph runs its convolutions/matmuls as quantized kernels."""
+    if "int8" not in precisions:
         return "fp32"
-    return "int8" if not fp else f"int8 ({int8} ops), fp32 ({fp} ops)"
+    return "int8" if "fp32" not in precisions else f"int8 ({precisions['int8']} ops), fp32 ({precisions['fp32']} ops)"
 
 
 def graph_info(given: Path, optimized: Path) -> dict[str, Any]:
@@ -95,10 +97,8 @@ def graph_info(given: Path, optimized: Path) -> dict[str, Any]:
     for op in ("BatchNormalization", "Identity"):
         if removed.get(op):
             fusions[f"{op} folded away"] += removed[op]
-    int8 = sum(n.op_type in INT8_OPS or n.op_type.startswith("QLinear") for n in out_nodes)
-    fp = sum(n.op_type in COMPUTE_OPS or n.op_type.startswith("Fused") for n in out_nodes)
     return {"nodes_in": len(given_nodes), "nodes_out": len(out_nodes), "fusions": dict(fusions),
-            "layer_precisions": {k: v for k, v in (("int8", int8), ("fp32", fp)) if v},
+            "layer_precisions": layer_precisions(out_nodes),
             "source": "ONNX graph vs ONNX Runtime's optimised graph (compute layers for precisions)"}
 
 
@@ -194,11 +194,12 @@ class OnnxRuntimeRuntime:
         # Creating the session runs the optimisers and writes the optimised graph.
         model = source.onnx_path if target.precision == "fp32" else source.calibration_dir / QDQ
         ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        graph = graph_info(model, engine_dir / OPTIMIZED)
         return {
-            "executed_precision": executed_precision(engine_dir / OPTIMIZED),
+            "executed_precision": executed_precision(graph["layer_precisions"]),
             "graph_optimization_level": level_name,
             "provider": "CPUExecutionProvider",
-            "graph": graph_info(model, engine_dir / OPTIMIZED),
+            "graph": graph,
         }
 
     def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> OrtSession:
