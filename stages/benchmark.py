@@ -11,6 +11,7 @@ from kiln.benchmark import (
     benchmark_latency,
     benchmark_served,
     budget_violations,
+    headline_metrics,
     profile_mismatch,
 )
 from kiln.config import Target, load_stage_params, served_spec
@@ -18,11 +19,6 @@ from kiln.engine import load_engine, read_manifest
 from kiln.errors import KilnError
 from kiln.stage import run_stage
 from kiln.validate import load_reference
-
-# The metrics file holds the few figures `dvc exp show` and `dvc metrics diff` should show per target;
-# every batch size, percentile and error statistic is in reports/runs/<target>.json.
-HEADLINE_ACCURACY = ("top1_agreement", "top1")
-
 
 def main() -> None:
     name = sys.argv[1]
@@ -62,16 +58,7 @@ def main() -> None:
         logging.getLogger("kiln.benchmark").info(
             "served %s: p50 %.3f ms, p99 %.3f ms per request, %.1f images/s over %d requests",
             target.serve, served["p50_ms"], served["p99_ms"], served["images_per_s"], served["requests"])
-    main_stats = stats[f"b{target.main_batch}"]
-    # Rounded so `dvc metrics diff` shows differences that mean something, not float noise.
-    metrics = {
-        "batch": target.main_batch,
-        "ms_per_image": round(main_stats["ms_per_image"], 3),
-        "images_per_s": round(main_stats["images_per_s"], 1),
-        **{k: round(accuracy[k], 4) for k in HEADLINE_ACCURACY if isinstance(accuracy.get(k), float)},
-    }
-    if served:
-        metrics.update(served_images_per_s=round(served["images_per_s"], 1), served_p99_ms=round(served["p99_ms"], 3))
+    metrics = headline_metrics(target.main_batch, stats[f"b{target.main_batch}"], accuracy, served)
     run = {
         "target": name,
         "runtime": target.runtime,

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from kiln.benchmark import BenchmarkSettings, benchmark_served, profile_mismatch, time_infer
+from kiln.benchmark import BenchmarkSettings, benchmark_served, headline_metrics, profile_mismatch, significant, time_infer
 from kiln.config import ShapeProfile, Target, served_distribution
 from kiln.errors import KilnError
 from kiln.params import check_fresh, stamped_yaml
@@ -100,6 +100,18 @@ def test_device_timer_is_used_when_the_session_has_one(ort_session):
     feeds = {"input": np.zeros((2, 3, 16, 16), np.float32)}
     times = time_infer(DeviceTimed(), feeds, BenchmarkSettings(warmup_iters=1, min_iters=5, min_time_s=0.0))
     assert len(times) == 5 == DeviceTimed.calls and min(times) > 1000.0
+
+
+def test_headline_metrics_keep_four_significant_figures():
+    # A tiny model's 0.0123 and 0.0118 ms/image must stay apart in `dvc metrics diff` (3 decimals made them equal).
+    assert significant(0.012345) == 0.01235 and significant(0.011812) == 0.01181
+    assert significant(35.91234) == 35.91 and significant(81234.5) == 81230.0 and significant(0.0) == 0.0
+    stats = {"ms_per_image": 0.0123456, "images_per_s": 81000.123, "p50_ms": 0.1}
+    accuracy = {"top1_agreement": 0.921875, "top1": None, "cosine": 0.99}
+    metrics = headline_metrics(8, stats, accuracy, {"images_per_s": 40123.77, "p99_ms": 0.456789})
+    assert metrics == {"batch": 8, "ms_per_image": 0.01235, "images_per_s": 81000.0, "top1_agreement": 0.9219,
+                       "served_images_per_s": 40120.0, "served_p99_ms": 0.4568}
+    assert "served_p99_ms" not in headline_metrics(8, stats, accuracy, None)
 
 
 def run_record(name, ms, top1=1.0, served=None, runtime="onnxruntime", compiler=None):

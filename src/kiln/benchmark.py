@@ -218,3 +218,31 @@ def budget_violations(accuracy: Mapping[str, Any], budget: Mapping[str, Any]) ->
         if (kind is min and value < limit) or (kind is max and value > limit):
             out.append(f"{metric} {value:.4g} {'<' if kind is min else '>'} {key} {limit:g}")
     return out
+
+
+# The metrics file holds the few figures `dvc exp show` and `dvc metrics diff` should show per target;
+# every batch size, percentile and error statistic is in reports/runs/<target>.json.
+HEADLINE_ACCURACY = ("top1_agreement", "top1")
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """`value` to `digits` significant figures: a fixed number of decimals would flatten a small model's
+    0.0123 and 0.0118 ms/image into one value, and print a big one's float noise."""
+    if value == 0 or not np.isfinite(value):
+        return float(value)
+    return round(float(value), digits - 1 - int(np.floor(np.log10(abs(value)))))
+
+
+def headline_metrics(batch: int, main_stats: Mapping[str, float], accuracy: Mapping[str, Any],
+                     served: Mapping[str, float] | None) -> dict[str, Any]:
+    """The metrics file of one target: latency and throughput at the main batch, accuracy, served traffic,
+    rounded so that `dvc metrics diff` shows differences that mean something."""
+    metrics: dict[str, Any] = {
+        "batch": batch,
+        "ms_per_image": significant(main_stats["ms_per_image"]),
+        "images_per_s": significant(main_stats["images_per_s"]),
+        **{k: round(accuracy[k], 4) for k in HEADLINE_ACCURACY if isinstance(accuracy.get(k), float)},
+    }
+    if served:
+        metrics.update(served_images_per_s=significant(served["images_per_s"]), served_p99_ms=significant(served["p99_ms"]))
+    return metrics
