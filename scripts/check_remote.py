@@ -2,6 +2,7 @@
 
     python scripts/check_remote.py            # the default remote (core.remote)
     python scripts/check_remote.py storage    # a named remote
+    python scripts/check_remote.py --create-local   # an empty local folder is fine: created if missing
 
 CI runs this before `dvc pull` / `dvc push`: DVC's own answer to an S3 endpoint that does not
 answer comes after minutes of retries, and to a missing local remote folder it says only that
@@ -24,7 +25,10 @@ class Unreachable(Exception):
     pass
 
 
-def check_local(path: str) -> str:
+def check_local(path: str, create: bool = False) -> str:
+    if create and not os.path.exists(path):
+        os.makedirs(path)
+        return f"folder {path} (created: empty until the first `dvc push`)"
     if not os.path.isdir(path):
         raise Unreachable(
             f"folder {path} does not exist (`dvc push` creates it; to pull, point the remote at the folder "
@@ -81,6 +85,8 @@ def check_s3(conf: Mapping[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("remote", nargs="?", help="remote name (default: the repository's default remote)")
+    parser.add_argument("--create-local", action="store_true",
+                        help="create a local-folder remote that does not exist yet (a CI runner's first run)")
     args = parser.parse_args(argv)
 
     from dvc.repo import Repo
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         scheme = urlparse(conf["url"]).scheme
         try:
             if scheme in ("", "file") or os.path.isabs(conf["url"]):
-                where = check_local(repo.cloud.get_remote(name).path)
+                where = check_local(repo.cloud.get_remote(name).path, create=args.create_local)
             elif scheme == "s3":
                 where = check_s3(conf)
             else:

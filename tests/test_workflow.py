@@ -44,15 +44,13 @@ def test_actionlint_passes(tmp_path):
 
 
 def steps_text(job: dict) -> str:
-    return "\n".join(str(step.get("run", "")) + str(step.get("uses", "")) for step in job["steps"])
+    return "\n".join(str(step.get("run", "")) + str(step.get("uses", "")) + str(step.get("with", "")) for step in job["steps"])
 
 
-def test_cpu_job_runs_the_tests_then_the_default_pipeline():
-    jobs = yaml.safe_load(WORKFLOW.read_text())["jobs"]
-    cpu = steps_text(jobs["cpu"])
-    order = [cpu.index(s) for s in ("./setup.sh", "-m pytest", "dvc repro")]
-    assert order == sorted(order), cpu
-    assert "targets=" not in cpu  # the default target set, as the README runs it
+def test_tests_job_installs_with_setup_sh_and_runs_the_suite():
+    tests = steps_text(yaml.safe_load(WORKFLOW.read_text())["jobs"]["tests"])
+    order = [tests.index(s) for s in ("./setup.sh", "-m pytest")]
+    assert order == sorted(order), tests
 
 
 def test_gpu_job_pulls_runs_the_gpu_set_pushes_and_comments():
@@ -62,10 +60,19 @@ def test_gpu_job_pulls_runs_the_gpu_set_pushes_and_comments():
     assert gpu["permissions"]["pull-requests"] == "write"
     assert "head.repo.full_name == github.repository" in gpu["if"]  # never fork code on a self-hosted runner
     text = steps_text(gpu)
-    order = [text.index(s) for s in ("scripts/check_remote.py", "kiln.params targets=gpu", "dvc repro --pull", "dvc push", "dvc metrics diff", "actions/github-script")]
+    order = [text.index(s) for s in ("kiln-shared", "scripts/ci_remote.sh", "kiln.params targets=gpu", "dvc repro --pull", "dvc push",
+                                     "dvc metrics diff", "actions/github-script", "kiln-class-gpu")]
     assert order == sorted(order), text
-    assert "origin/$BASE_REF" in text and gpu["env"]["BASE_REF"] == "${{ github.base_ref }}"
+    diff = next(step for step in gpu["steps"] if "dvc metrics diff" in step.get("run", ""))
+    assert "origin/$BASE_REF" in diff["run"] and diff["env"]["BASE_REF"] == "${{ github.base_ref }}"
     assert gpu["steps"][0]["with"]["fetch-depth"] == 0  # the base branch must be there to diff against
+
+
+def test_only_the_jobs_that_use_the_remote_see_its_secrets():
+    jobs = yaml.safe_load(WORKFLOW.read_text())["jobs"]
+    with_secrets = {name for name, job in jobs.items() if "secrets." in str(job.get("env"))}
+    assert with_secrets == {"shared", "cpu", "gpu"}
+    assert all("scripts/ci_remote.sh" in steps_text(jobs[name]) for name in with_secrets)
 
 
 def test_secrets_used_are_the_ones_documented():
