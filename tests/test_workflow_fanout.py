@@ -73,6 +73,8 @@ class Emulator:
             files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
             for f in files:
                 rel = f.relative_to(checkout).as_posix()
+                if any(part.startswith(".") for part in rel.split("/")):
+                    continue  # upload-artifact leaves hidden files out (include-hidden-files: false)
                 if not any(fnmatch.fnmatch(rel, x) or rel.startswith(x.rstrip("/") + "/") for x in excluded):
                     (into / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(f, into / rel)

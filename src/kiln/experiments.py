@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from .errors import KilnError, run_cli
 
 METRICS_PREFIX = "reports/metrics/"
-COLUMNS = (("ms_per_image", "ms/image", ".3f"), ("images_per_s", "images/s", ".1f"),
+COLUMNS = (("ms_per_image", "ms/image", ".4g"), ("images_per_s", "images/s", ".1f"),
            ("top1_agreement", "top-1 agreement", ".4f"), ("served_images_per_s", "served images/s", ".1f"))
 
 
