@@ -20,6 +20,7 @@ from kiln.errors import KilnError
 from kiln.stage import run_stage
 from kiln.validate import load_reference
 
+
 def main() -> None:
     name = sys.argv[1]
     params = load_stage_params("benchmark", name)
