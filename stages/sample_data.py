@@ -1,9 +1,10 @@
-"""sample-data: kiln's offline sample photographs, written only into an empty folder.
+"""sample-data: kiln's offline sample photographs, written only into a missing or empty folder.
 
 data/calibration gets random crops of photographs that scikit-image and scikit-learn
 ship; data/eval gets crops of *other* photographs, so accuracy is never judged on
-calibration images. A folder that already holds images (yours) is left as it is: its
-outputs are `persist`, so replacing the images simply re-runs calibration.
+calibration images. A folder that holds any file is the user's and is never touched:
+with images in it, they are used (its outputs are `persist`, so replacing them simply
+re-runs calibration); with no image kiln can read, the stage fails and names the files.
 
 Reproduce by hand: `python stages/sample_data.py` in an empty checkout.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from kiln import paths
 from kiln.atomic import atomic_path, write_json
-from kiln.images import IMAGE_SUFFIXES, make_sample_images
+from kiln.images import check_user_folder, folder_contents, make_sample_images
 from kiln.stage import run_stage
 
 CALIBRATION = {"dir": Path("data/calibration"), "count": 300, "seed": 1,
@@ -34,10 +35,6 @@ def photograph(name: str):
     return getattr(skimage.data, name)()
 
 
-def has_images(folder: Path) -> bool:
-    return folder.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*"))
-
-
 def digest(folder: Path) -> dict:
     """What the calibrate stages depend on instead of the folders themselves: one small file is much
     cheaper for DVC to check on every `dvc repro` than hundreds of images once per target."""
@@ -51,8 +48,9 @@ def digest(folder: Path) -> dict:
 def main() -> None:
     log = logging.getLogger("kiln.sample_data")
     for spec in (CALIBRATION, EVAL):
-        if has_images(spec["dir"]):
-            log.info("%s already holds images: left as it is", spec["dir"])
+        if any(folder_contents(spec["dir"])):
+            images = check_user_folder(spec["dir"], "image folder")
+            log.info("%s holds %d images: left as it is", spec["dir"], len(images))
             continue
         photos = [photograph(p) for p in spec["photos"]]
         with atomic_path(spec["dir"], is_dir=True) as tmp:

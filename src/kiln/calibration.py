@@ -67,6 +67,7 @@ class CalibrationSet:
         preprocess = preprocess_for(spec, data)
         check_image_input(spec, preprocess)
         images = ImageSet.scan(data.get("calibration_dir", "data/calibration"), "calibration folder")
+        images.warn_small(preprocess, "calibration folder")
         eval_dir = data.get("eval_dir")
         eval_images = ImageSet.scan(eval_dir, "eval folder") if eval_dir and Path(eval_dir).is_dir() else None
         return cls(images.subset(settings.subset_size), preprocess, spec.inputs[0].name, settings.batch, eval_images)

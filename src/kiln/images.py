@@ -14,7 +14,11 @@ import numpy as np
 
 from .errors import KilnError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# Formats Pillow decodes without extra libraries; animated GIF/WebP/TIFF give their first frame.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff",
+                            ".ppm", ".pgm", ".pbm", ".pnm"})
+# An image whose short side is below this share of the crop is upscaled so much that it is mostly blur.
+SMALL_IMAGE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class Preprocess:
 
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB" if self.channels == 3 else "L")
+                im = to_8bit(im, path).convert("RGB" if self.channels == 3 else "L")
                 w, h = im.size
                 scale = self.resize / min(w, h)
                 im = im.resize((max(self.resize, round(w * scale)), max(self.resize, round(h * scale))), Image.BILINEAR)
@@ -91,10 +95,30 @@ class Preprocess:
         return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+def to_8bit(im: Any, path: Path) -> Any:
+    """16-bit greyscale images scaled to 8 bits. Pillow's own convert() clips them at 255, which turns
+    most of a 16-bit photograph white; float images have no agreed range and are refused."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.int64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise KilnError(f"image {path} is a 32-bit integer image with values outside 0..65535: convert it to an 8-bit jpg/png")
+        return Image.fromarray((arr * 255 // 65535).astype(np.uint8), mode="L")
+    if im.mode == "F":
+        raise KilnError(f"image {path} holds floating-point pixels, whose range kiln cannot know: convert it to an 8-bit jpg/png")
+    return im
+
+
 def preprocess_for(spec: Any, data: Mapping[str, Any]) -> Preprocess:
     """data.preprocess as the served model takes it: all of it, or with the folded part left to the graph."""
     preprocess = Preprocess.from_params(data.get("preprocess"))
     return preprocess.folded() if spec.fold else preprocess
+
+
+def is_image_file(path: Path) -> bool:
+    # Hidden files (.DS_Store, AppleDouble "._x.jpg" twins) are never images, whatever their suffix.
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
 @dataclass(frozen=True)
@@ -111,7 +135,7 @@ class ImageSet:
         root = Path(root)
         if not root.is_dir():
             raise KilnError(f"{what} '{root}' does not exist; put jpg/png images in it (any depth)")
-        paths = tuple(sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        paths = tuple(sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p)))
         if not paths:
             raise KilnError(f"{what} '{root}' holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))} at any depth)")
         # ImageFolder layout: every image exactly one directory below the root.
@@ -124,6 +148,33 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def small_images(self, preprocess: Preprocess) -> list[tuple[Path, tuple[int, int]]]:
+        """Images whose short side is far below the crop (read from the headers only: cheap)."""
+        from PIL import Image, UnidentifiedImageError
+
+        small = []
+        for path in self.paths:
+            try:
+                with Image.open(path) as im:
+                    size = im.size
+            except (UnidentifiedImageError, OSError):
+                continue  # decode() names the broken file when it is read
+            if min(size) < preprocess.crop * SMALL_IMAGE_SHARE:
+                small.append((path, size))
+        return small
+
+    def warn_small(self, preprocess: Preprocess, what: str) -> None:
+        """One warning for the images that preprocessing will blow up many times over."""
+        import logging
+
+        small = self.small_images(preprocess)
+        if small:
+            examples = ", ".join(f"{p.relative_to(self.root)} ({w}x{h})" for p, (w, h) in small[:3])
+            logging.getLogger("kiln.images").warning(
+                "%d of %d images in %s '%s' are far smaller than the %d-pixel crop (%s%s): they are upscaled, "
+                "so they carry little of what serving sees; use images at least %d pixels on the short side",
+                len(small), len(self), what, self.root, preprocess.crop, examples, ", ..." if len(small) > 3 else "", preprocess.crop)
 
     def target_indices(self) -> np.ndarray | None:
         """The model's class index for each image: folders named by index ("0".."999") map to that index,
@@ -145,6 +196,37 @@ class ImageSet:
 
     def load(self, preprocess: Preprocess) -> np.ndarray:
         return np.stack([preprocess(p) for p in self.paths])
+
+
+def folder_contents(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """(images kiln reads, every other file) under `folder`, at any depth; both empty when it does not exist."""
+    root = Path(folder)
+    if not root.is_dir():
+        return [], []
+    files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    images = [p for p in files if is_image_file(p)]
+    return images, [p for p in files if not is_image_file(p)]
+
+
+def check_user_folder(folder: str | Path, what: str) -> list[Path]:
+    """The images of a folder that holds files (the user's): an error naming the files when none is an image.
+    Kiln never deletes or replaces a file it did not write, so such a folder is never filled with samples."""
+    root = Path(folder)
+    images, others = folder_contents(root)
+    if not images:
+        names = ", ".join(str(p.relative_to(root)) for p in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise KilnError(
+            f"{what} '{root}' holds {len(others)} file(s) but no image kiln reads ({names}); kiln reads "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))} (any depth, hidden files skipped). Add images in one of those formats, or "
+            f"move the folder away to get kiln's sample photographs there; kiln does not touch a folder that holds files"
+        )
+    if others:
+        import logging
+
+        logging.getLogger("kiln.images").warning(
+            "%s '%s': %d file(s) are not images kiln reads and are left alone: %s%s",
+            what, root, len(others), ", ".join(str(p.relative_to(root)) for p in others[:5]), ", ..." if len(others) > 5 else "")
+    return images
 
 
 def make_sample_images(out_dir: str | Path, sources: Sequence[np.ndarray], count: int, seed: int, size: int = 256) -> list[Path]:

@@ -172,6 +172,7 @@ def reference_set(model: nn.Module, spec: ModelSpec, names: list[str], data: dic
         preprocess = preprocess_for(spec, data)
         check_image_input(spec, preprocess)
         images = ImageSet.scan(eval_dir, "eval folder")
+        images.warn_small(preprocess, "eval folder")
         limit = int(data.get("eval_limit") or len(images))
         if limit < len(images):
             # Spread the subset over the folder so every class is represented.
