@@ -1,4 +1,4 @@
-"""configure: check every target, then write each per-target stage's slice of params.
+"""configure: check params (every check params alone decide: kiln.checks), then write each per-target stage's slice.
 
 calibrate@, build@ and benchmark@<target> depend on their own slice
 (artifacts/targets/<target>/<stage>.json) instead of tracking params.yaml themselves: DVC
@@ -12,15 +12,15 @@ import logging
 
 from kiln import paths
 from kiln.atomic import atomic_path
-from kiln.config import Target, load_params, served_spec
+from kiln.checks import check_params
+from kiln.config import load_params
 from kiln.params import stage_slices
 from kiln.stage import run_stage
 
 
 def main() -> None:
     params = load_params()
-    served_spec(params)  # the model spec is checked once, here
-    targets = [Target.from_params(name, params) for name in params.get("targets") or {}]
+    targets = check_params(params)
     with atomic_path(paths.TARGET_PARAMS, is_dir=True) as tmp:
         for target in targets:
             (tmp / target.name).mkdir()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,6 +19,27 @@ from .errors import KilnError
 
 PARAMS_FILE = "params.yaml"
 DTYPES = ("float32", "float16", "bfloat16", "uint8", "int8", "int32", "int64")
+# A target's name becomes a DVC stage name, file and folder names, and an argument in a shell command
+# (dvc.yaml's `${key}`): nothing a shell or a path could read as more than a word.
+TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_target_name(name: Any) -> str:
+    if not isinstance(name, str) or not TARGET_NAME.fullmatch(name):
+        raise KilnError(
+            f"target name {name!r} is not allowed: a name becomes a stage name, file names and a command-line argument, "
+            f"so it must be letters, digits, '.', '_' and '-', starting with a letter or digit ({TARGET_NAME.pattern}); "
+            "rename the target under `targets:` (conf/targets/*.yaml or your overrides)"
+        )
+    return name
+
+
+def check_target_names(params: Mapping[str, Any]) -> None:
+    targets = params.get("targets") or {}
+    if not isinstance(targets, Mapping):
+        raise KilnError(f"targets must map target names to their settings, got {type(targets).__name__}")
+    for name in targets:
+        check_target_name(name)
 
 
 def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> dict[str, Any]:
@@ -35,7 +57,7 @@ def load_stage_params(stage: str, target: str) -> dict[str, Any]:
     """The slice of params a per-target stage reads, written by the configure stage."""
     from .paths import TARGET_PARAMS
 
-    path = TARGET_PARAMS / target / f"{stage}.json"
+    path = TARGET_PARAMS / check_target_name(target) / f"{stage}.json"
     if not path.is_file():
         raise KilnError(f"{path} not found: no target '{target}' in params.yaml, or the configure stage has not run (`dvc repro configure`)")
     import json
@@ -52,8 +74,9 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def close_matches(word: str, choices: Any, n: int = 3) -> str:
-    matches = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
+def close_matches(word: Any, choices: Any, n: int = 3) -> str:
+    # Keys from YAML can be integers (a served distribution's batch sizes): compare them as text.
+    matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=0.6)
     return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ""
 
 
@@ -214,6 +237,7 @@ class Target:
 
     @classmethod
     def from_params(cls, name: str, params: Mapping[str, Any]) -> "Target":
+        check_target_name(name)
         targets = params.get("targets") or {}
         if name not in targets:
             raise KilnError(f"no target '{name}' in params.yaml{close_matches(name, targets)}; targets: {', '.join(targets) or 'none'}")
@@ -251,7 +275,9 @@ class Target:
 
     @property
     def effective_threads(self) -> int:
-        return self.threads or default_threads()
+        # Capped at the cores this process may use (configure warns): more threads only wait for each other.
+        cores = default_threads()
+        return min(self.threads, cores) if self.threads else cores
 
     def to_params(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,55 @@
+"""Every check that params alone decide, run by the configure stage before anything else runs.
+
+A value that would fail in build or benchmark must fail here instead: by then DVC has already
+removed the stage's committed outputs (metrics included) to re-create them. Checks that depend on
+the machine (is there a GPU, does the CPU run bf16) stay with the stages that run there.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from .config import Target, check_target_names, default_threads, served_spec
+from .errors import KilnError
+
+log = logging.getLogger(__name__)
+
+
+def check_params(params: Mapping[str, Any]) -> list[Target]:
+    """Every settings block and target, parsed and checked; the targets, in params order."""
+    from .benchmark import BUDGET_KEYS, BenchmarkSettings
+    from .calibration import CalibrationSettings, needs_calibration
+    from .export import ExportSettings
+    from .images import Preprocess
+    from .runtimes import get_runtime
+    from .validate import ValidateSettings
+
+    check_target_names(params)
+    served_spec(params)
+    export = ExportSettings.from_params(params.get("export"))
+    ValidateSettings.from_params(params.get("validate"), export.batch)
+    benchmark = BenchmarkSettings.from_params(params.get("benchmark"))
+    Preprocess.from_params((params.get("data") or {}).get("preprocess"))
+    cores = default_threads()
+    targets = []
+    for name in params.get("targets") or {}:
+        target = Target.from_params(name, params)
+        runtime = get_runtime(target.runtime)
+        if target.precision not in runtime.precisions:
+            raise KilnError(
+                f"targets.{name}.precision '{target.precision}': runtime '{target.runtime}' does not offer it; "
+                f"it offers {', '.join(runtime.precisions)}"
+            )
+        if needs_calibration(target):
+            CalibrationSettings.for_target(params.get("calibration"), target)
+        budget = {**benchmark.accuracy_budget, **target.accuracy_budget}
+        unknown = set(budget) - set(BUDGET_KEYS)
+        if unknown:
+            raise KilnError(f"targets.{name}.accuracy_budget (or benchmark.accuracy_budget) has unknown keys {sorted(unknown)}; "
+                            f"known: {', '.join(sorted(BUDGET_KEYS))}")
+        if target.threads is not None and target.threads > cores:
+            log.warning("targets.%s.threads is %d, more than the %d cores this process may use: the target runs with %d "
+                        "(threads beyond the cores only wait for each other)", name, target.threads, cores, cores)
+        targets.append(target)
+    return targets
