@@ -8,7 +8,8 @@ from kiln.config import load_params, served_spec
 from kiln.export import ExportSettings
 from kiln.models import build_model
 from kiln.stage import run_stage
-from kiln.validate import ValidateSettings, reference_set, save_reference, validate_export
+from kiln.reference import save_reference
+from kiln.validate import ValidateSettings, reference_set, validate_export
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from digits import digits_params, train, write_digits
 
-from kiln.benchmark import accuracy_against_reference, budget_violations
+from kiln.accuracy import accuracy_against_reference, budget_violations
 from kiln.calibration import calibrate_target, read_marker
 from kiln.config import ModelSpec, Target
 from kiln.engine import build_engine, load_engine

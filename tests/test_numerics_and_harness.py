@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from kiln.atomic import atomic_path, write_json
-from kiln.benchmark import BenchmarkSettings, accuracy_against_reference, benchmark_latency, latency_stats, time_infer
+from kiln.accuracy import accuracy_against_reference
+from kiln.benchmark import BenchmarkSettings, benchmark_latency, latency_stats, time_infer
 from kiln.compare import compare_output, degenerate_reason, summarize
 from kiln.config import InputSpec, ShapeProfile
 from kiln.errors import KilnError
@@ -140,3 +141,23 @@ def test_atomic_path_leaves_nothing_on_failure_and_replaces_on_success(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "out.json"]
     write_json(tmp_path / "nan.json", {"x": [float("nan"), float("inf")]})
     assert json.loads((tmp_path / "nan.json").read_text()) == {"x": ["nan", "inf"]}
+
+
+def test_budget_rule_enforces_only_trained_models_with_fail_on_budget():
+    from kiln.accuracy import enforce_budget, judge_budget
+
+    acc = {"top1_agreement": 0.5, "sqnr_db": 30.0}
+    default, own = {"min_top1_agreement": 0.99}, {"min_sqnr_db": 40.0}
+    verdict = judge_budget(acc, default, own, fail_on_budget=True, trained=True)
+    assert verdict.limits == {"min_top1_agreement": 0.99, "min_sqnr_db": 40.0}  # the target's keys join the default
+    assert verdict.violations == ["top1_agreement 0.5 < min_top1_agreement 0.99", "sqnr_db 30 < min_sqnr_db 40"]
+    assert verdict.enforced and verdict.why_not_enforced is None
+    with pytest.raises(KilnError, match=r"target 't' is over its accuracy budget on eval: top1_agreement 0.5 < min_top1_agreement 0.99"):
+        enforce_budget(verdict, "t", "eval")
+    random_init = judge_budget(acc, default, own, fail_on_budget=True, trained=False)
+    assert not random_init.enforced and "random weights" in random_init.why_not_enforced
+    enforce_budget(random_init, "t", "eval")  # reported, not raised
+    switched_off = judge_budget(acc, default, {}, fail_on_budget=False, trained=True)
+    assert not switched_off.enforced and "fail_on_budget is false" in switched_off.why_not_enforced
+    within = judge_budget({"top1_agreement": 1.0}, default, {"min_top1_agreement": 0.4}, fail_on_budget=True, trained=True)
+    assert within.violations == [] and within.why_not_enforced is None

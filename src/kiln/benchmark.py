@@ -14,7 +14,6 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .compare import compare_outputs, summarize
 from .config import InputSpec, ShapeProfile
 from .errors import KilnError
 from .inputs import make_inputs
@@ -177,49 +176,6 @@ def benchmark_latency(
     return stats, raw, notes
 
 
-def accuracy_against_reference(session: Session, reference: Mapping[str, Any], chunk: int) -> dict[str, Any]:
-    """The engine's outputs on the reference inputs against the eager fp32 outputs (and labels, when there are)."""
-    inputs, expected = reference["inputs"], reference["outputs"]
-    samples = next(iter(inputs.values())).shape[0]
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in expected}
-    for start in range(0, samples, chunk):
-        out = session.infer({k: v[start : start + chunk] for k, v in inputs.items()})
-        for n in expected:
-            parts[n].append(np.asarray(out[n], dtype=np.float32))
-    got = {n: np.concatenate(v) for n, v in parts.items()}
-    comparisons = compare_outputs(expected, got)
-    result: dict[str, Any] = {**summarize(comparisons), "samples": samples, "source": reference.get("source")}
-    labels = reference.get("labels")
-    scores = next((c.name for c in comparisons if c.top1_agreement is not None), None)
-    if labels is not None and scores is not None:
-        ref_top1 = float(np.mean(np.argmax(expected[scores], axis=1) == labels))
-        top1 = float(np.mean(np.argmax(got[scores], axis=1) == labels))
-        result.update(top1=top1, top1_fp32=ref_top1, top1_drop=100.0 * (ref_top1 - top1))
-    result["outputs"] = {c.name: c.to_dict() for c in comparisons}
-    return result
-
-
-BUDGET_KEYS = {"min_top1_agreement": ("top1_agreement", min), "max_top1_drop": ("top1_drop", max), "min_sqnr_db": ("sqnr_db", min), "min_cosine": ("cosine", min)}
-
-
-def budget_violations(accuracy: Mapping[str, Any], budget: Mapping[str, Any]) -> list[str]:
-    """Each way `accuracy` is outside `budget`, as a readable line; metrics that were not measured are not judged."""
-    unknown = set(budget) - set(BUDGET_KEYS)
-    if unknown:
-        raise KilnError(f"accuracy_budget has unknown keys {sorted(unknown)}; known: {', '.join(sorted(BUDGET_KEYS))}")
-    out = []
-    for key, limit in budget.items():
-        if limit is None:
-            continue
-        metric, kind = BUDGET_KEYS[key]
-        value = accuracy.get(metric)
-        if value is None or isinstance(value, str):
-            continue
-        if (kind is min and value < limit) or (kind is max and value > limit):
-            out.append(f"{metric} {value:.4g} {'<' if kind is min else '>'} {key} {limit:g}")
-    return out
-
-
 # The metrics file holds the few figures `dvc exp show` and `dvc metrics diff` should show per target;
 # every batch size, percentile and error statistic is in reports/runs/<target>.json.
 HEADLINE_ACCURACY = ("top1_agreement", "top1")
@@ -246,3 +202,35 @@ def headline_metrics(batch: int, main_stats: Mapping[str, float], accuracy: Mapp
     if served:
         metrics.update(served_images_per_s=significant(served["images_per_s"]), served_p99_ms=significant(served["p99_ms"]))
     return metrics
+
+
+def run_record(target: Any, manifest: Mapping[str, Any], machine_description: str, settings: BenchmarkSettings,
+               stats: Mapping[str, Any], raw: Mapping[str, Any], served: Mapping[str, Any] | None, requests: list[Any],
+               accuracy: Mapping[str, Any], budget: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Everything one benchmark measured, for reports/runs/<target>.json and the report."""
+    return {
+        "target": target.name,
+        "runtime": target.runtime,
+        "precision": manifest["precision"],
+        "device": target.device,
+        "threads": target.effective_threads,
+        "profile": target.profile.to_params(),
+        "machine": machine_description,
+        "versions": manifest["versions"],
+        "settings": settings.to_params(),
+        "main_batch": target.main_batch,
+        "latency": stats,
+        "times_ms": raw,
+        "served": {"distribution": {str(b): p for b, p in target.serve.items()}, **served, "requests_ms": requests,
+                   "profile_warning": profile_mismatch(target.profile, target.serve)} if served and target.serve else None,
+        "compiler": {k: manifest[k] for k in ("build_seconds", "compile_seconds", "graph", "mode") if k in manifest},
+        "accuracy": accuracy,
+        "budget": budget,
+        "calibration": manifest.get("calibration"),
+        "notes": notes,
+    }
+
+
+def skipped_record(target: Any, reason: str) -> dict[str, Any]:
+    return {"target": target.name, "runtime": target.runtime, "skipped": reason,
+            "precision": {"requested": target.precision, "executed": None}}

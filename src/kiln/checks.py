@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def check_params(params: Mapping[str, Any]) -> list[Target]:
     """Every settings block and target, parsed and checked; the targets, in params order."""
-    from .benchmark import BUDGET_KEYS, BenchmarkSettings
+    from .accuracy import BUDGET_KEYS
+    from .benchmark import BenchmarkSettings
     from .calibration import CalibrationSettings, needs_calibration
     from .export import ExportSettings
     from .images import Preprocess

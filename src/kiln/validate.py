@@ -187,23 +187,3 @@ def reference_set(model: nn.Module, spec: ModelSpec, names: list[str], data: dic
         labels = None
         source = f"{settings.reference_samples} seeded random inputs (no eval images)"
     return {"inputs": feeds, "outputs": eager_outputs(model, spec, feeds, names), "labels": labels, "source": source}
-
-
-def save_reference(path: str | Path, ref: dict[str, Any]) -> None:
-    from .atomic import atomic_path
-
-    arrays = {f"input/{k}": v for k, v in ref["inputs"].items()} | {f"output/{k}": v for k, v in ref["outputs"].items()}
-    if ref["labels"] is not None:
-        arrays["labels"] = ref["labels"]
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, source=np.array(ref["source"]), **arrays)
-
-
-def load_reference(path: str | Path) -> dict[str, Any]:
-    with np.load(path) as z:
-        return {
-            "inputs": {k[6:]: z[k] for k in z.files if k.startswith("input/")},
-            "outputs": {k[7:]: z[k] for k in z.files if k.startswith("output/")},
-            "labels": z["labels"] if "labels" in z.files else None,
-            "source": str(z["source"]),
-        }

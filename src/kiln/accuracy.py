@@ -1,0 +1,95 @@
+"""An engine's accuracy against the eager fp32 reference, and the budget rule that decides when it fails.
+
+The comparator knows no runtime: it calls the session protocol's `infer` and compares arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from .compare import compare_outputs, summarize
+from .errors import KilnError
+from .runtimes import Session
+
+
+def accuracy_against_reference(session: Session, reference: Mapping[str, Any], chunk: int) -> dict[str, Any]:
+    """The engine's outputs on the reference inputs against the eager fp32 outputs (and labels, when there are)."""
+    inputs, expected = reference["inputs"], reference["outputs"]
+    samples = next(iter(inputs.values())).shape[0]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in expected}
+    for start in range(0, samples, chunk):
+        out = session.infer({k: v[start : start + chunk] for k, v in inputs.items()})
+        for n in expected:
+            parts[n].append(np.asarray(out[n], dtype=np.float32))
+    got = {n: np.concatenate(v) for n, v in parts.items()}
+    comparisons = compare_outputs(expected, got)
+    result: dict[str, Any] = {**summarize(comparisons), "samples": samples, "source": reference.get("source")}
+    labels = reference.get("labels")
+    scores = next((c.name for c in comparisons if c.top1_agreement is not None), None)
+    if labels is not None and scores is not None:
+        ref_top1 = float(np.mean(np.argmax(expected[scores], axis=1) == labels))
+        top1 = float(np.mean(np.argmax(got[scores], axis=1) == labels))
+        result.update(top1=top1, top1_fp32=ref_top1, top1_drop=100.0 * (ref_top1 - top1))
+    result["outputs"] = {c.name: c.to_dict() for c in comparisons}
+    return result
+
+
+BUDGET_KEYS = {"min_top1_agreement": ("top1_agreement", min), "max_top1_drop": ("top1_drop", max), "min_sqnr_db": ("sqnr_db", min), "min_cosine": ("cosine", min)}
+
+
+def budget_violations(accuracy: Mapping[str, Any], budget: Mapping[str, Any]) -> list[str]:
+    """Each way `accuracy` is outside `budget`, as a readable line; metrics that were not measured are not judged."""
+    unknown = set(budget) - set(BUDGET_KEYS)
+    if unknown:
+        raise KilnError(f"accuracy_budget has unknown keys {sorted(unknown)}; known: {', '.join(sorted(BUDGET_KEYS))}")
+    out = []
+    for key, limit in budget.items():
+        if limit is None:
+            continue
+        metric, kind = BUDGET_KEYS[key]
+        value = accuracy.get(metric)
+        if value is None or isinstance(value, str):
+            continue
+        if (kind is min and value < limit) or (kind is max and value > limit):
+            out.append(f"{metric} {value:.4g} {'<' if kind is min else '>'} {key} {limit:g}")
+    return out
+
+
+@dataclass(frozen=True)
+class BudgetVerdict:
+    limits: dict[str, Any]
+    violations: list[str]
+    enforced: bool
+    why_not_enforced: str | None  # when there are violations that do not fail the stage
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"limits": self.limits, "violations": self.violations, "enforced": self.enforced}
+
+
+def judge_budget(accuracy: Mapping[str, Any], default_budget: Mapping[str, Any], target_budget: Mapping[str, Any],
+                 fail_on_budget: bool, trained: bool) -> BudgetVerdict:
+    """The target's budget (its own keys over benchmark.accuracy_budget) applied to `accuracy`.
+
+    It is enforced when benchmark.fail_on_budget is on and the model has trained weights (a checkpoint
+    or a weights enum): a random-init network's scores sit too close together for agreement to mean
+    anything, so its budget is reported, not enforced."""
+    limits = {**default_budget, **target_budget}
+    violations = budget_violations(accuracy, limits)
+    enforced = fail_on_budget and trained
+    why = None
+    if violations and not enforced:
+        why = "benchmark.fail_on_budget is false" if not fail_on_budget else "the model has random weights (no checkpoint or weights)"
+    return BudgetVerdict(limits, violations, enforced, why)
+
+
+def enforce_budget(verdict: BudgetVerdict, name: str, source: str) -> None:
+    """Fail a target over an enforced budget, saying how to bring it back or to record it and go on."""
+    if verdict.violations and verdict.enforced:
+        raise KilnError(
+            f"target '{name}' is over its accuracy budget on {source}: {'; '.join(verdict.violations)}. "
+            f"Keep sensitive layers in float (targets.{name}.calibration.ignored_scope), change the calibration, "
+            "or relax targets.<name>.accuracy_budget / set benchmark.fail_on_budget: false to record it and go on"
+        )
