@@ -7,7 +7,7 @@ from kiln import fingerprint, paths
 from kiln.accuracy import accuracy_against_reference, enforce_budget, judge_budget
 from kiln.atomic import write_json, write_text
 from kiln.benchmark import BenchmarkSettings, benchmark_latency, benchmark_served, headline_metrics, run_record, skipped_record
-from kiln.config import Target, load_stage_params, served_spec
+from kiln.config import Target, load_stage_params, engine_spec
 from kiln.engine import load_engine, read_manifest
 from kiln.reference import load_reference
 from kiln.stage import run_stage
@@ -19,7 +19,7 @@ def main() -> None:
     name = sys.argv[1]
     params = load_stage_params("benchmark", name)
     target = Target.from_params(name, params)
-    spec = served_spec(params)
+    spec = engine_spec(params)
     settings = BenchmarkSettings.from_params(params.get("benchmark"))
     machine = fingerprint.collect()
     if skipped := read_manifest(paths.ENGINES / name).get("skipped"):

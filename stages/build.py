@@ -5,7 +5,7 @@ import logging
 import sys
 
 from kiln import paths
-from kiln.config import Target, load_stage_params, served_spec
+from kiln.config import Target, load_stage_params, engine_spec
 from kiln.engine import build_engine
 from kiln.runtimes import BuildSource
 from kiln.stage import run_stage
@@ -15,7 +15,7 @@ def main() -> None:
     name = sys.argv[1]
     params = load_stage_params("build", name)
     target = Target.from_params(name, params)
-    spec = served_spec(params)
+    spec = engine_spec(params)
     machine = json.loads(paths.FINGERPRINT.read_text())
     manifest = build_engine(target, BuildSource(paths.ONNX, spec, paths.CALIBRATION / name), paths.ENGINES / name, machine)
     log = logging.getLogger("kiln.build")

@@ -9,7 +9,7 @@ import sys
 
 from kiln import paths
 from kiln.calibration import calibrate_target
-from kiln.config import Target, load_stage_params, served_spec
+from kiln.config import Target, load_stage_params, engine_spec
 from kiln.stage import run_stage
 
 
@@ -17,7 +17,7 @@ def main() -> None:
     name = sys.argv[1]
     params = load_stage_params("calibrate", name)
     target = Target.from_params(name, params)
-    spec = served_spec(params)
+    spec = engine_spec(params)
     info = calibrate_target(target, paths.ONNX, spec, params, paths.CALIBRATION / name)
     log = logging.getLogger("kiln.calibrate")
     if info["needed"]:

@@ -4,7 +4,7 @@ import logging
 
 from kiln import paths
 from kiln.atomic import write_json
-from kiln.config import load_params, served_spec
+from kiln.config import load_params, engine_spec
 from kiln.export import ExportSettings, export_onnx
 from kiln.models import build_model
 from kiln.stage import run_stage
@@ -12,7 +12,7 @@ from kiln.stage import run_stage
 
 def main() -> None:
     params = load_params()
-    spec = served_spec(params)
+    spec = engine_spec(params)
     settings = ExportSettings.from_params(params.get("export"))
     model = build_model(spec)
     manifest = export_onnx(model, spec, settings, paths.ONNX)

@@ -4,7 +4,7 @@ import logging
 
 from kiln import paths
 from kiln.atomic import write_json
-from kiln.config import load_params, served_spec
+from kiln.config import load_params, engine_spec
 from kiln.export import ExportSettings
 from kiln.models import build_model
 from kiln.stage import run_stage
@@ -14,7 +14,7 @@ from kiln.validate import ValidateSettings, reference_set, validate_export
 
 def main() -> None:
     params = load_params()
-    spec = served_spec(params)
+    spec = engine_spec(params)
     traced = ExportSettings.from_params(params.get("export")).batch
     settings = ValidateSettings.from_params(params.get("validate"), traced)
     model = build_model(spec)

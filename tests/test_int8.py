@@ -143,11 +143,11 @@ def test_sensitivity_ranks_quantized_layers(digits, runtime):
 
 
 def test_folded_preprocessing_serves_uint8_images_and_matches_python_preprocessing(digits, tmp_path):
-    from kiln.config import served_spec
+    from kiln.config import engine_spec
     from kiln.engine import build_engine, load_engine
 
     params = {**digits["params"], "export": {"fold_preprocess": True}}
-    spec = served_spec(params)
+    spec = engine_spec(params)
     assert [(i.name, i.shape, i.dtype) for i in spec.inputs] == [("input", (16, 16, 3), "uint8")]
     onnx_path = tmp_path / "folded.onnx"
     manifest = export_onnx(build_model(spec), spec, ExportSettings(), onnx_path)
@@ -167,12 +167,12 @@ def test_folded_preprocessing_serves_uint8_images_and_matches_python_preprocessi
 
 
 def test_fold_needs_an_input_shaped_like_the_preprocessing(digits):
-    from kiln.config import served_spec
+    from kiln.config import engine_spec
 
     params = {**digits["params"], "export": {"fold_preprocess": True},
               "data": {**digits["params"]["data"], "preprocess": {**digits["params"]["data"]["preprocess"], "crop": 8, "resize": 8}}}
     with pytest.raises(KilnError, match=r"fold_preprocess needs one float32 image input shaped like data.preprocess makes it \(\[3, 8, 8\]\)"):
-        served_spec(params)
+        engine_spec(params)
 
 
 def test_float_layers_are_reported(digits):

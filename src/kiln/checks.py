@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from .config import Target, check_target_names, default_threads, served_spec
+from .config import Target, check_target_names, default_threads, engine_spec
 from .errors import KilnError
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
     from .validate import ValidateSettings
 
     check_target_names(params)
-    served_spec(params)
+    engine_spec(params)
     export = ExportSettings.from_params(params.get("export"))
     ValidateSettings.from_params(params.get("validate"), export.batch)
     benchmark = BenchmarkSettings.from_params(params.get("benchmark"))

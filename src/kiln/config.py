@@ -121,7 +121,7 @@ class ModelSpec:
     inputs: tuple[InputSpec, ...]
     outputs: tuple[str, ...] | None
     seed: int = 0
-    # data.preprocess folded into the model: inputs are then uint8 HWC images (see served_spec).
+    # data.preprocess folded into the model: inputs are then uint8 HWC images (see engine_spec).
     fold: dict[str, Any] | None = None
 
     @classmethod
@@ -163,8 +163,8 @@ class ModelSpec:
         return self.name or self.entrypoint or "?"
 
 
-def served_spec(params: Mapping[str, Any]) -> ModelSpec:
-    """The model as engines serve it. With export.fold_preprocess, data.preprocess's scaling, normalisation
+def engine_spec(params: Mapping[str, Any]) -> ModelSpec:
+    """The model as its engines take it (not the traffic they serve: `serve`). With export.fold_preprocess, data.preprocess's scaling, normalisation
     and layout move into the graph, and the single image input becomes uint8 [crop, crop, channels]."""
     spec = ModelSpec.from_params(params.get("model") or {})
     if not (params.get("export") or {}).get("fold_preprocess"):

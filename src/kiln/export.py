@@ -39,7 +39,7 @@ class ExportSettings:
     @classmethod
     def from_params(cls, raw: dict[str, Any] | None) -> "ExportSettings":
         raw = dict(raw or {})
-        known = {"opset", "exporter", "batch", "seed", "fold_preprocess"}  # fold_preprocess: read by config.served_spec
+        known = {"opset", "exporter", "batch", "seed", "fold_preprocess"}  # fold_preprocess: read by config.engine_spec
         unknown = set(raw) - known
         if unknown:
             raise KilnError(f"export has unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")

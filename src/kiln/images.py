@@ -111,7 +111,7 @@ def to_8bit(im: Any, path: Path) -> Any:
 
 
 def preprocess_for(spec: Any, data: Mapping[str, Any]) -> Preprocess:
-    """data.preprocess as the served model takes it: all of it, or with the folded part left to the graph."""
+    """data.preprocess as the engines take it: all of it, or with the folded part left to the graph."""
     preprocess = Preprocess.from_params(data.get("preprocess"))
     return preprocess.folded() if spec.fold else preprocess
 
