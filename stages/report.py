@@ -7,6 +7,7 @@ from kiln import paths
 from kiln.atomic import write_text
 from kiln.config import load_params
 from kiln.plots import render_latency_png, write_latency_csv
+from kiln.plots_page import HTML_TEMPLATE, PlotsSetupError, ensure_html_template
 from kiln.report import load_results, render, stale_result_files, summary_csv, summary_rows
 from kiln.report_sections import committed_metrics
 from kiln.stage import run_stage
@@ -34,6 +35,14 @@ def main() -> None:
     render_latency_png(plot_csvs, paths.LATENCY_PNG)
     write_text(paths.BENCHMARK_MD, render(results, validate, baseline, export, missing, previous, "HEAD"))
     log.info("%s: %d targets", paths.BENCHMARK_MD, len(results))
+    # The page `dvc plots show` needs (.dvc/config), for a user who installed with pip and never ran
+    # ./setup.sh. Not a declared output: it holds no result, and the plots can be drawn from any
+    # revision's data. Without it the report is still good, so a failure here is a warning.
+    try:
+        if ensure_html_template():
+            log.info("%s: built, for `dvc plots show` and `dvc plots diff`", HTML_TEMPLATE)
+    except PlotsSetupError as exc:
+        log.warning("%s", exc)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
 """DVC plots that draw with no network: the inlined HTML template, the dvc.yaml plots in headless
 Chromium (`dvc plots show` and `dvc plots diff`), and the static PNG of the latency chart.
 
-The template needs the pinned npm packages (`npm ci --prefix plots`) and the browser checks need
-Chromium (`apt-get install -y chromium`); where either is missing those tests skip and say so.
+The template comes from the vl-convert-python wheel (a dependency: no npm). The browser checks
+need Chromium (`apt-get install -y chromium`); where it is missing those tests skip and say so.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
+import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +24,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, venv_env
-from kiln import plots
+from kiln import plots, plots_page
 
-NODE_MODULES = ROOT / "plots" / "node_modules"
 VEGA_TEMPLATES = ROOT / "plots" / "templates"
 CHROMIUM = next(
     (p for p in (os.environ.get("KILN_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
@@ -30,10 +33,6 @@ CHROMIUM = next(
     None,
 )
 
-needs_npm = pytest.mark.skipif(
-    not all((NODE_MODULES / name / "package.json").is_file() for name in plots.PACKAGES),
-    reason="plots/node_modules is missing: the set-up runs `npm ci --prefix plots` (CI does)",
-)
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="no headless Chromium: `apt-get install -y chromium` (CI does), or set KILN_CHROMIUM"
 )
@@ -97,56 +96,88 @@ def write_plot_csvs(folder: Path, latency: dict = LATENCY) -> dict[str, Path]:
 
 def test_inline_script_is_safe_in_a_dvc_template():
     js = 'var a = "</script>", b = "<!-- x", c = "</SCRIPT >";\n//# sourceMappingURL=vega.min.js.map\n'
-    out = plots.inline_script(js)
+    out = plots_page.inline_script(js)
     assert "</script" not in out.lower() and "<!--" not in out and "sourceMappingURL" not in out
     assert r"<\/script>" in out and r"<\/SCRIPT >" in out
-    for placeholder in plots.DVC_PLACEHOLDERS:  # DVC str.replace()s these over the whole page
-        with pytest.raises(plots.PlotsSetupError, match="DVC replaces"):
-            plots.inline_script(f"var s = '{placeholder}';")
+    for placeholder in plots_page.DVC_PLACEHOLDERS:  # DVC str.replace()s these over the whole page
+        with pytest.raises(plots_page.PlotsSetupError, match="DVC replaces"):
+            plots_page.inline_script(f"var s = '{placeholder}';")
 
 
-def test_package_lock_pins_what_package_json_names():
-    manifest = json.loads((ROOT / "plots" / "package.json").read_text())
-    lock = json.loads((ROOT / "plots" / "package-lock.json").read_text())
-    for name in plots.PACKAGES:
-        pinned = manifest["dependencies"][name]
-        assert re.fullmatch(r"\d+\.\d+\.\d+", pinned), f"{name}: pin an exact version, not {pinned!r}"
-        assert lock["packages"][f"node_modules/{name}"]["version"] == pinned
-    # DVC 3's specs are vega-lite v5 (`$schema .../vega-lite/v5.json`), embedded by vega-embed 6 on vega 5.
-    majors = {name: int(manifest["dependencies"][name].split(".")[0]) for name in plots.PACKAGES}
-    assert majors == {"vega": 5, "vega-lite": 5, "vega-embed": 6}
+def test_vl_convert_is_pinned_and_its_versions_are_the_documented_ones():
+    import tomllib
+
+    import vl_convert
+
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = [d for d in dependencies if d.startswith("vl-convert-python")]
+    assert len(pins) == 1 and re.fullmatch(r"vl-convert-python==[\w.]+", pins[0]), f"pin one exact version: {pins}"
+    installed = version("vl-convert-python")
+    assert pins[0].endswith(f"=={installed}"), f"installed {installed}, pyproject pins {pins[0]}: run `pip install -e .`"
+    versions = plots_page.library_versions()
+    # DVC 3's specs are vega-lite v5: the page gets the newest 5.x in the wheel. (vega 6 and
+    # vega-embed 7 changed packaging, to ES modules, not the specs they draw.)
+    newest = max((v for v in vl_convert.get_vegalite_versions() if v.startswith("5.")), key=lambda v: int(v.split(".")[1]))
+    assert versions["vega-lite"] == newest
+    # What the page runs is written down where people read it: keep them in step with the pin.
+    docs = (ROOT / "docs" / "plots.md").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for name in ("vega", "vega-embed"):
+        assert f"{name} {versions[name]}" in docs and f"{name} {versions[name]}" in pyproject, name
+    assert f"vega-lite {versions['vega-lite']}." in docs and f"vega-lite {versions['vega-lite']}." in pyproject
+    assert f"vl-convert-python {installed}" in docs or f"vl-convert-python=={installed}" in docs
 
 
 @pytest.fixture(scope="module")
 def html_template(tmp_path_factory) -> Path:
-    if not all((NODE_MODULES / name / "package.json").is_file() for name in plots.PACKAGES):
-        pytest.skip("plots/node_modules is missing: the set-up runs `npm ci --prefix plots` (CI does)")
-    return plots.write_html_template(tmp_path_factory.mktemp("template") / "offline.html", NODE_MODULES)
+    return plots_page.write_html_template(tmp_path_factory.mktemp("template") / "offline.html")
 
 
-@needs_npm
 def test_template_inlines_vega_vega_lite_and_vega_embed(html_template):
+    import vl_convert
+
     page = html_template.read_text(encoding="utf-8")
-    assert plots.script_sources(page) == [], "a <script src> would need the network"
+    assert plots_page.script_sources(page) == [], "a <script src> would need the network"
     assert not re.search(r"<link\b[^>]*href=[\"']?https?:", page, re.IGNORECASE)
+    assert "cdn.jsdelivr.net" not in page and "unpkg.com" not in page
     assert page.count("{plot_divs}") == 1 and "{scripts}" not in page  # DVC's CDN tags have nowhere to go
-    manifest = json.loads((ROOT / "plots" / "package.json").read_text())
-    for name in plots.PACKAGES:
-        version, path = plots.package_script(name, NODE_MODULES)
-        assert version == manifest["dependencies"][name], f"plots/node_modules is stale: run `npm ci --prefix plots`"
-        assert f'data-package="{name}@{version}"' in page
-        body = plots.inline_script(path.read_text(encoding="utf-8"))
-        assert len(body) > 50_000 and body.strip() in page, f"{name} is not inlined whole"
-    assert page.index('data-package="vega@') < page.index('data-package="vega-lite@') < page.index('data-package="vega-embed@')
+    v = plots_page.library_versions()
+    assert f'data-package="vega@{v["vega"]} vega-lite@{v["vega-lite"]} vega-embed@{v["vega-embed"]}"' in page
+    body = plots_page.inline_script(vl_convert.javascript_bundle(vl_version=v["vega-lite"]))
+    assert len(body) > 500_000 and body.strip() in page, "the bundle is not inlined whole"
+    assert f'<meta name="kiln-plots-page" content="{plots_page.page_stamp()}">' in page[:4096]
 
 
-@needs_npm
-def test_template_cli(tmp_path):
+def test_template_cli_needs_no_npm(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no npm, no node: only the wheel
     out = tmp_path / "offline.html"
-    assert plots.main(["template", "--out", str(out), "--node-modules", str(NODE_MODULES)]) == 0
-    assert out.stat().st_size > 500_000
-    assert plots.main(["template", "--out", str(tmp_path / "x.html"), "--node-modules", str(tmp_path / "none")]) == 1
-    assert not (tmp_path / "x.html").exists()
+    assert plots.main(["template", "--out", str(out)]) == 0
+    assert out.stat().st_size > 500_000 and f"vega {plots_page.library_versions()['vega']}," in capsys.readouterr().out
+    # Without vl-convert-python the command fails, writes nothing, and says what to run.
+    monkeypatch.setitem(sys.modules, "vl_convert", None)
+    assert plots.main(["template", "--out", str(tmp_path / "x.html")]) == 1
+    err = capsys.readouterr().err
+    assert "pip install -e ." in err and "python -m kiln.plots template" in err, err
+    assert not list(tmp_path.glob("x.html*")) and not list(tmp_path.glob(".x.html*"))
+
+
+def test_ensure_builds_a_missing_or_stale_page_only(tmp_path, html_template):
+    out = tmp_path / "plots" / "offline.html"
+    assert plots_page.ensure_html_template(out) is True and out.read_text() == html_template.read_text()
+    os.utime(out, (1, 1))
+    assert plots_page.ensure_html_template(out) is False and out.stat().st_mtime == 1  # current: left alone
+    # A page from an older set-up (npm's vega 5 build, another vl-convert) is replaced.
+    out.write_text(html_template.read_text().replace("vl-convert-python 1.", "vl-convert-python 0."))
+    assert plots_page.ensure_html_template(out) is True and out.read_text() == html_template.read_text()
+
+
+def test_report_stage_warns_and_goes_on_without_vl_convert(in_tmp, monkeypatch, caplog):
+    (in_tmp / "params.yaml").write_text("targets: {torch-eager: {}}\nreport: {}\n")
+    monkeypatch.setitem(sys.modules, "vl_convert", None)
+    runpy.run_path(str(ROOT / "stages" / "report.py"), run_name="__main__")
+    assert (in_tmp / "reports" / "benchmark.md").is_file() and not (in_tmp / "plots" / "offline.html").exists()
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("`dvc plots show`" in w and "pip install -e ." in w and "python -m kiln.plots template" in w for w in warning), warning
 
 
 # --------------------------------------------------------------------------- dvc plots show / diff in Chromium
@@ -162,29 +193,49 @@ def _plot_names(section: list) -> list[str]:
     return [next(iter(p)) if isinstance(p, dict) else p for p in section]
 
 
-def _run(cmd: list[str], cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
-    env = venv_env()
-    env["DVC_NO_ANALYTICS"] = "1"
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], cwd: Path, timeout: int = 180, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env or _pip_only_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
 
 
+@functools.cache
+def _pip_only_bin() -> Path:
+    tools = Path(tempfile.mkdtemp(prefix="kiln-no-npm-"))
+    (tools / "git").symlink_to(shutil.which("git"))
+    return tools
+
+
+def _pip_only_env() -> dict[str, str]:
+    """The venv's environment with nothing else on PATH but git: no npm, no node, as after a pip-only set-up."""
+    env = venv_env()
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), str(_pip_only_bin())])
+    assert shutil.which("npm", path=env["PATH"]) is None and shutil.which("node", path=env["PATH"]) is None
+    return env
+
+
 @pytest.fixture(scope="module")
-def dvc_repo(tmp_path_factory, html_template) -> Path:
-    """A git + DVC repo with the plots section, the templates and two committed revisions of the data."""
+def dvc_repo(tmp_path_factory) -> Path:
+    """A git + DVC repo with the plots section, the templates and two committed revisions of the data.
+
+    Set up as a user who installed kiln with pip and never ran ./setup.sh: no plots/offline.html,
+    no plots/node_modules, no npm. The report stage (what `dvc repro` runs last) builds the page.
+    """
     repo = tmp_path_factory.mktemp("plots-repo")
     dvc = [sys.executable, "-m", "dvc"]
     _run(["git", "init", "-q"], repo)
     _run(["git", "config", "user.email", "kiln@example.com"], repo)
     _run(["git", "config", "user.name", "kiln tests"], repo)
     _run([*dvc, "init", "-q"], repo)
-    # The documented way to make the offline page the default: relative to .dvc/.
-    _run([*dvc, "config", "plots.html_template", "../plots/offline.html"], repo)
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # kiln's: plots.html_template = ../plots/offline.html
     shutil.copytree(VEGA_TEMPLATES, repo / "plots" / "templates")
-    shutil.copy(html_template, repo / "plots" / "offline.html")
     (repo / ".gitignore").write_text("/plots/offline.html\n/dvc_plots/\n/out-*/\n")
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": _plots_section()}, sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump({"targets": {t: {} for t in LATENCY}, "report": {}}))
+    report = _run([sys.executable, str(ROOT / "stages" / "report.py")], repo)  # the report stage's command
+    assert "plots/offline.html: built" in report.stderr, report.stderr
+    assert not (repo / "plots" / "node_modules").exists()
     reports = repo / "reports"
     plots.write_latency_csv(write_plot_csvs(repo / "reports" / "plots"), reports / "latency.csv")
     (reports / "summary.csv").write_text(SUMMARY)
@@ -195,6 +246,10 @@ def dvc_repo(tmp_path_factory, html_template) -> Path:
     plots.write_latency_csv(write_plot_csvs(repo / "reports" / "plots", faster), reports / "latency.csv")
     (reports / "summary.csv").write_text(SUMMARY.replace("10.31,96.97,3.812,0.969", "9.1,109.9,4.3,0.975"))
     _run(["git", "commit", "-qam", "second run"], repo)
+    # A second report run finds the page current and leaves it alone.
+    again = _run([sys.executable, str(ROOT / "stages" / "report.py")], repo)
+    assert "offline.html" not in again.stderr, again.stderr
+    _run(["git", "checkout", "-q", "--", "reports"], repo)
     return repo
 
 
@@ -240,9 +295,9 @@ def _ink(image, box) -> tuple[float, float, int]:
     return ink, coloured, colours
 
 
-def _assert_charts_drawn(html: Path, tmp: Path, names: list[str], revisions: list[str]) -> None:
+def _assert_charts_drawn(html: Path, tmp: Path, names: list[str], revisions: list[str]) -> dict:
     page = html.read_text(encoding="utf-8")
-    assert plots.script_sources(page) == [], "dvc put a <script src> into the page: it loads from the network"
+    assert plots_page.script_sources(page) == [], "dvc put a <script src> into the page: it loads from the network"
     assert "cdn.jsdelivr.net" not in page
     for name in names:
         assert f'<div id = "{name}"' in page or f'<div id="{name}"' in page, f"dvc wrote no chart {name}"
@@ -267,17 +322,30 @@ def _assert_charts_drawn(html: Path, tmp: Path, names: list[str], revisions: lis
         )
     for rev in revisions:  # the legend names each revision drawn
         assert rev in page
+    return status
 
 
-@needs_npm
 @needs_chromium
 def test_dvc_plots_show_draws_offline(dvc_repo, tmp_path):
     # No --html-template: .dvc/config's plots.html_template makes the offline page the default.
     _run([sys.executable, "-m", "dvc", "plots", "show", "-o", "out-show"], dvc_repo)
-    _assert_charts_drawn(dvc_repo / "out-show" / "index.html", tmp_path, _plot_names(_plots_section()), ["workspace"])
+    status = _assert_charts_drawn(dvc_repo / "out-show" / "index.html", tmp_path, _plot_names(_plots_section()), ["workspace"])
+    v = plots_page.library_versions()  # the page ran the bundle of the versions the wheel names
+    assert status["libraries"] == {"vega": v["vega"], "vegaLite": v["vega-lite"], "vegaEmbed": v["vega-embed"]}
 
 
-@needs_npm
+def test_without_the_page_dvc_fails_as_the_docs_say(dvc_repo, tmp_path):
+    """Before `dvc repro` or ./setup.sh built it, DVC has no page: its message is the one docs/plots.md explains."""
+    repo = tmp_path / "no-page"
+    shutil.copytree(dvc_repo, repo)
+    (repo / "plots" / "offline.html").unlink()
+    proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "show"], cwd=repo, env=_pip_only_env(),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0 and "HTML template has to contain '{plot_divs}'" in proc.stderr, proc.stderr
+    docs = (ROOT / "docs" / "plots.md").read_text()
+    assert "HTML template has to contain '{plot_divs}'" in docs and "python -m kiln.plots template" in docs
+
+
 @needs_chromium
 def test_dvc_plots_diff_draws_offline(dvc_repo, tmp_path):
     template = dvc_repo / "plots" / "offline.html"
@@ -287,7 +355,6 @@ def test_dvc_plots_diff_draws_offline(dvc_repo, tmp_path):
     assert "109.9" in html.read_text()  # the second revision's data is in the page
 
 
-@needs_npm
 @needs_chromium
 def test_the_check_fails_when_vega_does_not_load(dvc_repo, tmp_path):
     """The same page without the inlined libraries (as DVC's CDN page is, offline) must fail the checks."""

@@ -1,22 +1,12 @@
-"""DVC plots that render with no network, and the static PNG of the main chart.
+"""The data `dvc plots` draws, the static PNG of the main chart, and the `python -m kiln.plots` commands.
 
-`dvc plots show` / `dvc plots diff` write an HTML page whose default template loads vega, vega-lite
-and vega-embed from a CDN (dvc-render's `VegaRenderer.SCRIPTS`, filled into the template's
-`{scripts}` placeholder). `build_html_template` writes a page instead that inlines the three
-libraries from `plots/node_modules` (installed by `npm ci --prefix plots` from the pinned
-`plots/package-lock.json`) and has no `{scripts}` placeholder, so DVC's CDN tags never enter the
-page. DVC requires only `{plot_divs}` (and fills `{refresh_tag}` when present).
+The page `dvc plots show` writes (vega inlined, no network) is built by kiln.plots_page.
 
-The page also carries a small script that, once the charts have drawn, writes what it found into
-`<script id="kiln-plots-status" type="application/json">` (one entry per chart: whether it drew,
-its size and its position) and shows a visible message when vega failed to load. The tests read it
-from headless Chromium's DOM.
-
-    python -m kiln.plots template [--out plots/offline.html] [--node-modules plots/node_modules]
+    python -m kiln.plots template [--out plots/offline.html]
     python -m kiln.plots png reports/plots reports/latency.png
     python -m kiln.plots latency-csv reports/plots reports/latency.csv
 
-Everything heavy (matplotlib) is imported inside the function that needs it.
+Everything heavy (matplotlib, vl_convert) is imported inside the function that needs it.
 """
 
 from __future__ import annotations
@@ -24,169 +14,17 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
 from .atomic import atomic_path, write_text
+from .plots_page import HTML_TEMPLATE, PlotsSetupError, library_versions, write_html_template
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-# Relative to the project root, where the stages run (as kiln.paths).
-PLOTS_DIR = Path("plots")
-NODE_MODULES = PLOTS_DIR / "node_modules"
-HTML_TEMPLATE = PLOTS_DIR / "offline.html"
-VEGA_TEMPLATES = PLOTS_DIR / "templates"
-
-# Load order matters: vega-lite needs the global `vega`, vega-embed needs both.
-PACKAGES = ("vega", "vega-lite", "vega-embed")
-# What DVC replaces in an HTML template (dvc_render.html.HTML.embed): with str.replace, over the
-# whole page, inlined libraries included. `{scripts}` is left out of our page on purpose.
-DVC_PLACEHOLDERS = ("{plot_divs}", "{scripts}", "{refresh_tag}")
 LATENCY_COLUMNS = ("batch", "ms_per_image", "images_per_s", "p50_ms", "p99_ms")
-
-
-class PlotsSetupError(RuntimeError):
-    """The npm packages are missing or are not what the template can inline."""
-
-
-# --------------------------------------------------------------------------- offline HTML template
-
-
-def package_script(name: str, node_modules: PathLike = NODE_MODULES) -> tuple[str, Path]:
-    """(version, path) of the browser build of npm package `name`: the file a CDN serves for it.
-
-    jsDelivr serves a bare `npm/<name>@<version>` URL (what DVC's template loads) from the
-    package.json's `jsdelivr` field, else `unpkg`, else `browser`; the same file is read here.
-    """
-    pkg_dir = Path(node_modules) / name
-    manifest = pkg_dir / "package.json"
-    if not manifest.is_file():
-        raise PlotsSetupError(
-            f"{manifest} not found: install the pinned vega packages with `npm ci --prefix {Path(node_modules).parent}`"
-        )
-    meta = json.loads(manifest.read_text(encoding="utf-8"))
-    for field in ("jsdelivr", "unpkg", "browser"):
-        rel = meta.get(field)
-        if isinstance(rel, str) and (pkg_dir / rel).is_file():
-            return meta["version"], pkg_dir / rel
-    raise PlotsSetupError(f"{name}@{meta.get('version')}: no browser build named in {manifest} (jsdelivr/unpkg/browser)")
-
-
-def inline_script(js: str, name: str = "script") -> str:
-    """`js` made safe to sit inside an inline <script> element of a DVC HTML template."""
-    js = re.sub(r"\n?//# sourceMappingURL=\S*\s*$", "\n", js)  # the .map is not shipped in the page
-    for placeholder in DVC_PLACEHOLDERS:
-        if placeholder in js:  # DVC's str.replace would splice plots (or CDN tags) into the library
-            raise PlotsSetupError(f"{name} contains {placeholder!r}, which DVC replaces in HTML templates")
-    # The HTML parser ends a script at `</script` whatever the JS means by it; `<!--` can switch it
-    # into the "escaped" state. `<\/` and `<\!` mean the same inside JS strings and regexes.
-    js = re.sub(r"</(script)", r"<\\/\1", js, flags=re.IGNORECASE)
-    return js.replace("<!--", "<\\!--")
-
-
-# Runs after DVC's plot divs (each calls vegaEmbed at parse time). Reports per chart whether vega
-# drew into it; a page whose libraries did not load says so on screen instead of staying blank.
-_STATUS_SCRIPT = r"""
-(function () {
-  var errors = [];
-  window.addEventListener("error", function (e) { errors.push(String(e.message || e)); });
-  function charts() {
-    return Array.prototype.filter.call(document.querySelectorAll("body > div[id]"), function (d) {
-      return d.id !== "kiln-plots-message";
-    });
-  }
-  function drawn(div) {
-    var view = div.querySelector("svg.marks, canvas.marks");
-    if (!view) return null;
-    var r = view.getBoundingClientRect();
-    var marks = view.tagName.toLowerCase() === "svg"
-      ? view.querySelectorAll("path, line, rect, circle, text, symbol").length : null;
-    return {renderer: view.tagName.toLowerCase(), width: Math.round(r.width), height: Math.round(r.height),
-            x: Math.round(r.left + window.scrollX), y: Math.round(r.top + window.scrollY), svg_elements: marks};
-  }
-  function report(final) {
-    var list = charts(), out = [], done = true;
-    list.forEach(function (div) {
-      var d = drawn(div);
-      if (!d || !d.width || !d.height) done = false;
-      out.push({id: div.id, drawn: !!(d && d.width && d.height), view: d});
-    });
-    if (!done && !final) return false;
-    var status = {libraries: {vega: typeof vega !== "undefined" ? vega.version : null,
-                              vegaLite: typeof vegaLite !== "undefined" ? vegaLite.version : null,
-                              vegaEmbed: typeof vegaEmbed !== "undefined" ? vegaEmbed.version : null},
-                  charts: out, errors: errors, complete: done};
-    document.getElementById("kiln-plots-status").textContent = JSON.stringify(status);
-    if (!status.libraries.vega || !status.libraries.vegaLite || !status.libraries.vegaEmbed) {
-      var m = document.getElementById("kiln-plots-message");
-      m.textContent = "kiln: vega did not load in this page, so the plots cannot draw. Rebuild the template: "
-        + "npm ci --prefix plots && python -m kiln.plots template";
-      m.style.display = "block";
-    }
-    return true;
-  }
-  var tries = 0;
-  function poll() { if (!report(++tries >= 50)) setTimeout(poll, 100); }
-  window.addEventListener("load", function () { setTimeout(poll, 50); });
-})();
-"""
-
-_PAGE = """<!DOCTYPE html>
-<html>
-<head>
-    {{refresh_tag}}
-    <meta charset="utf-8">
-    <title>DVC Plot</title>
-    <!-- Generated by `python -m kiln.plots template` from plots/node_modules ({versions}).
-         Offline: the libraries are inlined, and DVC's CDN <script> tags have no placeholder here.
-         Do not edit or commit; re-generate instead. -->
-{scripts}
-    <style>
-        body {{ font-family: sans-serif; }}
-        table {{ border-spacing: 15px; }}
-        body > div[id] {{ margin: 12px 0 28px 0; }}
-        #kiln-plots-message {{ display: none; padding: 12px; border: 2px solid #c00; color: #c00; }}
-    </style>
-</head>
-<body>
-    <div id="kiln-plots-message"></div>
-    {{plot_divs}}
-    <script id="kiln-plots-status" type="application/json">{{}}</script>
-    <script>{status_script}</script>
-</body>
-</html>
-"""
-
-
-def build_html_template(node_modules: PathLike = NODE_MODULES) -> str:
-    """The offline HTML template: vega, vega-lite and vega-embed inlined from `node_modules`."""
-    tags, versions = [], []
-    for name in PACKAGES:
-        version, path = package_script(name, node_modules)
-        js = inline_script(path.read_text(encoding="utf-8"), f"{name}@{version}")
-        rel = path.relative_to(Path(node_modules) / name).as_posix()
-        tags.append(f'    <script data-package="{name}@{version}" data-file="{rel}">\n{js}\n    </script>')
-        versions.append(f"{name}@{version}")
-    page = _PAGE.format(versions=", ".join(versions), scripts="\n".join(tags), status_script=_STATUS_SCRIPT)
-    # The page must hold each DVC placeholder exactly where we put it, and nothing that loads from the web.
-    if page.count("{plot_divs}") != 1 or "{scripts}" in page:
-        raise PlotsSetupError("the template must hold `{plot_divs}` once and no `{scripts}`")
-    return page
-
-
-def write_html_template(out: PathLike = HTML_TEMPLATE, node_modules: PathLike = NODE_MODULES) -> Path:
-    """Write the offline template to `out` (atomically); return its path."""
-    write_text(out, build_html_template(node_modules))
-    return Path(out)
-
-
-def script_sources(html: str) -> list[str]:
-    """The `src` of every <script> element in `html` (an offline page has none)."""
-    return re.findall(r"<script\b[^>]*\bsrc\s*=\s*[\"']?([^\"'\s>]+)", html, flags=re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------- plot data
@@ -348,7 +186,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("template", help="write the offline HTML template for `dvc plots show/diff`")
     t.add_argument("--out", default=str(HTML_TEMPLATE))
-    t.add_argument("--node-modules", default=str(NODE_MODULES))
     p = sub.add_parser("png", help="render the latency chart from a folder of <target>.csv to a PNG")
     p.add_argument("source", help="folder of per-target CSVs, e.g. reports/plots")
     p.add_argument("out", help="PNG to write, e.g. reports/latency.png")
@@ -358,8 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "template":
-            out = write_html_template(args.out, args.node_modules)
-            print(f"{out}: {out.stat().st_size / 1e6:.1f} MB, no network needed")
+            out = write_html_template(args.out)
+            v = library_versions()
+            print(f"{out}: {out.stat().st_size / 1e6:.1f} MB, vega {v['vega']}, vega-lite {v['vega-lite']} and vega-embed "
+                  f"{v['vega-embed']} inlined (from vl-convert-python {v['vl-convert-python']}), no network needed")
         elif args.command == "png":
             print(render_latency_png(args.source, args.out))
         else:
