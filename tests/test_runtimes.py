@@ -152,3 +152,69 @@ def test_torch_bf16_runs_where_native_and_is_refused_or_skipped_elsewhere(tmp_pa
     assert "no native bf16" in manifest["skipped"] and manifest["precision"]["executed"] is None
     with pytest.raises(KilnError, match="was skipped when built: .*no native bf16"):
         load_engine(tmp_path / "e", optional)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _pickle_over(path):
+    import pickle
+
+    path.write_bytes(pickle.dumps({"not": "weights", "but": object}))
+
+
+# Each runtime's file broken the way a copy or a hand gets it wrong; each runtime's own error names no cause.
+BROKEN = {
+    "onnxruntime": ("model.optimized.onnx", _truncate),
+    "openvino": ("model.bin", _truncate),
+    "torch-eager": ("state_dict.pt", _pickle_over),
+}
+
+
+def test_manifest_records_the_hash_of_every_engine_file(tmp_path, tiny_onnx):
+    from kiln.hashing import sha256_file
+
+    path, spec, _ = tiny_onnx
+    manifest = build_engine(target("openvino"), BuildSource(path, spec), tmp_path / "e")
+    files = {p.name: sha256_file(p) for p in (tmp_path / "e").iterdir() if p.name != "manifest.json"}
+    assert manifest["files_sha256"] == files and set(files) == {"model.xml", "model.bin"}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_a_changed_engine_file_is_named_with_how_to_rebuild(tmp_path, tiny_onnx, name):
+    path, spec, _ = tiny_onnx
+    engine = tmp_path / name
+    build_engine(target(name), BuildSource(path, spec), engine)
+    file, damage = BROKEN[name]
+    damage(engine / file)
+    with pytest.raises(KilnError) as raised:
+        load_engine(engine, target(name))
+    assert str(raised.value) == (
+        f"engine '{name}' is broken: {engine / file} was changed after the build "
+        f"(its sha256 no longer matches {engine / 'manifest.json'}); rebuild it with `dvc repro -f -s build@{name}`"
+    )
+    (engine / file).unlink()
+    with pytest.raises(KilnError, match=rf"engine '{name}' is incomplete: .*{file} is missing .*`dvc repro -f -s build@{name}`"):
+        load_engine(engine, target(name))
+
+
+def test_an_engine_without_file_hashes_still_loads_and_a_failed_load_keeps_the_runtime_error(tmp_path, tiny_onnx):
+    path, spec, _ = tiny_onnx
+    engine = tmp_path / "openvino"
+    build_engine(target("openvino"), BuildSource(path, spec), engine)
+    manifest = json.loads((engine / "manifest.json").read_text())
+    del manifest["files_sha256"]  # as an engine built before kiln recorded them
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+    session, _ = load_engine(engine, target("openvino"))
+    assert session.infer(make_inputs(spec.inputs, 2, 0))["output"].shape == (2, 10)
+
+    _truncate(engine / "model.bin")
+    with pytest.raises(KilnError) as raised:
+        load_engine(engine, target("openvino"))
+    message = str(raised.value)
+    assert message.startswith(f"openvino cannot load engine {engine}: RuntimeError: ")
+    assert "Incorrect weights in bin file!" in message and "Exception from src/" not in message
+    assert message.endswith("rebuild it with `dvc repro -f -s build@openvino`")
+    assert isinstance(raised.value.__cause__, RuntimeError) and "Incorrect weights in bin file!" in str(raised.value.__cause__)

@@ -1,8 +1,10 @@
 """Engine folders: the runtime's files plus a manifest that says what they were built for.
 
 A manifest records the target, requested and executed precision, profile, library
-versions, hardware fingerprint and source ONNX hash. Loading checks it against this
-machine, so an engine never runs silently on hardware it was not built for.
+versions, hardware fingerprint, source ONNX hash and the sha256 of every engine file. Loading
+checks it against this machine, so an engine never runs silently on hardware it was not built
+for, and checks the files, so a truncated or replaced one is named as such instead of surfacing
+as a runtime's parser error.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Any, Mapping
 from . import __version__, fingerprint
 from .atomic import atomic_path
 from .config import Target
-from .errors import EngineMismatch, KilnError
-from .export import sha256_file
+from .errors import EngineMismatch, KilnError, summarize
+from .hashing import sha256_file, sha256_tree
 from .runtimes import BuildSource, Session, get_runtime
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+FILES = "files_sha256"  # relative path -> sha256 of each engine file, the manifest itself excepted
+_unchecked_logged: set[Path] = set()
 
 
 def skip_reason(target: Target) -> str | None:
@@ -78,6 +82,7 @@ def build_engine(target: Target, source: BuildSource, engine_dir: str | Path, ma
             **_calibration_info(source),
             **extra,
         }
+        manifest[FILES] = sha256_tree(tmp, exclude=(MANIFEST,))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
@@ -112,11 +117,45 @@ def check_compatible(manifest: Mapping[str, Any], machine: Mapping[str, Any]) ->
             raise EngineMismatch(f"engine '{manifest.get('target')}' was built with {lib} {built}, this machine has {here}: {rebuild}")
 
 
+def check_files(engine_dir: str | Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse an engine whose files are missing or changed since the build (a truncated copy, a
+    replaced file): each runtime would otherwise fail in its own words, naming no file or cause."""
+    engine_dir = Path(engine_dir)
+    recorded = manifest.get(FILES)
+    if recorded is None:
+        # Built before kiln recorded file hashes: still loads, unchecked.
+        if engine_dir.resolve() not in _unchecked_logged:
+            _unchecked_logged.add(engine_dir.resolve())
+            log.info("engine %s has no file hashes in its manifest (built by an older kiln): its files are not checked", engine_dir)
+        return
+    # -s: this engine only; -f alone would also re-run the export, validation and calibration upstream.
+    rebuild = f"rebuild it with `dvc repro -f -s build@{manifest.get('target', '<target>')}`"
+    for rel, digest in recorded.items():
+        path = engine_dir / rel
+        if not path.is_file():
+            raise KilnError(f"engine '{manifest.get('target')}' is incomplete: {path} is missing (it was there when the engine was built); {rebuild}")
+        if sha256_file(path) != digest:
+            raise KilnError(
+                f"engine '{manifest.get('target')}' is broken: {path} was changed after the build "
+                f"(its sha256 no longer matches {engine_dir / MANIFEST}); {rebuild}"
+            )
+
+
 def load_engine(engine_dir: str | Path, target: Target, machine: Mapping[str, Any] | None = None) -> tuple[Session, dict[str, Any]]:
-    """A ready session for the engine in `engine_dir`, after checking it was built for this machine."""
+    """A ready session for the engine in `engine_dir`, after checking it was built for this machine and is intact."""
     manifest = read_manifest(engine_dir)
     if manifest.get("skipped"):
         raise KilnError(f"engine '{manifest.get('target')}' was skipped when built: {manifest['skipped']}")
     check_compatible(manifest, machine or fingerprint.collect())
+    check_files(engine_dir, manifest)
     runtime = get_runtime(manifest["runtime"])
-    return runtime.load(Path(engine_dir), manifest, target), manifest
+    try:
+        return runtime.load(Path(engine_dir), manifest, target), manifest
+    except KilnError:
+        raise
+    except Exception as e:
+        # The runtime's own error, whole and chained: an unhashed (older) engine or a runtime's own limit.
+        raise KilnError(
+            f"{runtime.name} cannot load engine {engine_dir}: {type(e).__name__}: {summarize(e)}; "
+            f"if its files were damaged, rebuild it with `dvc repro -f -s build@{manifest.get('target', '<target>')}`"
+        ) from e

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import traceback
@@ -16,7 +15,8 @@ from torch import nn
 
 from .atomic import atomic_path
 from .config import ModelSpec
-from .errors import KilnError
+from .errors import KilnError, StorageError, chain, describe_os_error, find_os_error, strip_ansi
+from .hashing import sha256_file
 from .inputs import make_inputs
 from .models import flatten_outputs
 
@@ -72,21 +72,13 @@ def check_opset(opset: Any, exporter: str) -> None:
         )
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _dims(value_info: Any) -> list[int | str]:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
 def _summarize_failure(e: BaseException) -> str:
     """A few lines from a torch export failure; the full report goes to the log."""
-    text = str(e)
+    text = strip_ansi(str(e))
     cause = e.__cause__ or e.__context__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     # torch's own report puts the real reason under "Exception summary".
@@ -142,10 +134,15 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
                     dynamic_axes={n: {0: "batch"} for n in input_names + output_names},
                 )
         except Exception as e:
+            os_error = find_os_error(e)
+            if os_error is not None:
+                # Writing the graph failed, not exporting it: measured now, while the partial file still takes its space.
+                raise StorageError(describe_os_error(os_error, out_path)) from e
             traceback.print_exc(file=sys.stderr)  # the full report stays in the stage's log
+            # Tracing advice fits a graph torch could not capture, not a file it could not read or write.
+            advice = "" if any(isinstance(x, OSError) for x in chain(e)) else "; for a data-dependent branch, rewrite it with torch.where/torch.cond"
             raise KilnError(
-                f"torch.onnx.export ({settings.exporter}) failed: {_summarize_failure(e)} "
-                "(full report above in the log; for a data-dependent branch, rewrite it with torch.where/torch.cond)"
+                f"torch.onnx.export ({settings.exporter}) failed: {_summarize_failure(e)} (full report above in the log{advice})"
             ) from e
         manifest_warnings = [
             {"category": w.category.__name__, "message": str(w.message).strip(), "where": f"{w.filename}:{w.lineno}"}

@@ -1,4 +1,4 @@
-"""What every stage script shares: logging to the stage's log, and one clear line on a user error."""
+"""What every stage script shares: logging to the stage's log, and one clear line on a user error or a storage failure."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ def run_stage(main: Callable[[], None]) -> None:
         print("kiln: interrupted; no output was written", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        from .errors import KilnError
+        from .errors import user_message
 
-        if not isinstance(e, KilnError):
+        # A full disk or a failing one is named as such, whatever the library that hit it made of it.
+        message = user_message(e)
+        if message is None:
             raise
-        print(f"kiln: error: {e}", file=sys.stderr)
+        print(f"kiln: error: {message}", file=sys.stderr)
         sys.exit(1)
