@@ -70,5 +70,5 @@ def digits_params(dirs: dict[str, Path], checkpoint: Path) -> dict[str, Any]:
             "inputs": {"input": {"shape": [3, 16, 16], "dtype": "float32"}}, "outputs": ["logits"], "seed": 0,
         },
         "data": {"calibration_dir": str(dirs["calibration"]), "eval_dir": str(dirs["eval"]), "eval_limit": 600, "preprocess": PREPROCESS},
-        "calibration": {"subset_size": 300, "batch": 16, "method": "minmax", "preset": "performance", "ignored_scope": [], "options": {}},
+        "calibration": {"subset_size": 300, "batch": 16, "method": "minmax", "ignored_scope": [], "options": {}},
     }

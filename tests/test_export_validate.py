@@ -109,7 +109,7 @@ def test_tolerance_is_what_decides(tmp_path):
         ("dynamo", 13, r"opsets 18\.\.\d+ .*use exporter 'torchscript'"),
         ("dynamo", 99, r"export.opset 99 cannot be targeted"),
         ("torchscript", 25, r"opsets 7\.\.20"),
-        ("dynamo", "18", r"export.opset '18'"),
+        ("dynamo", "18", r"export.opset must be an integer, got '18'"),
     ],
 )
 def test_opset_the_exporter_cannot_target(exporter, opset, match):

@@ -91,8 +91,10 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
         run_ = json.loads((project / "reports" / "runs" / f"{t}.json").read_text())
         for b in ("b1", "b4", "b8", "b32"):  # the quick batch sizes and the profile's min/opt/max
             assert 0 < run_["latency"][b]["p50_ms"] <= run_["latency"][b]["p99_ms"]
-        if "int8" not in t:
+        if manifest["precision"]["requested"] == "fp32":
             assert run_["accuracy"]["max_abs_err"] < 1e-3 and metrics["top1_agreement"] == 1.0
+        elif manifest["precision"]["requested"] in ("bf16", "fp16"):  # run where the CPU has them natively: 8-10 bit mantissas
+            assert run_["accuracy"]["max_abs_err"] < 0.1, (t, run_["accuracy"]["max_abs_err"])
         assert run_["served"]["requests"] >= 10 and set(run_["served"]["drawn"]) == {"1", "4"}
         assert run_["compiler"]["build_seconds"] > 0
         assert (project / "reports" / "plots" / f"{t}.csv").read_text().startswith("batch,ms_per_image")

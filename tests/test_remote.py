@@ -23,9 +23,9 @@ KEEP = ("torch-eager", "onnxruntime")
 
 
 def two_targets() -> list[str]:
-    import yaml
+    from kiln.params import compose
 
-    every = yaml.safe_load((ROOT / "conf" / "targets" / "cpu.yaml").read_text())
+    every = compose(config_dir=ROOT / "conf")["targets"]
     return [f"~targets.{name}" for name in every if name not in KEEP]
 
 

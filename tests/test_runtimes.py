@@ -222,3 +222,86 @@ def test_an_engine_without_file_hashes_still_loads_and_a_failed_load_keeps_the_r
     assert "Incorrect weights in bin file!" in message and "Exception from src/" not in message
     assert message.endswith("rebuild it with `dvc repro -f -s build@openvino`")
     assert isinstance(raised.value.__cause__, RuntimeError) and "Incorrect weights in bin file!" in str(raised.value.__cause__)
+
+
+def test_every_registered_runtime_declares_what_kiln_needs():
+    import dataclasses
+
+    from kiln.runtimes import RUNTIMES, CalibratingRuntime, get_runtime
+    from kiln.settings import parse
+
+    for name, info in RUNTIMES.items():
+        runtime = get_runtime(name)
+        assert runtime.name == name and runtime.info is info
+        assert runtime.precisions == info.precisions and set(info.calibrated) <= set(info.precisions)
+        assert runtime.libraries and all(info.libraries[lib] for lib in runtime.libraries), f"{name} declares no distributions"
+        # A runtime with calibrated precisions must be able to calibrate, and only then.
+        assert isinstance(runtime, CalibratingRuntime) == bool(info.calibrated), name
+        assert dataclasses.is_dataclass(runtime.options_type)
+        parse(runtime.options_type, {}, f"targets.{name}.options")  # every option has a default
+        if info.calibrated:
+            parse(runtime.calibration_options_type, {}, f"targets.{name}.calibration.options")
+
+
+def test_a_runtime_whose_libraries_are_unknown_fails_loudly():
+    from types import SimpleNamespace
+
+    from kiln import fingerprint
+    from kiln.engine import library_versions
+
+    machine = fingerprint.collect()
+    assert library_versions(SimpleNamespace(name="onnxruntime", libraries=("onnxruntime",)), machine) == {
+        "onnxruntime": machine["software"]["onnxruntime"]}
+    with pytest.raises(KilnError, match=r"runtime 'fake' depends on nosuchlib, but this machine's fingerprint has no version of it"):
+        library_versions(SimpleNamespace(name="fake", libraries=("nosuchlib",)), machine)
+    with pytest.raises(KilnError, match=r"runtime 'bare' declares no libraries"):
+        library_versions(SimpleNamespace(name="bare", libraries=()), machine)
+
+
+TORCH_FREE = """
+import sys, json
+from pathlib import Path
+sys.path.insert(0, str(Path({root!r}) / "stages"))
+import build, benchmark  # the stage scripts' own imports
+from kiln.accuracy import accuracy_against_reference
+from kiln.benchmark import BenchmarkSettings, benchmark_latency
+from kiln.config import ModelSpec, Target
+from kiln.engine import build_engine, load_engine
+from kiln.runtimes import BuildSource
+from kiln.reference import load_reference
+spec = ModelSpec.from_params(json.loads({spec!r}))
+target = Target.from_params("ort", {{"targets": {{"ort": {{"runtime": "onnxruntime", "threads": 1, "profile": {{"min": 1, "opt": 2, "max": 4}}}}}}}})
+build_engine(target, BuildSource(Path({onnx!r}), spec), Path({engine!r}))
+session, _ = load_engine(Path({engine!r}), target)
+accuracy_against_reference(session, load_reference({reference!r}), chunk=2)
+benchmark_latency(session, spec.inputs, target.profile, BenchmarkSettings(batch_sizes=(2,), warmup_iters=1, min_iters=2, min_time_s=0), progress=False)
+print(json.dumps(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))))
+"""
+
+
+def test_building_and_benchmarking_an_onnxruntime_target_never_imports_torch(tmp_path, tiny_onnx):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT, tiny_model_params, venv_env
+
+    from kiln.inputs import make_inputs
+    from kiln.reference import save_reference
+
+    path, spec, _ = tiny_onnx
+    feeds = make_inputs(spec.inputs, 4, 0)
+    reference = {"inputs": feeds, "outputs": get_runtime_outputs(path, feeds), "labels": None, "source": "seeded"}
+    save_reference(tmp_path / "reference.npz", reference)
+    code = TORCH_FREE.format(root=str(ROOT), spec=json.dumps(tiny_model_params()), onnx=str(path), engine=str(tmp_path / "engine"),
+                             reference=str(tmp_path / "reference.npz"))
+    result = subprocess.run([sys.executable, "-c", code], env=venv_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == []
+
+
+def get_runtime_outputs(path, feeds):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))

@@ -129,9 +129,9 @@ def test_bad_profiles_say_what_is_wrong(options, message):
 
 
 def test_gpu_target_set_parses():
-    import yaml
+    from kiln.params import compose
 
-    raw = yaml.safe_load((ROOT / "conf" / "targets" / "gpu.yaml").read_text())
+    raw = compose(["targets=gpu"], ROOT / "conf")["targets"]
     targets = {name: Target.from_params(name, {"targets": raw}) for name in raw}
     assert {"torch-eager", "tensorrt-fp16", "tensorrt-int8", "torch-cuda-fp16", "torch-compile-cuda"} <= set(targets)
     assert targets["torch-eager"].precision == "fp32" and targets["torch-eager"].device == "cuda"  # the report's baseline
@@ -156,7 +156,7 @@ def test_builder_settings_defaults_and_values():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"builder_optimisation_level": 3}, r"unknown TensorRT options \['builder_optimisation_level'\] \(did you mean 'builder_optimization_level'\?\); known:"),
+        ({"builder_optimisation_level": 3}, r"has unknown keys \['builder_optimisation_level'\] \(did you mean 'builder_optimization_level'\?\); known:"),
         ({"builder_optimization_level": 7}, r"builder_optimization_level must be an integer from 0 .* to 5"),
         ({"workspace_mib": 0}, r"workspace_mib must be a positive number of MiB"),
         ({"timing_cache": 3}, r"timing_cache must be a file path, or false"),

@@ -37,18 +37,15 @@ class BenchmarkSettings:
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any] | None) -> "BenchmarkSettings":
-        raw = dict(raw or {})
-        known = {"batch_sizes", "warmup_iters", "min_iters", "min_time_s", "max_iters", "seed", "accuracy_budget", "fail_on_budget",
-                 "serve", "served_requests"}
-        unknown = set(raw) - known
-        if unknown:
-            raise KilnError(f"benchmark has unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
-        s = cls(**{k: (tuple(v) if k == "batch_sizes" else v) for k, v in raw.items()})
-        if not s.batch_sizes or any(not isinstance(b, int) or b < 1 for b in s.batch_sizes):
-            raise KilnError(f"benchmark.batch_sizes must be a non-empty list of positive integers, got {list(s.batch_sizes)}")
-        if s.min_iters < 1 or s.warmup_iters < 0 or s.min_time_s < 0 or s.served_requests < 1:
-            raise KilnError("benchmark.min_iters and served_requests must be >= 1, warmup_iters and min_time_s >= 0")
-        return s
+        from .settings import parse
+
+        return parse(cls, raw, "benchmark")
+
+    def check(self, where: str) -> None:
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise KilnError(f"{where}.batch_sizes must be a non-empty list of positive integers, got {list(self.batch_sizes)}")
+        if self.min_iters < 1 or self.warmup_iters < 0 or self.min_time_s < 0 or self.served_requests < 1 or self.max_iters < self.min_iters:
+            raise KilnError(f"{where}.min_iters and served_requests must be >= 1, warmup_iters and min_time_s >= 0, max_iters >= min_iters")
 
     def to_params(self) -> dict[str, Any]:
         return {**self.__dict__, "batch_sizes": list(self.batch_sizes)}

@@ -8,48 +8,49 @@ so new calibration data re-builds only the targets that use it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
 
 from .config import ModelSpec, Target
 from .errors import KilnError
 from .images import ImageSet, Preprocess, preprocess_for
+from .runtimes import needs_calibration
+from .settings import to_params
 
 MARKER = "calibration.json"
-# Precisions that need activation statistics from real data.
-CALIBRATED_PRECISIONS = ("int8", "fp8")
-METHODS = ("minmax", "entropy", "percentile")
 
 
 @dataclass(frozen=True)
 class CalibrationSettings:
+    """`calibration` (shared by every calibrated target) merged with `targets.<name>.calibration`. `options`
+    are the runtime's own (its `calibration_options_type`: NNCF's preset and accuracy control for OpenVINO,
+    reduce_range for ONNX Runtime), parsed per target."""
+
     subset_size: int = 300
     batch: int = 8
-    method: str = "minmax"
-    preset: str = "performance"  # NNCF: performance (symmetric) or mixed (asymmetric activations)
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
     ignored_scope: tuple[str, ...] = ()
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Any = None
 
     @classmethod
-    def for_target(cls, raw: Mapping[str, Any] | None, target: Target) -> "CalibrationSettings":
+    def for_target(cls, raw: Mapping[str, Any] | None, target: Target, options_type: type) -> "CalibrationSettings":
+        from .settings import parse
+
         merged = {**dict(raw or {}), **target.calibration}
-        known = {"subset_size", "batch", "method", "preset", "ignored_scope", "options"}
-        unknown = set(merged) - known
-        if unknown:
-            raise KilnError(f"calibration (or targets.{target.name}.calibration) has unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
-        s = cls(**{k: tuple(v or ()) if k == "ignored_scope" else v for k, v in merged.items()})
-        if not isinstance(s.subset_size, int) or s.subset_size < 1:
-            raise KilnError(f"calibration.subset_size must be a positive integer, got {s.subset_size!r}")
-        if s.method not in METHODS:
-            raise KilnError(f"calibration.method '{s.method}' is not one of {', '.join(METHODS)}")
-        return s
-
-
-def needs_calibration(target: Target) -> bool:
-    return target.precision in CALIBRATED_PRECISIONS
+        if "preset" in merged:
+            raise KilnError(f"calibration.preset is an OpenVINO (NNCF) option now: set targets.{target.name}.calibration.options.preset "
+                            "(performance or mixed) on the OpenVINO targets that need it")
+        options = {**dict((raw or {}).get("options") or {}), **dict(target.calibration.get("options") or {})}
+        merged.pop("options", None)
+        # The shared block first, so that an error names the block that holds the bad value.
+        parse(cls, {k: v for k, v in dict(raw or {}).items() if k != "options"}, "calibration")
+        s = parse(cls, merged, f"targets.{target.name}.calibration")
+        if s.subset_size < 1 or s.batch < 1:
+            raise KilnError(f"calibration.subset_size and batch must be positive integers, got {s.subset_size} and {s.batch}")
+        return replace(s, options=parse(options_type, options, f"targets.{target.name}.calibration.options (with calibration.options)"))
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,13 @@ def read_marker(calibration_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def layer_sensitivity(runtime: Any, onnx_path: Path, calibration_dir: Path, calib: CalibrationSet, samples: int = 16) -> list[dict[str, Any]]:
+def layer_sensitivity(runtime: object, onnx_path: Path, calibration_dir: Path, calib: CalibrationSet, samples: int = 16) -> list[dict[str, Any]]:
     """Top layers by quantization noise added, on a few calibration images (a diagnostic, not an accuracy figure)."""
     from .sensitivity import rank_layers
 
-    if not hasattr(runtime, "layer_activations"):
+    from .runtimes import LayerInspectingRuntime
+
+    if not isinstance(runtime, LayerInspectingRuntime):
         return []
     feeds = {calib.input_name: calib.images.subset(min(samples, len(calib))).load(calib.preprocess)}
     return rank_layers(runtime.layer_activations(onnx_path, calibration_dir, feeds))
@@ -131,20 +134,22 @@ def layer_sensitivity(runtime: Any, onnx_path: Path, calibration_dir: Path, cali
 def calibrate_target(target: Target, onnx_path: Path, spec: ModelSpec, params: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     """Write `out_dir` (atomically): the runtime's quantized model for int8 targets, a marker for the rest."""
     from .atomic import atomic_path
-    from .engine import skip_reason
-    from .runtimes import get_runtime
+    from .runtimes import CalibratingRuntime, get_runtime, skip_reason
 
     info: dict[str, Any] = {"target": target.name, "runtime": target.runtime, "precision": target.precision, "needed": needs_calibration(target)}
     # Fail (or skip an optional target) before reading a single image when it cannot be built here anyway.
     if info["needed"] and (skipped := skip_reason(target)):
         info.update(needed=False, skipped=skipped)
     if info["needed"]:
-        settings = CalibrationSettings.for_target(params.get("calibration"), target)
+        runtime = get_runtime(target.runtime)
+        if not isinstance(runtime, CalibratingRuntime):
+            raise KilnError(f"runtime '{target.runtime}' lists {target.precision} as calibrated but has no calibrate(): a kiln bug")
+        settings = CalibrationSettings.for_target(params.get("calibration"), target, runtime.calibration_options_type)
         calib = CalibrationSet.from_params(params.get("data") or {}, spec, settings)
     with atomic_path(out_dir, is_dir=True) as tmp:
         if info["needed"]:
-            info.update(images=len(calib), folder=str(calib.images.root), ignored_scope=list(settings.ignored_scope))
-            runtime = get_runtime(target.runtime)
+            info.update(images=len(calib), folder=str(calib.images.root), ignored_scope=list(settings.ignored_scope),
+                        options=to_params(settings.options))
             info.update(runtime.calibrate(target, Path(onnx_path), calib, settings, tmp))
             info["sensitivity"] = layer_sensitivity(runtime, Path(onnx_path), tmp, calib)
         write_marker(tmp, info)

@@ -20,10 +20,10 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
     """Every settings block and target, parsed and checked; the targets, in params order."""
     from .accuracy import BUDGET_KEYS
     from .benchmark import BenchmarkSettings
-    from .calibration import CalibrationSettings, needs_calibration
+    from .calibration import CalibrationSettings
     from .export import ExportSettings
     from .images import Preprocess
-    from .runtimes import get_runtime
+    from .runtimes import CalibratingRuntime, get_runtime, needs_calibration, runtime_options
     from .validate import ValidateSettings
 
     check_target_names(params)
@@ -42,8 +42,10 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
                 f"targets.{name}.precision '{target.precision}': runtime '{target.runtime}' does not offer it; "
                 f"it offers {', '.join(runtime.precisions)}"
             )
+        runtime_options(runtime, target)
         if needs_calibration(target):
-            CalibrationSettings.for_target(params.get("calibration"), target)
+            assert isinstance(runtime, CalibratingRuntime)
+            CalibrationSettings.for_target(params.get("calibration"), target, runtime.calibration_options_type)
         budget = {**benchmark.accuracy_budget, **target.accuracy_budget}
         unknown = set(budget) - set(BUDGET_KEYS)
         if unknown:

@@ -6,7 +6,6 @@ these classes so a bad value fails early with the key that holds it.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import KilnError
+from .errors import KilnError, close_matches
 
 PARAMS_FILE = "params.yaml"
 DTYPES = ("float32", "float16", "bfloat16", "uint8", "int8", "int32", "int64")
@@ -72,12 +71,6 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def close_matches(word: Any, choices: Any, n: int = 3) -> str:
-    # Keys from YAML can be integers (a served distribution's batch sizes): compare them as text.
-    matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=0.6)
-    return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ""
 
 
 def _require(mapping: Mapping[str, Any], key: str, where: str) -> Any:

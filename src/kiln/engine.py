@@ -21,7 +21,7 @@ from .atomic import atomic_path
 from .config import Target
 from .errors import EngineMismatch, KilnError, summarize
 from .hashing import sha256_file, sha256_tree
-from .runtimes import BuildSource, Session, get_runtime
+from .runtimes import BuildSource, Runtime, Session, get_runtime, skip_reason
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -29,23 +29,23 @@ FILES = "files_sha256"  # relative path -> sha256 of each engine file, the manif
 _unchecked_logged: set[Path] = set()
 
 
-def skip_reason(target: Target) -> str | None:
-    """Why this machine cannot run `target`, for a target marked `required: false`; None when it can.
+def library_versions(runtime: Runtime, machine: Mapping[str, Any]) -> dict[str, str]:
+    """The versions of the libraries the runtime's engines depend on. Loading compares them with this machine's,
+    so a library whose version is unknown would make that check compare nothing: refused."""
+    if not runtime.libraries:
+        raise KilnError(f"runtime '{runtime.name}' declares no libraries in kiln.runtimes.RUNTIMES: its engines could not be checked on load")
+    versions = {lib: machine["software"].get(lib) for lib in runtime.libraries}
+    unknown = [lib for lib, version in versions.items() if version is None]
+    if unknown:
+        from .fingerprint import libraries
 
-    A precision the runtime never offers is a config error and raises for every target; a
-    target this machine cannot run raises unless it is optional (a CPU set shared by machines
-    with and without bf16, say), in which case it is skipped and the report says why.
-    """
-    runtime = get_runtime(target.runtime)
-    if target.precision not in runtime.precisions:
+        names = {lib: libraries().get(lib, ()) for lib in unknown}
         raise KilnError(
-            f"targets.{target.name}: runtime '{target.runtime}' does not offer precision '{target.precision}'; "
-            f"it offers {', '.join(runtime.precisions)}"
+            f"runtime '{runtime.name}' depends on {', '.join(unknown)}, but this machine's fingerprint has no version of "
+            f"{'it' if len(unknown) == 1 else 'them'} (looked for the distributions {names}): install it, or declare the "
+            f"distribution it ships as in kiln.runtimes.RUNTIMES, then re-run the probe (`dvc repro`)"
         )
-    reason = runtime.unavailable_reason(target)
-    if reason and target.required:
-        raise KilnError(f"targets.{target.name}: cannot build on this machine: {reason} (mark the target `required: false` to skip it on such machines)")
-    return reason
+    return {lib: str(version) for lib, version in versions.items()}
 
 
 def build_engine(target: Target, source: BuildSource, engine_dir: str | Path, machine: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -74,7 +74,7 @@ def build_engine(target: Target, source: BuildSource, engine_dir: str | Path, ma
             "precision": {"requested": target.precision, "executed": extra.pop("executed_precision", target.precision)},
             "profile": target.profile.to_params(),
             "options": target.options,
-            "versions": {lib: machine["software"].get(lib) for lib in runtime.libraries},
+            "versions": library_versions(runtime, machine),
             "hardware": machine["hardware"],
             "source_onnx_sha256": sha256_file(source.onnx_path),
             "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+
+def close_matches(word: Any, choices: Any, n: int = 3) -> str:
+    """" (did you mean 'x'?)" for the choices that look like `word`, or "": for messages about a typo."""
+    # Keys from YAML can be integers (a served distribution's batch sizes): compare them as text.
+    matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=0.6)
+    return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ""
 
 
 class KilnError(Exception):

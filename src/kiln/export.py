@@ -8,7 +8,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import nn
@@ -19,10 +19,10 @@ from .errors import KilnError, StorageError, chain, describe_os_error, find_os_e
 from .hashing import sha256_file
 from .inputs import make_inputs
 from .models import flatten_outputs
+from .settings import parse
 
 log = logging.getLogger(__name__)
 
-EXPORTERS = ("dynamo", "torchscript")
 # The dynamo exporter emits opset 18 and up; older opsets go through a version converter that
 # silently keeps 18 when it fails, so kiln refuses them up front.
 MIN_OPSET = {"dynamo": 18, "torchscript": 7}
@@ -32,30 +32,20 @@ MAX_TORCHSCRIPT_OPSET = 20
 @dataclass(frozen=True)
 class ExportSettings:
     opset: int = 18
-    exporter: str = "dynamo"
-    batch: int = 2
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    batch: int = 2  # the traced batch size; validation uses others
     seed: int = 0
+    fold_preprocess: bool = False  # data.preprocess's scaling and layout inside the graph (config.engine_spec)
 
     @classmethod
-    def from_params(cls, raw: dict[str, Any] | None) -> "ExportSettings":
-        raw = dict(raw or {})
-        known = {"opset", "exporter", "batch", "seed", "fold_preprocess"}  # fold_preprocess: read by config.engine_spec
-        unknown = set(raw) - known
-        if unknown:
-            raise KilnError(f"export has unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
-        s = cls(
-            opset=raw.get("opset", cls.opset),
-            exporter=raw.get("exporter", cls.exporter),
-            batch=raw.get("batch", cls.batch),
-            seed=raw.get("seed", cls.seed),
-        )
-        if s.exporter not in EXPORTERS:
-            raise KilnError(f"export.exporter '{s.exporter}' is not one of {', '.join(EXPORTERS)}")
-        if not isinstance(s.batch, int) or s.batch < 2:
+    def from_params(cls, raw: Mapping[str, Any] | None) -> "ExportSettings":
+        return parse(cls, raw, "export")
+
+    def check(self, where: str) -> None:
+        if self.batch < 2:
             # torch.export specialises size-1 dimensions, so a batch of 1 would freeze the batch axis.
-            raise KilnError(f"export.batch must be an integer >= 2 (a traced batch of 1 is frozen by the exporter), got {s.batch!r}")
-        check_opset(s.opset, s.exporter)
-        return s
+            raise KilnError(f"{where}.batch must be an integer >= 2 (a traced batch of 1 is frozen by the exporter), got {self.batch!r}")
+        check_opset(self.opset, self.exporter)
 
 
 def check_opset(opset: Any, exporter: str) -> None:

@@ -19,16 +19,18 @@ CPU_FEATURES = (
     "asimd", "sve", "sve2", "bf16", "i8mm",
 )
 
-# Distribution names per library: a library can ship under several names (onnxruntime-gpu, ...).
-LIBRARIES = {
-    "torch": ("torch",),
-    "torchvision": ("torchvision",),
-    "onnx": ("onnx",),
-    "onnxscript": ("onnxscript",),
-    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"),
-    "openvino": ("openvino",),
-    "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
-}
+# The libraries of the export itself; each runtime's own are declared with it (kiln.runtimes.RUNTIMES).
+EXPORT_LIBRARIES = {"torch": ("torch",), "torchvision": ("torchvision",), "onnx": ("onnx",), "onnxscript": ("onnxscript",)}
+
+
+def libraries() -> dict[str, tuple[str, ...]]:
+    """Library -> the pip distributions it may be installed as, for every library an engine can depend on."""
+    from .runtimes import RUNTIMES  # a table only: imports no framework
+
+    out = dict(EXPORT_LIBRARIES)
+    for info in RUNTIMES.values():
+        out.update(info.libraries)
+    return out
 
 
 def _cpu() -> dict[str, Any]:
@@ -80,7 +82,7 @@ def _gpus() -> list[dict[str, str]]:
 
 def library_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
-    for lib, dists in LIBRARIES.items():
+    for lib, dists in libraries().items():
         versions[lib] = None
         for dist in dists:
             try:

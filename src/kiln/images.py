@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -29,26 +29,22 @@ class Preprocess:
     crop: int = 224
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    layout: str = "NCHW"
-    dtype: str = "float32"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    dtype: Literal["float32", "uint8"] = "float32"
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any] | None) -> "Preprocess":
-        raw = dict(raw or {})
-        known = {"resize", "crop", "mean", "std", "layout", "dtype"}
-        unknown = set(raw) - known
-        if unknown:
-            raise KilnError(f"data.preprocess has unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
-        p = cls(**{k: tuple(v) if k in ("mean", "std") else v for k, v in raw.items()})
-        if p.layout not in ("NCHW", "NHWC"):
-            raise KilnError(f"data.preprocess.layout must be NCHW or NHWC, got {p.layout!r}")
-        if p.dtype not in ("float32", "uint8"):
-            raise KilnError(f"data.preprocess.dtype must be float32 or uint8, got {p.dtype!r}")
-        if p.crop > p.resize:
-            raise KilnError(f"data.preprocess.crop ({p.crop}) cannot exceed resize ({p.resize})")
-        if len(p.mean) != len(p.std):
-            raise KilnError("data.preprocess.mean and std must have one value per channel")
-        return p
+        from .settings import parse
+
+        return parse(cls, raw, "data.preprocess")
+
+    def check(self, where: str) -> None:
+        if self.resize < 1 or self.crop < 1:
+            raise KilnError(f"{where}.resize and crop must be positive pixel counts, got {self.resize} and {self.crop}")
+        if self.crop > self.resize:
+            raise KilnError(f"{where}.crop ({self.crop}) cannot exceed resize ({self.resize})")
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise KilnError(f"{where}.mean and std must have one value per channel")
 
     def to_params(self) -> dict[str, Any]:
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std), "layout": self.layout, "dtype": self.dtype}

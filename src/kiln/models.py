@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ModelSpec, close_matches
-from .errors import KilnError
+from .config import ModelSpec
+from .errors import KilnError, close_matches
 
 log = logging.getLogger(__name__)
 

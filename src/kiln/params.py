@@ -152,7 +152,7 @@ def compose_yaml(overrides: Sequence[str] = (), config_dir: str | Path = CONFIG_
 
 def _hint(overrides: Sequence[str], config_dir: str | Path) -> str:
     """Did-you-mean for an override whose key does not exist (a typo in a sweep)."""
-    from .config import close_matches
+    from .errors import close_matches
 
     if not overrides:
         return ""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -35,15 +35,12 @@ class ValidateSettings:
     reference_seed: int = 4321
 
     @classmethod
-    def from_params(cls, raw: dict[str, Any] | None, traced_batch: int) -> "ValidateSettings":
-        raw = dict(raw or {})
-        known = {"batch_sizes", "seed", "atol", "rtol", "allow_degenerate_reference", "reference_samples", "reference_seed"}
-        unknown = set(raw) - known
-        if unknown:
-            raise KilnError(f"validate has unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
-        s = cls(**{k: (tuple(v) if k == "batch_sizes" else v) for k, v in raw.items()})
+    def from_params(cls, raw: Mapping[str, Any] | None, traced_batch: int) -> "ValidateSettings":
+        from .settings import parse
+
+        s = parse(cls, raw, "validate")
         sizes = [b for b in s.batch_sizes if b != traced_batch]
-        if len(set(sizes)) < 2 or any(not isinstance(b, int) or b < 1 for b in s.batch_sizes):
+        if len(set(sizes)) < 2 or any(b < 1 for b in s.batch_sizes):
             raise KilnError(
                 f"validate.batch_sizes must hold at least two positive batch sizes other than the traced export.batch "
                 f"({traced_batch}), got {list(s.batch_sizes)}"

@@ -1,48 +1,69 @@
-"""Runtimes behind one protocol.
+"""Runtimes behind one protocol. Adding a runtime is one module here and one line in RUNTIMES.
 
-Each runtime is one module here exposing `RUNTIME`, an object with:
+The line (a `RuntimeInfo`) holds what kiln must know without importing the runtime's framework:
+the precisions it can be asked for, which of them need calibration data, and the libraries an
+engine depends on with the pip distributions each ships as (the probe records their versions, so
+engines re-build when one changes, and loading refuses an engine built with other versions).
 
-- `name`, `precisions` (what it can be asked for), `libraries` (the packages whose
-  versions an engine depends on);
-- `unavailable_reason(target) -> str | None`: why it cannot build/run `target` here;
-- `build(target, source, engine_dir) -> dict`: write the engine files into `engine_dir`
-  and return manifest fields (at least `executed_precision`);
-- `load(engine_dir, manifest, target) -> Session`: a session with
-  `input_names`, `output_names` and `infer(feeds) -> dict[str, np.ndarray]`;
-- for runtimes offering int8: `calibrate(target, onnx_path, calibration_set, settings, out_dir) -> dict`,
-  which writes the runtime's quantized model into `out_dir` for `build` to pick up.
+The module exposes `RUNTIME`, an object that satisfies `Runtime`:
 
-Optional parts of the protocol, used where present:
+- `name`, `info` (its RuntimeInfo), `precisions` and `libraries` (from `info`);
+- `options_type`: the dataclass its `targets.<name>.options` parse into (kiln.settings: unknown keys,
+  types and defaults come from it, and the configure stage checks every target's options);
+- `unavailable_reason(target) -> str | None`: why it cannot build/run `target` on this machine;
+- `build(target, source, engine_dir) -> dict`: write the engine files into `engine_dir` and return
+  manifest fields (at least `executed_precision`; optionally `graph`, what the compiler did:
+  `{"nodes_in", "nodes_out", "fusions", "layer_precisions", "source"}`, and `compile_seconds`);
+- `load(engine_dir, manifest, target) -> Session`: `input_names`, `output_names` and
+  `infer(feeds) -> dict[str, np.ndarray]`.
 
-- `build` may return `graph`: what the compiler did, for the report's "where did the speed come
-  from" table: `{"nodes_in": int, "nodes_out": int, "fusions": {"Conv+BatchNorm+Relu": 12, ...},
-  "layer_precisions": {"f32": 40, "u8": 12}, "source": "how nodes_out was counted"}` (any key may be
-  missing where the runtime cannot say), and `compile_seconds` for ahead-of-time compilers;
-- a session may have `time_ms(feeds) -> float`: run one inference and return its time measured on
-  the device (CUDA events); the benchmark then uses it instead of the host clock.
+Optional capabilities, each a protocol of its own that callers test with isinstance:
 
-Stages and the benchmark only talk to this protocol; adding a runtime is adding a module
-and a line in RUNTIMES. Importing this package imports no framework.
+- `CalibratingRuntime`: `calibration_options_type` and `calibrate(...)`, which writes the runtime's
+  quantized model for `build` to pick up; required of a runtime whose info lists calibrated precisions;
+- `LayerInspectingRuntime`: `layer_activations(...)`, per-layer outputs of the fp32 and the quantized
+  model, for the quantization sensitivity ranking;
+- `DeviceTimedSession`: a session's `time_ms(feeds)`, one inference timed on the device (CUDA events),
+  which the benchmark then uses instead of the host clock.
+
+Stages and the benchmark only talk to these protocols. Importing this package imports no framework
+(the probe reads RUNTIMES on every `dvc repro`).
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, runtime_checkable
 
-import numpy as np
+from ..errors import KilnError, close_matches
 
-from ..config import ModelSpec, Target, close_matches
-from ..errors import KilnError
+if TYPE_CHECKING:
+    import numpy as np
 
-# runtime name -> module; modules are imported only when a target uses them.
-RUNTIMES = {
-    "torch": "kiln.runtimes.torch",
-    "onnxruntime": "kiln.runtimes.onnxruntime",
-    "openvino": "kiln.runtimes.openvino",
-    "tensorrt": "kiln.runtimes.tensorrt",
+    from ..calibration import CalibrationSet, CalibrationSettings
+    from ..config import ModelSpec, Target
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What kiln knows of a runtime without importing it."""
+
+    module: str
+    precisions: tuple[str, ...]
+    calibrated: tuple[str, ...] = ()  # precisions whose calibrate@<target> runs the runtime's quantizer
+    libraries: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # library -> pip distributions it ships as
+
+
+RUNTIMES: dict[str, RuntimeInfo] = {
+    "torch": RuntimeInfo("kiln.runtimes.torch", ("fp32", "bf16", "fp16"),
+                         libraries={"torch": ("torch",), "torchvision": ("torchvision",)}),
+    "onnxruntime": RuntimeInfo("kiln.runtimes.onnxruntime", ("fp32", "int8"), ("int8",),
+                               {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino")}),
+    "openvino": RuntimeInfo("kiln.runtimes.openvino", ("fp32", "bf16", "fp16", "int8"), ("int8",), {"openvino": ("openvino",)}),
+    "tensorrt": RuntimeInfo("kiln.runtimes.tensorrt", ("fp32", "fp16", "bf16", "int8", "fp8"), ("int8", "fp8"),
+                            {"tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")}),
 }
 
 
@@ -63,10 +84,17 @@ class Session(Protocol):
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+@runtime_checkable
+class DeviceTimedSession(Protocol):
+    def time_ms(self, feeds: Mapping[str, np.ndarray]) -> float: ...
+
+
 class Runtime(Protocol):
     name: str
+    info: RuntimeInfo
     precisions: tuple[str, ...]
     libraries: tuple[str, ...]
+    options_type: type
 
     def unavailable_reason(self, target: Target) -> str | None: ...
 
@@ -75,8 +103,61 @@ class Runtime(Protocol):
     def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> Session: ...
 
 
-def get_runtime(name: str) -> Runtime:
+@runtime_checkable
+class CalibratingRuntime(Protocol):
+    calibration_options_type: type
+
+    def calibrate(self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings,
+                  out_dir: Path) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class LayerInspectingRuntime(Protocol):
+    def layer_activations(self, onnx_path: Path, calibration_dir: Path,
+                          feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]: ...
+
+
+def runtime_info(name: str) -> RuntimeInfo:
     if name not in RUNTIMES:
         raise KilnError(f"unknown runtime '{name}'{close_matches(name, RUNTIMES)}; runtimes: {', '.join(RUNTIMES)}")
-    module = importlib.import_module(RUNTIMES[name])
+    return RUNTIMES[name]
+
+
+def get_runtime(name: str) -> Runtime:
+    module = importlib.import_module(runtime_info(name).module)
     return module.RUNTIME  # type: ignore[no-any-return]
+
+
+def runtime_options(runtime: Runtime, target: Target) -> Any:
+    """`targets.<name>.options` parsed into the runtime's options dataclass (defaults filled, types checked)."""
+    from ..settings import parse
+
+    return parse(runtime.options_type, target.options, f"targets.{target.name}.options")
+
+
+def needs_calibration(target: Target) -> bool:
+    return target.precision in runtime_info(target.runtime).calibrated
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A runtime (or its calibration) that takes no options: any key is refused."""
+
+
+def skip_reason(target: Target) -> str | None:
+    """Why this machine cannot run `target`, for a target marked `required: false`; None when it can.
+
+    A precision the runtime never offers is a config error and raises for every target; a
+    target this machine cannot run raises unless it is optional (a CPU set shared by machines
+    with and without bf16, say), in which case it is skipped and the report says why.
+    """
+    runtime = get_runtime(target.runtime)
+    if target.precision not in runtime.precisions:
+        raise KilnError(
+            f"targets.{target.name}: runtime '{target.runtime}' does not offer precision '{target.precision}'; "
+            f"it offers {', '.join(runtime.precisions)}"
+        )
+    reason = runtime.unavailable_reason(target)
+    if reason and target.required:
+        raise KilnError(f"targets.{target.name}: cannot build on this machine: {reason} (mark the target `required: false` to skip it on such machines)")
+    return reason

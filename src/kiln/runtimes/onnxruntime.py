@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 import numpy as np
 import onnxruntime as ort
 
 from ..config import Target
 from ..errors import KilnError
+from . import RUNTIMES, BuildSource, runtime_options
+from .qdq import PREPROCESSED, QDQ, check_ignored_scope, quantize_qdq
+
+if TYPE_CHECKING:
+    from ..calibration import CalibrationSet, CalibrationSettings
 
 OPTIMIZED = "model.optimized.onnx"
-QDQ = "model.qdq.onnx"
-PREPROCESSED = "model.fp32.onnx"  # the fp32 graph the QDQ graph was made from: same nodes, same tensor names
 COMPUTE_OPS = {"Conv", "MatMul", "Gemm", "ConvTranspose"}
 INT8_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool"}
 LEVELS = {
@@ -22,6 +26,21 @@ LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeOptions:
+    """`targets.<name>.options` of an onnxruntime target."""
+
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeCalibration:
+    """`targets.<name>.calibration.options` of an onnxruntime int8 target."""
+
+    # 7-bit weights: "auto" turns them on for CPUs without VNNI, whose u8 x s8 kernels saturate int16.
+    reduce_range: bool | Literal["auto"] = "auto"
 
 
 def _options(target: Target, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
@@ -41,24 +60,6 @@ class OrtSession:
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, dict(feeds))))
-
-
-class _Reader:
-    """ONNX Runtime's CalibrationDataReader over kiln's calibration batches, with a progress bar."""
-
-    def __init__(self, calib: Any):
-        from tqdm import tqdm
-
-        self._batches = calib.batches()
-        self._bar = tqdm(total=len(calib), desc="calibrating (onnxruntime)", unit="img", mininterval=2.0)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        if batch is None:
-            self._bar.close()
-            return None
-        self._bar.update(len(next(iter(batch.values()))))
-        return batch
 
 
 def layer_precisions(nodes: Any) -> dict[str, int]:
@@ -108,44 +109,32 @@ def _has_vnni(machine_features: list[str]) -> bool:
 
 class OnnxRuntimeRuntime:
     name = "onnxruntime"
-    precisions = ("fp32", "int8")
-    libraries = ("onnxruntime",)
+    info = RUNTIMES[name]
+    precisions = info.precisions
+    libraries = tuple(info.libraries)
+    options_type = OnnxRuntimeOptions
+    calibration_options_type = OnnxRuntimeCalibration
 
     def unavailable_reason(self, target: Target) -> str | None:
         if target.device != "cpu":
             return f"kiln's onnxruntime targets use the CPU execution provider; device '{target.device}' is not supported yet"
         return None
 
-    def calibrate(self, target: Target, onnx_path: Path, calib: Any, settings: Any, out_dir: Path) -> dict[str, Any]:
+    def calibrate(self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings, out_dir: Path) -> dict[str, Any]:
         """Static QDQ quantization: per-channel int8 weights, activations calibrated on `calib`."""
         import onnx
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
+        from onnxruntime.quantization import QuantType
 
         from ..fingerprint import collect
 
-        nodes = {n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
-        unknown = [n for n in settings.ignored_scope if n not in nodes]
-        if unknown:
-            raise KilnError(
-                f"targets.{target.name}: ignored_scope names no node of the graph: {', '.join(unknown)} "
-                f"(node names look like {', '.join(sorted(nodes)[:3])}...)"
-            )
-        pre = out_dir / PREPROCESSED
-        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
+        check_ignored_scope(onnx_path, settings, target.name)
         # Without VNNI, x86 int8 kernels multiply u8 x s8 pairs into saturating int16 (vpmaddubsw);
         # 7-bit weights avoid the overflow that otherwise wrecks accuracy.
-        features = collect()["hardware"]["cpu"]["features"]
-        reduce_range = settings.options.get("reduce_range", "auto")
+        reduce_range = settings.options.reduce_range
         if reduce_range == "auto":
-            reduce_range = not _has_vnni(features)
-        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[settings.method]
-        quantize_static(
-            str(pre), str(out_dir / QDQ), _Reader(calib),
-            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=bool(reduce_range),
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=method, nodes_to_exclude=list(settings.ignored_scope) or None,
-        )
+            reduce_range = not _has_vnni(collect()["hardware"]["cpu"]["features"])
+        quantize_qdq(onnx_path, out_dir, calib, settings, self.name, per_channel=True, reduce_range=bool(reduce_range),
+                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         qdq = onnx.load(str(out_dir / QDQ), load_external_data=False)
         dequantized = {n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
         # A compute node whose weights do not come through DequantizeLinear stayed in float.
@@ -185,10 +174,8 @@ class OnnxRuntimeRuntime:
         got = run(qdq, [t for _, _, t in layers])
         return [(node, r, g) for (node, _, _), r, g in zip(layers, ref, got)]
 
-    def build(self, target: Target, source: Any, engine_dir: Path) -> dict[str, Any]:
-        level_name = str(target.options.get("graph_optimization_level", "all"))
-        if level_name not in LEVELS:
-            raise KilnError(f"targets.{target.name}.options.graph_optimization_level '{level_name}' is not one of {', '.join(LEVELS)}")
+    def build(self, target: Target, source: BuildSource, engine_dir: Path) -> dict[str, Any]:
+        level_name = runtime_options(self, target).graph_optimization_level
         so = _options(target, LEVELS[level_name])
         so.optimized_model_filepath = str(engine_dir / OPTIMIZED)
         # Creating the session runs the optimisers and writes the optimised graph.

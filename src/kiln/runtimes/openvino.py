@@ -8,13 +8,18 @@ precision the compiled model really executes is read back and recorded.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 import numpy as np
 import openvino as ov
 
 from ..config import Target
+from . import RUNTIMES, BuildSource, runtime_options
+
+if TYPE_CHECKING:
+    from ..calibration import CalibrationSet, CalibrationSettings
 from ..errors import KilnError
 
 IR = "model.xml"
@@ -28,10 +33,26 @@ def _device(target: Target) -> str:
     return target.device.upper() if target.device in ("cpu", "gpu", "npu") else target.device
 
 
+@dataclass(frozen=True)
+class OpenVinoOptions:
+    """`targets.<name>.options` of an openvino target."""
+
+    performance_hint: Literal["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"] = "LATENCY"
+
+
+@dataclass(frozen=True)
+class OpenVinoCalibration:
+    """`targets.<name>.calibration.options` of an openvino int8 target (NNCF's)."""
+
+    preset: Literal["performance", "mixed"] = "performance"  # symmetric, or asymmetric activations
+    # {max_drop: 1.0}: NNCF returns layers to float until the top-1 drop on labelled data/eval is at most 1 point.
+    accuracy_aware: dict[str, Any] | None = None
+
+
 def _config(target: Target) -> dict[str, Any]:
     config: dict[str, Any] = {
         "INFERENCE_PRECISION_HINT": HINTS[target.precision],
-        "PERFORMANCE_HINT": str(target.options.get("performance_hint", "LATENCY")).upper(),
+        "PERFORMANCE_HINT": runtime_options(RUNTIME, target).performance_hint,
     }
     if _device(target) == "CPU":
         config["INFERENCE_NUM_THREADS"] = target.effective_threads
@@ -104,8 +125,11 @@ class OpenVinoSession:
 
 class OpenVinoRuntime:
     name = "openvino"
-    precisions = tuple(HINTS)
-    libraries = ("openvino",)
+    info = RUNTIMES[name]
+    precisions = info.precisions
+    libraries = tuple(info.libraries)
+    options_type = OpenVinoOptions
+    calibration_options_type = OpenVinoCalibration
 
     def unavailable_reason(self, target: Target) -> str | None:
         core = ov.Core()
@@ -122,7 +146,7 @@ class OpenVinoRuntime:
                 )
         return None
 
-    def calibrate(self, target: Target, onnx_path: Path, calib: Any, settings: Any, out_dir: Path) -> dict[str, Any]:
+    def calibrate(self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings, out_dir: Path) -> dict[str, Any]:
         """NNCF post-training quantization of the OpenVINO model, statistics gathered image by image."""
         import nncf
         from tqdm import tqdm
@@ -130,8 +154,7 @@ class OpenVinoRuntime:
         if settings.method == "entropy":
             raise KilnError(f"targets.{target.name}: OpenVINO's quantizer (NNCF) has no entropy calibration; use method minmax or percentile")
         presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
-        if settings.preset not in presets:
-            raise KilnError(f"targets.{target.name}: calibration.preset '{settings.preset}' is not one of {', '.join(presets)}")
+        options: OpenVinoCalibration = settings.options
         model = ov.Core().read_model(str(onnx_path))
         # ignored_scope holds ONNX node names; OpenVINO splits some nodes (a Conv's bias becomes an Add),
         # naming the parts "<node>/...": take every part.
@@ -149,10 +172,10 @@ class OpenVinoRuntime:
             advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.QUANTILE)
         samples = list(tqdm(calib.samples(), total=len(calib), desc="reading calibration images", unit="img", mininterval=2.0))
         common = {
-            "preset": presets[settings.preset], "subset_size": len(samples),
+            "preset": presets[options.preset], "subset_size": len(samples),
             "ignored_scope": nncf.IgnoredScope(names=ignored) if ignored else None,
         }
-        accuracy_aware = settings.options.get("accuracy_aware")
+        accuracy_aware = options.accuracy_aware
         extra: dict[str, Any] = {}
         if accuracy_aware:
             # NNCF quantizes, measures top-1 on labelled held-out images, and returns layers to float
@@ -175,7 +198,7 @@ class OpenVinoRuntime:
             quantized = nncf.quantize(model, nncf.Dataset(samples), advanced_parameters=advanced, **common)
         ov.save_model(quantized, str(out_dir / IR), compress_to_fp16=False)
         return {
-            "artifact": IR, "method": settings.method, "preset": settings.preset, "quantizer": f"nncf {nncf.__version__}",
+            "artifact": IR, "method": settings.method, "preset": options.preset, "quantizer": f"nncf {nncf.__version__}",
             "float_layers": float_layers(quantized), **extra,
         }
 
@@ -211,7 +234,7 @@ class OpenVinoRuntime:
         ref, got = run(fp32, fp32_ops), run(quantized, quantized_ops)
         return list(zip(layers, ref, got))
 
-    def build(self, target: Target, source: Any, engine_dir: Path) -> dict[str, Any]:
+    def build(self, target: Target, source: BuildSource, engine_dir: Path) -> dict[str, Any]:
         core = ov.Core()
         model = core.read_model(str(source.onnx_path if target.precision != "int8" else source.calibration_dir / IR))
         # fp32 weights in the IR: precision is decided at compile time by the hint, not by lossy storage.

@@ -20,27 +20,28 @@ import os
 import re
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from ..config import InputSpec, Target, close_matches
-from ..errors import EngineMismatch, KilnError
+from ..config import InputSpec, Target
+from ..errors import EngineMismatch, KilnError, close_matches
+from . import RUNTIMES, BuildSource, NoOptions, runtime_options
+from .qdq import QDQ
 
 if TYPE_CHECKING:  # for annotations only: at run time tensorrt is imported inside the functions that need it
     import tensorrt as trt
 
+    from ..calibration import CalibrationSet, CalibrationSettings
+
 ENGINE = "model.engine"
-QDQ = "model.qdq.onnx"
-PREPROCESSED = "model.fp32.onnx"
 DEFAULT_TIMING_CACHE = ".cache/kiln/tensorrt/timing.cache"  # outside DVC outputs: shared by every build here
 INSTALL = "`pip install '.[tensorrt]'` (TensorRT's wheels come from NVIDIA's package index, pypi.nvidia.com)"
 # Lowest compute capability that runs each precision natively.
 MIN_CAPABILITY = {"fp16": (6, 0), "int8": (6, 1), "bf16": (8, 0), "fp8": (8, 9)}
 QUANTIZED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "AveragePool", "GlobalAveragePool", "MaxPool"]
-OPTIONS = {"builder_optimization_level", "workspace_mib", "timing_cache", "tf32", "profiles", "autocast"}
 TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
                 "INT32": "int32", "INT64": "int64", "BOOL": "bool", "FP8": "float8_e4m3fn"}
 Shape = tuple[int, ...]
@@ -145,30 +146,34 @@ def select_profile(profiles: Sequence[Mapping[str, Mapping[str, Sequence[int]]]]
                     f"or widen the target's profile (targets.<name>.profile or options.profiles) and rebuild")
 
 
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """`targets.<name>.options` of a tensorrt target (profiles are read by shape_profiles)."""
+
+    builder_optimization_level: int = 3  # 0 (fast build) .. 5 (slowest build, maybe a faster engine)
+    workspace_mib: int | None = None  # scratch memory TensorRT's tactics may use; null: all device memory
+    timing_cache: Any = DEFAULT_TIMING_CACHE  # a file path kept across builds, or false for none
+    tf32: bool = True  # fp32 convolutions/matmuls may use TF32 (TensorRT's default)
+    profiles: tuple[dict[str, Any], ...] | None = None  # several optimization profiles: [{input: {min, opt, max}}]
+    autocast: dict[str, Any] = field(default_factory=dict)  # ModelOpt AutoCast arguments, e.g. op_types_to_exclude
+
+    def check(self, where: str) -> None:
+        if not 0 <= self.builder_optimization_level <= 5:
+            raise KilnError(f"{where}.builder_optimization_level must be an integer from 0 (fast build) to 5 (slow build, maybe faster "
+                            f"engine), got {self.builder_optimization_level!r}")
+        if self.workspace_mib is not None and self.workspace_mib < 1:
+            raise KilnError(f"{where}.workspace_mib must be a positive number of MiB, or null for TensorRT's default (all device memory), "
+                            f"got {self.workspace_mib!r}")
+        cache = self.timing_cache
+        if cache is not None and cache is not False and not (isinstance(cache, str) and cache):
+            raise KilnError(f"{where}.timing_cache must be a file path, or false to build without a timing cache, got {cache!r}")
+
+
 def builder_settings(target: Target) -> dict[str, Any]:
-    """`targets.<name>.options` checked and completed with defaults (profiles are read by shape_profiles)."""
-    opts = dict(target.options)
-    where = f"targets.{target.name}.options"
-    unknown = sorted(set(opts) - OPTIONS)
-    if unknown:
-        hint = "".join(close_matches(k, OPTIONS) for k in unknown)
-        raise KilnError(f"{where} has unknown TensorRT options {unknown}{hint}; known: {', '.join(sorted(OPTIONS))}")
-    level = opts.get("builder_optimization_level", 3)
-    if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 5:
-        raise KilnError(f"{where}.builder_optimization_level must be an integer from 0 (fast build) to 5 (slow build, maybe faster engine), got {level!r}")
-    workspace = opts.get("workspace_mib")
-    if workspace is not None and (not isinstance(workspace, int) or isinstance(workspace, bool) or workspace < 1):
-        raise KilnError(f"{where}.workspace_mib must be a positive number of MiB, or null for TensorRT's default (all device memory), got {workspace!r}")
-    cache = opts.get("timing_cache", DEFAULT_TIMING_CACHE)
-    if cache is not None and cache is not False and not (isinstance(cache, str) and cache):
-        raise KilnError(f"{where}.timing_cache must be a file path, or false to build without a timing cache, got {cache!r}")
-    tf32 = opts.get("tf32", True)
-    if not isinstance(tf32, bool):
-        raise KilnError(f"{where}.tf32 must be true (TensorRT's default: fp32 convolutions/matmuls may use TF32) or false, got {tf32!r}")
-    autocast = opts.get("autocast") or {}
-    if not isinstance(autocast, Mapping):
-        raise KilnError(f"{where}.autocast must map ModelOpt AutoCast arguments (e.g. op_types_to_exclude) to values, got {autocast!r}")
-    return {"builder_optimization_level": level, "workspace_mib": workspace, "timing_cache": cache or None, "tf32": tf32, "autocast": dict(autocast)}
+    """`targets.<name>.options` checked and completed with defaults, as the builder reads them."""
+    o = runtime_options(RUNTIME, target)
+    return {"builder_optimization_level": o.builder_optimization_level, "workspace_mib": o.workspace_mib,
+            "timing_cache": o.timing_cache or None, "tf32": o.tf32, "autocast": dict(o.autocast)}
 
 
 @dataclass(frozen=True)
@@ -419,8 +424,11 @@ class TensorRTSession:
 
 class TensorRTRuntime:
     name = "tensorrt"
-    precisions = ("fp32", "fp16", "bf16", "int8", "fp8")
-    libraries = ("tensorrt",)
+    info = RUNTIMES[name]
+    precisions = info.precisions
+    libraries = tuple(info.libraries)
+    options_type = TensorRTOptions
+    calibration_options_type = NoOptions
 
     def unavailable_reason(self, target: Target) -> str | None:
         index = _cuda_index(target.device)
@@ -449,29 +457,27 @@ class TensorRTRuntime:
                 reasons.append(f"{e} ({autocast_error()})")
         return "; ".join(reasons) or None
 
-    def calibrate(self, target: Target, onnx_path: Path, calib: Any, settings: Any, out_dir: Path) -> dict[str, Any]:
+    def calibrate(self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings, out_dir: Path) -> dict[str, Any]:
         """A Q/DQ graph for TensorRT's explicit quantization, as TensorRT's docs place it: Q/DQ on the inputs of
         quantizable ops only (not their outputs), symmetric per-tensor activations, symmetric per-channel weights
         (float weights behind Q/DQ pairs, float biases), one Q/DQ pair per consumer. fp8 is the same graph with
         e4m3 scales amax / 448 (as NVIDIA ModelOpt makes them), from the target's calibration method. ONNX Runtime's
         own QFLOAT8E4M3FN works too, but fits scales to a distribution and accepts no other calibration method."""
         import onnx
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
+        from onnxruntime.quantization import QuantType
 
-        from .onnxruntime import _Reader
+        from .qdq import quantize_qdq
 
         if target.precision not in ("int8", "fp8"):
             raise KilnError(f"targets.{target.name}: TensorRT calibrates int8 and fp8 targets, not {target.precision}")
-        pre = out_dir / PREPROCESSED
-        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
-        if target.precision == "fp8" and _opset(onnx.load(str(pre))) < 19:  # float8 Q/DQ types arrived in opset 19
-            onnx.save(onnx.version_converter.convert_version(onnx.load(str(pre)), 19), str(pre))
-        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
-        quantize_static(
-            str(pre), str(out_dir / QDQ), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=methods[settings.method],
-            op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=list(settings.ignored_scope) or None,
+
+        def to_opset_19(pre: Path) -> None:  # float8 Q/DQ types arrived in opset 19
+            if target.precision == "fp8" and _opset(onnx.load(str(pre))) < 19:
+                onnx.save(onnx.version_converter.convert_version(onnx.load(str(pre)), 19), str(pre))
+
+        quantize_qdq(
+            onnx_path, out_dir, calib, settings, self.name, prepare=to_opset_19, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "AddQDQPairToWeight": True, "DedicatedQDQPair": True,
                            "QuantizeBias": False, "OpTypesToExcludeOutputQuantization": QUANTIZED_OPS,
                            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}},
@@ -481,7 +487,7 @@ class TensorRTRuntime:
         return {"artifact": QDQ, "method": settings.method, "per_channel": True, "symmetric": True,
                 "format": f"QDQ {'float8 e4m3fn (amax/448)' if target.precision == 'fp8' else 's8s8'} for TensorRT explicit quantization"}
 
-    def _graph(self, target: Target, source: Any, plan: PrecisionPlan, settings: Mapping[str, Any], tmp: Path) -> Path:
+    def _graph(self, target: Target, source: BuildSource, plan: PrecisionPlan, settings: Mapping[str, Any], tmp: Path) -> Path:
         if plan.graph == "qdq":
             qdq = Path(source.calibration_dir or ".") / QDQ
             if source.calibration_dir is None or not qdq.is_file():
@@ -498,14 +504,14 @@ class TensorRTRuntime:
             return tmp / f"model.{target.precision}.onnx"
         return Path(source.onnx_path)
 
-    def build(self, target: Target, source: Any, engine_dir: Path) -> dict[str, Any]:
+    def build(self, target: Target, source: BuildSource, engine_dir: Path) -> dict[str, Any]:
         reason = self.unavailable_reason(target)
         if reason:
             raise KilnError(f"targets.{target.name}: cannot build with TensorRT here: {reason}")
         with tempfile.TemporaryDirectory() as tmp:  # a converted fp16/bf16 graph lives here while TensorRT reads it
             return self._build(target, source, engine_dir, Path(tmp))
 
-    def _build(self, target: Target, source: Any, engine_dir: Path, tmp: Path) -> dict[str, Any]:
+    def _build(self, target: Target, source: BuildSource, engine_dir: Path, tmp: Path) -> dict[str, Any]:
         import onnx
         import tensorrt as trt
 

@@ -46,16 +46,17 @@ import os
 import shutil
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 import torch
 
-from ..config import ModelSpec, ShapeProfile, Target, close_matches
-from ..errors import KilnError
+from ..config import ModelSpec, ShapeProfile, Target
+from ..errors import KilnError, close_matches
 from ..models import apply_state_dict, build_model, flatten_outputs
+from . import RUNTIMES, BuildSource, runtime_options
 
 log = logging.getLogger(__name__)
 
@@ -64,45 +65,31 @@ SPEC = "model.json"
 PACKAGE = "model.pt2"  # aoti: the AOTInductor package
 COMPILE_CACHE = "compile_cache.bin"  # compile: torch.compiler.save_cache_artifacts() bytes
 
-MODES = ("eager", "compile", "aoti")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-OPTIONS = {
-    "mode": f"one of {', '.join(MODES)} (default eager)",
-    "compile_mode": f"mode compile only: one of {', '.join(COMPILE_MODES)} (default default)",
-    "freezing": "modes compile and aoti: true (default) or false",
-}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
-class Settings:
-    mode: str = "eager"
-    compile_mode: str = "default"
-    freezing: bool = True
+class TorchOptions:
+    """`targets.<name>.options` of a torch target."""
 
-    @classmethod
-    def from_target(cls, target: Target) -> "Settings":
-        where = f"targets.{target.name}.options"
-        opts = dict(target.options or {})
-        unknown = sorted(set(opts) - set(OPTIONS))
-        if unknown:
-            hint = "".join(close_matches(k, OPTIONS) for k in unknown)
-            known = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
-            raise KilnError(f"{where} has unknown keys {unknown}{hint}; the torch runtime knows {known}")
-        mode = str(opts.get("mode", "eager"))
-        if mode not in MODES:
-            raise KilnError(f"{where}.mode '{mode}' is not one of {', '.join(MODES)}{close_matches(mode, MODES)}")
-        if "compile_mode" in opts and mode != "compile":
-            raise KilnError(f"{where}.compile_mode applies to mode compile only (this target's mode is {mode})")
-        compile_mode = str(opts.get("compile_mode", "default"))
-        if compile_mode not in COMPILE_MODES:
-            raise KilnError(f"{where}.compile_mode '{compile_mode}' is not one of {', '.join(COMPILE_MODES)}{close_matches(compile_mode, COMPILE_MODES)}")
-        if "freezing" in opts and mode == "eager":
+    mode: Literal["eager", "compile", "aoti"] = field(default="eager", metadata={"doc": "eager, compile or aoti"})
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = field(
+        default=None, metadata={"doc": "mode compile only; null: torch.compile's default"})
+    freezing: bool | None = field(default=None, metadata={"doc": "modes compile and aoti; null: true"})
+
+    def check(self, where: str) -> None:
+        if self.compile_mode is not None and self.mode != "compile":
+            raise KilnError(f"{where}.compile_mode applies to mode compile only (this target's mode is {self.mode})")
+        if self.freezing is not None and self.mode == "eager":
             raise KilnError(f"{where}.freezing applies to modes compile and aoti only (this target's mode is eager)")
-        freezing = opts.get("freezing", True)
-        if not isinstance(freezing, bool):
-            raise KilnError(f"{where}.freezing must be true or false, got {freezing!r}")
-        return cls(mode=mode, compile_mode=compile_mode, freezing=freezing)
+
+    @property
+    def compile_mode_or_default(self) -> str:
+        return self.compile_mode or "default"
+
+    @property
+    def freeze(self) -> bool:
+        return self.freezing is not False
 
 
 def _device(target: Target) -> torch.device:
@@ -309,11 +296,13 @@ def _fresh_cache_artifacts():
 
 class TorchRuntime:
     name = "torch"
-    precisions = ("fp32", "bf16", "fp16")
-    libraries = ("torch", "torchvision")
+    info = RUNTIMES[name]
+    precisions = info.precisions
+    libraries = tuple(info.libraries)
+    options_type = TorchOptions
 
     def unavailable_reason(self, target: Target) -> str | None:
-        settings = Settings.from_target(target)  # a bad option is a config error on every machine
+        settings = runtime_options(self, target)  # a bad option is a config error on every machine
         device = _device(target)
         if device.type == "cuda":
             if not torch.cuda.is_available():
@@ -344,10 +333,10 @@ class TorchRuntime:
 
     # ---- build ---------------------------------------------------------------------------------
 
-    def build(self, target: Target, source: Any, engine_dir: Path) -> dict[str, Any]:
+    def build(self, target: Target, source: BuildSource, engine_dir: Path) -> dict[str, Any]:
         import onnx
 
-        settings = Settings.from_target(target)
+        settings = runtime_options(self, target)
         device = _device(target)
         model = build_model(source.model)
         spec = {**source.model.to_params(), "checkpoint": None, "weights": None}
@@ -362,14 +351,14 @@ class TorchRuntime:
         torch.set_num_threads(target.effective_threads)
         served = _Served(model, outputs, device.type, DTYPES[target.precision]).to(device).eval()
         p = target.profile
-        extra.update(freezing=settings.freezing, batch={"min": p.min, "max": p.max, "example": _example_batch(p)})
+        extra.update(freezing=settings.freeze, batch={"min": p.min, "max": p.max, "example": _example_batch(p)})
         if settings.mode == "compile":
             extra.update(self._build_compiled(served, source.model, target, settings, device, engine_dir))
         else:
             extra.update(self._build_aoti(served, source.model, target, settings, device, engine_dir))
         return extra
 
-    def _build_compiled(self, served: _Served, spec: ModelSpec, target: Target, settings: Settings, device: torch.device,
+    def _build_compiled(self, served: _Served, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device,
                         engine_dir: Path) -> dict[str, Any]:
         with _fresh_cache_artifacts():
             _, seconds, counts = _compile(served, spec, target, settings, device)
@@ -379,18 +368,18 @@ class TorchRuntime:
             cache: dict[str, Any] = {"file": COMPILE_CACHE, "bytes": len(saved[0])}
         else:
             why = "torch.compiler.save_cache_artifacts() returned nothing: inductor's FX graph cache bypassed these graphs"
-            if settings.freezing and device.type == "cpu":
+            if settings.freeze and device.type == "cpu":
                 why += " (with freezing on CPU they hold oneDNN-packed weights, which cannot be pickled); loading recompiles from scratch"
             cache = {"file": None, "why": why}
         return {
-            "compile_mode": settings.compile_mode,
+            "compile_mode": settings.compile_mode_or_default,
             "compile_seconds": round(seconds, 3),
             "compiled_graphs": counts["unique_graphs"] or None,
             "compile_cache": cache,
             "graph": _graph(counts["calls_captured"], counts, "the graphs dynamo captured"),
         }
 
-    def _build_aoti(self, served: _Served, spec: ModelSpec, target: Target, settings: Settings, device: torch.device,
+    def _build_aoti(self, served: _Served, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device,
                     engine_dir: Path) -> dict[str, Any]:
         p = target.profile
         example = _inputs(spec, _example_batch(p), device)
@@ -410,7 +399,7 @@ class TorchRuntime:
         # Inductor freezes only without autograd (compile_fx checks torch.is_grad_enabled()): with grad
         # on, `freezing: True` is silently ignored (measured: no Conv+BN folding, no oneDNN weight packing).
         with torch.no_grad():
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs={"freezing": settings.freezing})
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs={"freezing": settings.freeze})
         seconds = time.perf_counter() - start
         counts = _diff(before, _counters())
         # What serving pays before its first answer: load the package and run one batch.
@@ -433,7 +422,7 @@ class TorchRuntime:
 
     def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> TorchSession:
         start = time.perf_counter()
-        settings = Settings.from_target(target)
+        settings = runtime_options(self, target)
         if settings.mode != manifest.get("mode", "eager"):
             raise KilnError(f"engine '{manifest.get('target')}' was built in torch mode '{manifest.get('mode', 'eager')}', "
                             f"but targets.{target.name}.options.mode is now '{settings.mode}': rebuild it")
@@ -501,7 +490,7 @@ class _Frozen:
             config.freezing = before
 
 
-def _compile(served: _Served, spec: ModelSpec, target: Target, settings: Settings, device: torch.device) -> tuple[Any, float, dict[str, int]]:
+def _compile(served: _Served, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device) -> tuple[Any, float, dict[str, int]]:
     """torch.compile `served` and run the profile's example, min and max batches, so every graph
     the profile needs is compiled now; returns (compiled module, seconds, inductor counters)."""
     # Dynamo keeps compiled graphs per code object and stops compiling a code object after 8 of them
@@ -510,8 +499,8 @@ def _compile(served: _Served, spec: ModelSpec, target: Target, settings: Setting
     forward = _Served.forward
     served.__class__ = type("_Served", (_Served,), {"forward": types.FunctionType(
         forward.__code__.replace(), forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__)})
-    options = {**torch._inductor.list_mode_options(settings.compile_mode), "freezing": settings.freezing}
-    compiled = _Frozen(torch.compile(served, options=options), settings.freezing)
+    options = {**torch._inductor.list_mode_options(settings.compile_mode_or_default), "freezing": settings.freeze}
+    compiled = _Frozen(torch.compile(served, options=options), settings.freeze)
     p = target.profile
     example = _example_batch(p)
     batches = [example] + [b for b in sorted({p.min, p.max}) if b != example]
@@ -531,7 +520,7 @@ def _compile(served: _Served, spec: ModelSpec, target: Target, settings: Setting
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KilnError(f"targets.{target.name}: torch.compile failed ({settings.compile_mode}, freezing={settings.freezing}): {first}") from e
+        raise KilnError(f"targets.{target.name}: torch.compile failed ({settings.compile_mode_or_default}, freezing={settings.freeze}): {first}") from e
     seconds = time.perf_counter() - start
     counts = _diff(before, _counters())
     if not counts["unique_graphs"]:

@@ -1,0 +1,65 @@
+"""Static Q/DQ quantization with ONNX Runtime's quantizer, shared by the runtimes that run a Q/DQ graph
+(ONNX Runtime itself, and TensorRT's explicit quantization). Each passes its own types and options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import KilnError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..calibration import CalibrationSet, CalibrationSettings
+
+QDQ = "model.qdq.onnx"
+PREPROCESSED = "model.fp32.onnx"  # the fp32 graph the QDQ graph was made from: same nodes, same tensor names
+
+
+class CalibrationReader:
+    """ONNX Runtime's CalibrationDataReader over kiln's calibration batches, with a progress bar."""
+
+    def __init__(self, calib: CalibrationSet, runtime: str):
+        from tqdm import tqdm
+
+        self._batches = calib.batches()
+        self._bar = tqdm(total=len(calib), desc=f"calibrating ({runtime})", unit="img", mininterval=2.0)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        if batch is None:
+            self._bar.close()
+            return None
+        self._bar.update(len(next(iter(batch.values()))))
+        return batch
+
+
+def check_ignored_scope(onnx_path: Path, settings: CalibrationSettings, target_name: str) -> None:
+    import onnx
+
+    nodes = {n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+    unknown = [n for n in settings.ignored_scope if n not in nodes]
+    if unknown:
+        raise KilnError(
+            f"targets.{target_name}: ignored_scope names no node of the graph: {', '.join(unknown)} "
+            f"(node names look like {', '.join(sorted(nodes)[:3])}...)"
+        )
+
+
+def quantize_qdq(onnx_path: Path, out_dir: Path, calib: CalibrationSet, settings: CalibrationSettings, runtime: str,
+                 prepare: Callable[[Path], None] | None = None, **quantizer: Any) -> Path:
+    """out_dir/model.qdq.onnx from `onnx_path`: ONNX Runtime's pre-processing (shape inference, Conv+BN folding)
+    into out_dir/model.fp32.onnx, then `prepare` on that file if given, then quantize_static with the calibration
+    method, the nodes kept in float, and `quantizer`'s types and options."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out_dir / PREPROCESSED
+    quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
+    if prepare is not None:
+        prepare(pre)
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+    quantize_static(str(pre), str(out_dir / QDQ), CalibrationReader(calib, runtime), quant_format=QuantFormat.QDQ,
+                    calibrate_method=methods[settings.method], nodes_to_exclude=list(settings.ignored_scope) or None, **quantizer)
+    return out_dir / QDQ
