@@ -89,8 +89,8 @@ def main() -> None:
     names = args.targets or [n for n in built if not read_manifest(paths.ENGINES / n).get("skipped")]
 
     print(f"batch {args.batch}, {args.rounds} alternating rounds of {args.iters} iterations; medians of all iterations\n")
-    print(f"| target | bare API ms/image | kiln ms/image | kiln overhead |")
-    print(f"|---|---:|---:|---:|")
+    print("| target | bare API ms/image | kiln ms/image | kiln overhead |")
+    print("|---|---:|---:|---:|")
     for name in names:
         target = Target.from_params(name, params)
         session, _ = load_engine(paths.ENGINES / name, target)

@@ -7,7 +7,7 @@ from kiln import fingerprint, paths
 from kiln.accuracy import accuracy_against_reference, enforce_budget, judge_budget
 from kiln.atomic import write_json, write_text
 from kiln.benchmark import BenchmarkSettings, benchmark_latency, benchmark_served, headline_metrics, run_record, skipped_record
-from kiln.config import Target, load_stage_params, engine_spec
+from kiln.config import Target, engine_spec, load_stage_params
 from kiln.engine import load_engine, read_manifest
 from kiln.reference import load_reference
 from kiln.stage import run_stage

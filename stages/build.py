@@ -5,7 +5,7 @@ import logging
 import sys
 
 from kiln import paths
-from kiln.config import Target, load_stage_params, engine_spec
+from kiln.config import Target, engine_spec, load_stage_params
 from kiln.engine import build_engine
 from kiln.runtimes import BuildSource
 from kiln.stage import run_stage

@@ -9,7 +9,7 @@ import sys
 
 from kiln import paths
 from kiln.calibration import calibrate_target
-from kiln.config import Target, load_stage_params, engine_spec
+from kiln.config import Target, engine_spec, load_stage_params
 from kiln.stage import run_stage
 
 

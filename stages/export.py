@@ -4,7 +4,7 @@ import logging
 
 from kiln import paths
 from kiln.atomic import write_json
-from kiln.config import load_params, engine_spec
+from kiln.config import engine_spec, load_params
 from kiln.export import ExportSettings, export_onnx
 from kiln.models import build_model
 from kiln.stage import run_stage

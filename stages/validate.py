@@ -4,11 +4,11 @@ import logging
 
 from kiln import paths
 from kiln.atomic import write_json
-from kiln.config import load_params, engine_spec
+from kiln.config import engine_spec, load_params
 from kiln.export import ExportSettings
 from kiln.models import build_model
-from kiln.stage import run_stage
 from kiln.reference import save_reference
+from kiln.stage import run_stage
 from kiln.validate import ValidateSettings, reference_set, validate_export
 
 

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from kiln.atomic import atomic_path, write_json
 from kiln.accuracy import accuracy_against_reference
+from kiln.atomic import atomic_path, write_json
 from kiln.benchmark import BenchmarkSettings, benchmark_latency, latency_stats, time_infer
 from kiln.compare import compare_output, degenerate_reason, summarize
 from kiln.config import InputSpec, ShapeProfile

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import ROOT, venv_env
+
 from kiln import plots, plots_page
 
 VEGA_TEMPLATES = ROOT / "plots" / "templates"

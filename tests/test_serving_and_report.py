@@ -56,8 +56,9 @@ def test_profile_mismatch_flags_an_optimum_nobody_serves():
 
 @pytest.fixture
 def ort_session(tiny_onnx):
-    from kiln.runtimes.onnxruntime import OrtSession
     import onnxruntime as ort
+
+    from kiln.runtimes.onnxruntime import OrtSession
 
     path, spec, _ = tiny_onnx
     return OrtSession(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])), spec
@@ -177,8 +178,9 @@ def test_committed_metrics_reads_the_last_commit(in_tmp):
 
 
 def test_stale_params_are_refused(in_tmp, monkeypatch):
-    from conftest import ROOT
     import shutil
+
+    from conftest import ROOT
 
     monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
     monkeypatch.delenv("KILN_ALLOW_STALE_PARAMS", raising=False)

@@ -162,7 +162,7 @@ def test_a_storage_error_wrapped_by_a_library_is_unwrapped(in_tmp, capsys):
                 raise RuntimeError("Serialization failed") from e
 
     line = stage_error(main, capsys)
-    assert line.startswith(f"kiln: error: I/O error on ") and f"at {in_tmp / 'out.bin'}:" in line
+    assert line.startswith("kiln: error: I/O error on ") and f"at {in_tmp / 'out.bin'}:" in line
     assert user_message(ValueError("a bug")) is None  # a bug keeps its traceback
 
 

@@ -23,7 +23,8 @@ from kiln.engine import build_engine, load_engine
 from kiln.errors import KilnError
 from kiln.runtimes import BuildSource, get_runtime
 from kiln.runtimes import tensorrt as trt_runtime
-from kiln.runtimes.tensorrt import (
+from kiln.runtimes.tensorrt import plan
+from kiln.runtimes.tensorrt.plan import (
     builder_settings,
     executed_precision,
     gpu_mismatch,
@@ -96,7 +97,7 @@ def test_explicit_profiles_several(tiny_onnx):
         {"input": ((1, 3, 16, 16), (1, 3, 16, 16), (4, 3, 16, 16))},
         {"input": ((8, 3, 16, 16), (32, 3, 16, 16), (64, 3, 16, 16))},
     ]
-    as_params = trt_runtime.profiles_to_params(profiles)
+    as_params = plan.profiles_to_params(profiles)
     assert as_params[1] == {"input": {"min": [8, 3, 16, 16], "opt": [32, 3, 16, 16], "max": [64, 3, 16, 16]}}
     assert select_profile(as_params, {"input": (2, 3, 16, 16)}) == 0
     assert select_profile(as_params, {"input": (48, 3, 16, 16)}) == 1
@@ -177,13 +178,13 @@ def test_precision_needs_a_capable_gpu():
 
 
 def test_precision_plan_prefers_strong_typing():
-    assert precision_plan("int8", True, False) == trt_runtime.PrecisionPlan("qdq", True)
+    assert precision_plan("int8", True, False) == plan.PrecisionPlan("qdq", True)
     assert precision_plan("fp8", False, False).strongly_typed
-    assert precision_plan("fp16", True, True) == trt_runtime.PrecisionPlan("autocast", True)
-    assert precision_plan("bf16", True, False) == trt_runtime.PrecisionPlan("onnx", False, "BF16")  # TensorRT 10.x, deprecated path
+    assert precision_plan("fp16", True, True) == plan.PrecisionPlan("autocast", True)
+    assert precision_plan("bf16", True, False) == plan.PrecisionPlan("onnx", False, "BF16")  # TensorRT 10.x, deprecated path
     with pytest.raises(KilnError, match=r"needs a graph converted to fp16 by NVIDIA ModelOpt's AutoCast, which does not import here: `pip install '.\[tensorrt\]'`"):
         precision_plan("fp16", False, False)  # TensorRT 11.x without ModelOpt
-    assert precision_plan("fp32", False, False) == trt_runtime.PrecisionPlan("onnx", True)
+    assert precision_plan("fp32", False, False) == plan.PrecisionPlan("onnx", True)
 
 
 def test_gpu_mismatch_says_what_differs():
@@ -240,7 +241,7 @@ def test_inspector_json_is_summarized():
     ("Row major linear FP32 format (kLINEAR)", "fp32"),
 ])
 def test_inspector_datatypes(fmt, precision):
-    assert trt_runtime._precision(fmt) == precision
+    assert plan._precision(fmt) == precision
 
 
 # ---- this machine ----
@@ -345,7 +346,7 @@ def test_fp8_calibration_writes_e4m3_qdq_scaled_by_amax(tmp_path, tiny_onnx):
     assert info["method"] == "minmax" and "float8 e4m3fn (amax/448)" in info["format"]
     qdq = onnx.load(str(tmp_path / "model.qdq.onnx"))
     onnx.checker.check_model(qdq, full_check=True)
-    assert trt_runtime._opset(qdq) >= 19
+    assert plan._opset(qdq) >= 19
     inits = _initializers(qdq)
     types = {i.name: i.data_type for i in qdq.graph.initializer}
     quantize = [n for n in qdq.graph.node if n.op_type == "QuantizeLinear"]
@@ -364,7 +365,7 @@ def test_fp8_calibration_writes_e4m3_qdq_scaled_by_amax(tmp_path, tiny_onnx):
 def test_int8_to_fp8_needs_opset_19():
     model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []), opset_imports=[onnx.helper.make_opsetid("", 17)])
     with pytest.raises(KilnError, match="float8 Q/DQ needs ONNX opset 19 or newer; this graph has opset 17"):
-        trt_runtime.int8_qdq_to_fp8(model)
+        plan.int8_qdq_to_fp8(model)
 
 
 def test_build_without_calibration_says_how_to_get_it(tmp_path, tiny_onnx):
@@ -387,7 +388,7 @@ def test_fp16_and_bf16_graphs_come_from_modelopt_autocast(tmp_path, tiny_onnx, p
     assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT]
     weights = [i for i in model.graph.initializer if len(i.dims) == 4]
     assert weights and {w.data_type for w in weights} == {dtype}
-    assert trt_runtime.onnx_graph_inputs(converted) == GRAPH
+    assert plan.onnx_graph_inputs(converted) == GRAPH
     if precision == "fp16":  # ONNX Runtime's CPU provider has no bf16 Conv
         x = RandomImages(8, seed=1).data
         np.testing.assert_allclose(_run(converted, x), _run(path, x), atol=2e-3)
@@ -429,7 +430,7 @@ def test_mypy_passes_against_tensorrt_stubs(tmp_path):
     cmd = [sys.executable, "-m", "mypy", "--config-file", str(config)]
     seen = subprocess.run([*cmd, str(probe)], capture_output=True, text=True, cwd=ROOT)
     assert 'has type "INetworkDefinition"' in seen.stdout, seen.stdout + seen.stderr
-    result = subprocess.run([*cmd, "src/kiln/runtimes/tensorrt.py"], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([*cmd, "src/kiln/runtimes/tensorrt/__init__.py", "src/kiln/runtimes/tensorrt/plan.py"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

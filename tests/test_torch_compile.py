@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model_params
 
 from kiln import fingerprint
 from kiln.config import ModelSpec, Target
@@ -19,8 +20,6 @@ from kiln.inputs import make_inputs
 from kiln.models import build_model
 from kiln.runtimes import BuildSource
 from kiln.validate import eager_outputs
-
-from conftest import tiny_model_params
 
 # compile: min 1 (dynamo specialises batch 1) up to 20 (CPU convolutions guard on batch >= 16): three graphs.
 COMPILE = {"runtime": "torch", "threads": 1, "profile": {"min": 1, "opt": 4, "max": 20},
@@ -91,18 +90,18 @@ def test_compile_manifest_records_the_compile(compiled):
 
 
 def test_compile_matches_eager_at_every_profile_batch_without_recompiling(tiny, compiled_session):
-    from kiln.runtimes import torch as kiln_torch
+    from kiln.runtimes.torch.compile import inductor_counters
 
     _, spec = tiny
     session = compiled_session
     assert session.compile_seconds > 0 and session.load_seconds >= session.compile_seconds
-    graphs = kiln_torch._counters()["unique_graphs"]
+    graphs = inductor_counters()["unique_graphs"]
     for batch in (1, 3, 4, 11, 16, 20):
         feeds, ref = reference(spec, batch)
         got = session.infer(feeds)
         assert got["output"].shape == (batch, 10)
         np.testing.assert_allclose(got["output"], ref["output"], atol=1e-4, rtol=1e-3, err_msg=f"batch {batch}")
-    assert kiln_torch._counters()["unique_graphs"] == graphs, "a profile batch recompiled after load"
+    assert inductor_counters()["unique_graphs"] == graphs, "a profile batch recompiled after load"
 
 
 def test_compile_freezes_each_models_own_weights(tiny, compiled_session, tmp_path):
@@ -166,6 +165,7 @@ def test_aoti_package_records_the_compile(aoti):
 
 def test_aoti_loads_without_the_model_code_and_matches_eager(tiny, aoti):
     from kiln.runtimes import torch as kiln_torch
+    from kiln.runtimes.torch.compile import inductor_counters
 
     _, spec = tiny
     refs = {b: reference(spec, b) for b in (2, 3, 4, 9, 16)}  # eager needs the model code: compute first

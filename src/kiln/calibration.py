@@ -121,9 +121,8 @@ def read_marker(calibration_dir: Path) -> dict[str, Any]:
 
 def layer_sensitivity(runtime: object, onnx_path: Path, calibration_dir: Path, calib: CalibrationSet, samples: int = 16) -> list[dict[str, Any]]:
     """Top layers by quantization noise added, on a few calibration images (a diagnostic, not an accuracy figure)."""
-    from .sensitivity import rank_layers
-
     from .runtimes import LayerInspectingRuntime
+    from .sensitivity import rank_layers
 
     if not isinstance(runtime, LayerInspectingRuntime):
         return []

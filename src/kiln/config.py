@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -236,7 +236,7 @@ class Target:
             raise KilnError(f"no target '{name}' in params.yaml{close_matches(name, targets)}; targets: {', '.join(targets) or 'none'}")
         raw = targets[name] or {}
         where = f"targets.{name}"
-        known = {"runtime", "precision", "device", "threads", "profile", "options", "calibration", "accuracy_budget", "required", "serve"}
+        known = {f.name for f in fields(cls)} - {"name"}
         unknown = set(raw) - known
         if unknown:
             hint = "".join(close_matches(k, known) for k in sorted(unknown))

@@ -39,13 +39,11 @@ Devices: cpu, cuda, cuda:N. CUDA sessions move inputs to the device, return CPU 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
@@ -53,10 +51,11 @@ from typing import Any, Callable, Literal, Mapping
 import numpy as np
 import torch
 
-from ..config import ModelSpec, ShapeProfile, Target
-from ..errors import KilnError, close_matches
-from ..models import apply_state_dict, build_model, flatten_outputs
-from . import RUNTIMES, BuildSource, runtime_options
+from ...config import ModelSpec, ShapeProfile, Target
+from ...errors import KilnError
+from ...models import apply_state_dict, build_model
+from .. import RUNTIMES, BuildSource, runtime_options
+from .compile import EngineModule, aten_ops, compile_engine, compile_graph_info, counter_diff, example_batch, example_inputs, fresh_cache_artifacts, inductor_counters
 
 log = logging.getLogger(__name__)
 
@@ -106,24 +105,6 @@ def _has_cxx() -> str | None:
 
 def _executed(precision: str) -> str:
     return "fp32" if precision == "fp32" else f"{precision} autocast"
-
-
-class _Served(torch.nn.Module):
-    """The model as a compiled engine serves it: positional inputs, autocast inside the graph (so
-    torch.export and dynamo both capture it), float outputs as a tuple in the ONNX names' order."""
-
-    def __init__(self, model: torch.nn.Module, output_names: list[str], device_type: str, dtype: torch.dtype | None):
-        super().__init__()
-        self.model = model
-        self.output_names = tuple(output_names)
-        self.device_type = device_type
-        self.dtype = dtype
-
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            out = self.model(*inputs)
-        tensors = flatten_outputs(out, self.output_names).values()
-        return tuple(t.float() if t.is_floating_point() else t for t in tensors)
 
 
 class TorchSession:
@@ -214,86 +195,6 @@ class _AotiPackage:
         return tuple(self.run(list(inputs)))
 
 
-def _example_batch(profile: ShapeProfile) -> int:
-    """The batch to compile and export at: opt, but never 1 when the profile allows more (torch
-    specialises size-1 dims to a constant)."""
-    return profile.opt if profile.opt > 1 or profile.max == 1 else min(2, profile.max)
-
-
-def _inputs(spec: ModelSpec, batch: int, device: torch.device) -> list[torch.Tensor]:
-    from ..inputs import make_inputs
-
-    feeds = make_inputs(spec.inputs, batch, seed=0)
-    return [torch.from_numpy(feeds[i.name]).to(device) for i in spec.inputs]
-
-
-def _counters() -> dict[str, int]:
-    """Inductor's process-wide counters, to diff around one compile."""
-    from torch._dynamo.utils import counters
-    from torch._inductor import metrics
-
-    inductor = counters["inductor"]
-    # Per-pass rewrite counts: binary_folding (Conv+BatchNorm/Add/Mul folded into weights),
-    # mkldnn_conv_weight_pack, mkldnn_unary_fusion (Conv+ReLU), ...
-    fusions = {f"fusion:{k[: -len('_matcher_count')]}": int(v) for k, v in inductor.items()
-               if k.endswith("_matcher_count") and k != "pattern_matcher_count"}
-    if inductor.get("binary_folding"):
-        fusions["fusion:binary_folding"] = int(inductor["binary_folding"])
-    return {
-        "kernels": int(metrics.generated_kernel_count),
-        "extern_calls": int(inductor.get("extern_calls", 0)),
-        "pattern_matcher_count": int(inductor.get("pattern_matcher_count", 0)),
-        "calls_captured": int(counters["stats"].get("calls_captured", 0)),
-        "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
-        **fusions,
-    }
-
-
-def _diff(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
-    # Some torch entry points reset the counters: a negative difference means "counted from zero".
-    return {k: after[k] - before.get(k, 0) if after[k] >= before.get(k, 0) else after[k] for k in after}
-
-
-def _graph(nodes_in: int | None, c: Mapping[str, int], what: str) -> dict[str, Any]:
-    graph: dict[str, Any] = {}
-    if nodes_in:
-        graph["nodes_in"] = nodes_in
-    if c["kernels"] or c["extern_calls"]:
-        graph["nodes_out"] = c["kernels"] + c["extern_calls"]
-    fusions = {k[len("fusion:"):]: v for k, v in c.items() if k.startswith("fusion:") and v}
-    if fusions:
-        graph["fusions"] = fusions
-    graph["source"] = (
-        f"nodes_in: ATen ops in {what}; nodes_out: kernels inductor generated ({c['kernels']}) plus calls into "
-        f"library kernels such as oneDNN/BLAS ({c['extern_calls']}), from torch._inductor.metrics and dynamo counters; "
-        f"fusions: inductor's pattern-matcher passes (binary_folding: Conv+BatchNorm folded into the weights)"
-    )
-    return graph
-
-
-def _aten_ops(gm: torch.fx.GraphModule) -> int:
-    """ATen operators in an exported graph, inside higher-order ops' subgraphs too."""
-    n = 0
-    for m in gm.modules():
-        if isinstance(m, torch.fx.GraphModule):
-            n += sum(1 for node in m.graph.nodes if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-                     and "assert" not in str(node.target))
-    return n
-
-
-@contextlib.contextmanager
-def _fresh_cache_artifacts():
-    """Collect only this compile's cache artifacts (save_cache_artifacts otherwise returns everything the process compiled)."""
-    try:
-        from torch.compiler._cache import CacheArtifactManager
-
-        ctx = CacheArtifactManager.with_fresh_cache()
-    except (ImportError, AttributeError):  # private API moved: fall back to the process-wide set
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield
-
-
 class TorchRuntime:
     name = "torch"
     info = RUNTIMES[name]
@@ -321,7 +222,7 @@ class TorchRuntime:
         if target.precision == "fp16":
             return "fp16 runs on CUDA only in the torch runtime (PyTorch's CPU fp16 kernels are slow fallbacks): use bf16 or fp32 on CPU, or device cuda"
         if target.precision == "bf16":
-            from ..fingerprint import collect
+            from ...fingerprint import collect
 
             cpu = collect()["hardware"]["cpu"]
             if not set(cpu["features"]) & {"avx512_bf16", "amx_bf16", "bf16"}:
@@ -349,19 +250,19 @@ class TorchRuntime:
         if settings.mode == "eager":
             return extra
         torch.set_num_threads(target.effective_threads)
-        served = _Served(model, outputs, device.type, DTYPES[target.precision]).to(device).eval()
+        served = EngineModule(model, outputs, device.type, DTYPES[target.precision]).to(device).eval()
         p = target.profile
-        extra.update(freezing=settings.freeze, batch={"min": p.min, "max": p.max, "example": _example_batch(p)})
+        extra.update(freezing=settings.freeze, batch={"min": p.min, "max": p.max, "example": example_batch(p)})
         if settings.mode == "compile":
             extra.update(self._build_compiled(served, source.model, target, settings, device, engine_dir))
         else:
             extra.update(self._build_aoti(served, source.model, target, settings, device, engine_dir))
         return extra
 
-    def _build_compiled(self, served: _Served, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device,
+    def _build_compiled(self, served: EngineModule, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device,
                         engine_dir: Path) -> dict[str, Any]:
-        with _fresh_cache_artifacts():
-            _, seconds, counts = _compile(served, spec, target, settings, device)
+        with fresh_cache_artifacts():
+            _, seconds, counts = compile_engine(served, spec, target, settings, device)
             saved = torch.compiler.save_cache_artifacts()
         if saved:
             (engine_dir / COMPILE_CACHE).write_bytes(saved[0])
@@ -376,13 +277,13 @@ class TorchRuntime:
             "compile_seconds": round(seconds, 3),
             "compiled_graphs": counts["unique_graphs"] or None,
             "compile_cache": cache,
-            "graph": _graph(counts["calls_captured"], counts, "the graphs dynamo captured"),
+            "graph": compile_graph_info(counts["calls_captured"], counts, "the graphs dynamo captured"),
         }
 
-    def _build_aoti(self, served: _Served, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device,
+    def _build_aoti(self, served: EngineModule, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device,
                     engine_dir: Path) -> dict[str, Any]:
         p = target.profile
-        example = _inputs(spec, _example_batch(p), device)
+        example = example_inputs(spec, example_batch(p), device)
         dynamic_shapes = None
         if p.min < p.max:
             batch = torch.export.Dim("batch", min=p.min, max=p.max)
@@ -394,14 +295,14 @@ class TorchRuntime:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise KilnError(f"targets.{target.name}: torch.export could not export the model with batch {p.min}..{p.max}: {first}") from e
         export_seconds = time.perf_counter() - start
-        before = _counters()
+        before = inductor_counters()
         package = engine_dir / PACKAGE
         # Inductor freezes only without autograd (compile_fx checks torch.is_grad_enabled()): with grad
         # on, `freezing: True` is silently ignored (measured: no Conv+BN folding, no oneDNN weight packing).
         with torch.no_grad():
             torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs={"freezing": settings.freeze})
         seconds = time.perf_counter() - start
-        counts = _diff(before, _counters())
+        counts = counter_diff(before, inductor_counters())
         # What serving pays before its first answer: load the package and run one batch.
         start = time.perf_counter()
         loaded = _AotiPackage(package, device)
@@ -415,7 +316,7 @@ class TorchRuntime:
             "compile_seconds": round(seconds, 3),
             "load_first_batch_seconds": round(first, 3),
             "package_bytes": package.stat().st_size,
-            "graph": _graph(_aten_ops(exported.graph_module), counts, "the exported program"),
+            "graph": compile_graph_info(aten_ops(exported.graph_module), counts, "the exported program"),
         }
 
     # ---- load ----------------------------------------------------------------------------------
@@ -451,81 +352,18 @@ class TorchRuntime:
             channels_last = device.type == "cpu" and dtype is torch.bfloat16
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            served = _Served(model, saved["outputs"], device.type, dtype).to(device).eval()
+            served = EngineModule(model, saved["outputs"], device.type, dtype).to(device).eval()
             session = cls(served, input_names, saved["outputs"], device, target, "eager", channels_last=channels_last)
         else:
-            served = _Served(model, saved["outputs"], device.type, dtype).to(device).eval()
+            served = EngineModule(model, saved["outputs"], device.type, dtype).to(device).eval()
             cache = engine_dir / COMPILE_CACHE
             if cache.is_file():
                 torch.compiler.load_cache_artifacts(cache.read_bytes())
-            compiled, seconds, _ = _compile(served, spec, target, settings, device)
+            compiled, seconds, _ = compile_engine(served, spec, target, settings, device)
             session = cls(compiled, input_names, saved["outputs"], device, target, "compile")
             session.compile_seconds = seconds  # type: ignore[attr-defined]
         session.load_seconds = time.perf_counter() - start
         return session
-
-
-class _Frozen:
-    """Calls a torch.compile'd module with inductor's global `freezing` flag set as the target says.
-
-    torch.compile(options={"freezing": True}) alone does not freeze a module's weights: dynamo reads
-    the global flag while tracing (torch._dynamo.utils.is_parameter_freezing) to treat parameters
-    as constants and guard on their identity; with only the per-compile option, the weights stay
-    graph inputs and nothing is folded into them (measured: a second module of the same class reused
-    the first one's graph). Any recompile, at load or later, happens under the same flag."""
-
-    def __init__(self, compiled: Any, freezing: bool):
-        self.compiled = compiled
-        self.freezing = freezing
-
-    def __call__(self, *inputs: torch.Tensor) -> Any:
-        config = torch._inductor.config
-        before = config.freezing
-        if before == self.freezing:
-            return self.compiled(*inputs)
-        config.freezing = self.freezing  # config.patch does the same, at ~40 us a call
-        try:
-            return self.compiled(*inputs)
-        finally:
-            config.freezing = before
-
-
-def _compile(served: _Served, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device) -> tuple[Any, float, dict[str, int]]:
-    """torch.compile `served` and run the profile's example, min and max batches, so every graph
-    the profile needs is compiled now; returns (compiled module, seconds, inductor counters)."""
-    # Dynamo keeps compiled graphs per code object and stops compiling a code object after 8 of them
-    # (recompile_limit), silently running eager from then on. Every engine is 1-3 graphs, and a process
-    # (the benchmark, the tests) may compile several engines: give each its own copy of forward's code.
-    forward = _Served.forward
-    served.__class__ = type("_Served", (_Served,), {"forward": types.FunctionType(
-        forward.__code__.replace(), forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__)})
-    options = {**torch._inductor.list_mode_options(settings.compile_mode_or_default), "freezing": settings.freeze}
-    compiled = _Frozen(torch.compile(served, options=options), settings.freeze)
-    p = target.profile
-    example = _example_batch(p)
-    batches = [example] + [b for b in sorted({p.min, p.max}) if b != example]
-    before = _counters()
-    start = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            for i, b in enumerate(batches):
-                tensors = _inputs(spec, b, device)
-                if i == 0 and p.min < p.max and b > 1:
-                    for t in tensors:
-                        torch._dynamo.mark_dynamic(t, 0)
-                compiled(*tensors)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    except KilnError:
-        raise
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KilnError(f"targets.{target.name}: torch.compile failed ({settings.compile_mode_or_default}, freezing={settings.freeze}): {first}") from e
-    seconds = time.perf_counter() - start
-    counts = _diff(before, _counters())
-    if not counts["unique_graphs"]:
-        raise KilnError(f"targets.{target.name}: torch.compile compiled no graph (dynamo fell back to eager; its warnings above say why)")
-    return compiled, seconds, counts
 
 
 RUNTIME = TorchRuntime()

@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from ..config import Target
-from ..errors import KilnError
-from . import RUNTIMES, BuildSource, runtime_options
-from .qdq import PREPROCESSED, QDQ, check_ignored_scope, quantize_qdq
+from ...config import Target
+from .. import RUNTIMES, BuildSource, runtime_options
+from ..qdq import PREPROCESSED, QDQ, check_ignored_scope, quantize_qdq
 
 if TYPE_CHECKING:
-    from ..calibration import CalibrationSet, CalibrationSettings
+    from ...calibration import CalibrationSet, CalibrationSettings
 
 OPTIMIZED = "model.optimized.onnx"
 COMPUTE_OPS = {"Conv", "MatMul", "Gemm", "ConvTranspose"}
@@ -125,7 +124,7 @@ class OnnxRuntimeRuntime:
         import onnx
         from onnxruntime.quantization import QuantType
 
-        from ..fingerprint import collect
+        from ...fingerprint import collect
 
         check_ignored_scope(onnx_path, settings, target.name)
         # Without VNNI, x86 int8 kernels multiply u8 x s8 pairs into saturating int16 (vpmaddubsw);

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 import numpy as np
 import openvino as ov
 
-from ..config import Target
-from . import RUNTIMES, BuildSource, runtime_options
+from ...config import Target
+from .. import RUNTIMES, BuildSource, runtime_options
 
 if TYPE_CHECKING:
-    from ..calibration import CalibrationSet, CalibrationSettings
-from ..errors import KilnError
+    from ...calibration import CalibrationSet, CalibrationSettings
+from ...errors import KilnError
 
 IR = "model.xml"
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}  # int8: quantized layers run int8, the rest f32
