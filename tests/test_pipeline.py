@@ -135,7 +135,7 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     assert stages_run(recal.stdout) == {"probe", "sample-data", "report"} | {f"calibrate@{t}" for t in targets} | {
         f"{s}@{t}" for s in ("build", "benchmark") for t in int8
     }
-    assert "already holds images: left as it is" in recal.stderr
+    assert "data/calibration holds 300 images: left as it is" in recal.stderr
     assert first_image.read_bytes() == (project / "data" / "eval" / "0000.jpg").read_bytes()
 
     # The model changed (in conf/, where `dvc exp run` will find it too): everything from export on.

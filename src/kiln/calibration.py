@@ -143,13 +143,14 @@ def calibrate_target(target: Target, onnx_path: Path, spec: ModelSpec, params: M
         runtime = get_runtime(target.runtime)
         if not isinstance(runtime, CalibratingRuntime):
             raise KilnError(f"runtime '{target.runtime}' lists {target.precision} as calibrated but has no calibrate(): a kiln bug")
+        calibrator: CalibratingRuntime = runtime
         settings = CalibrationSettings.for_target(params.get("calibration"), target, runtime.calibration_options_type)
         calib = CalibrationSet.from_params(params.get("data") or {}, spec, settings)
     with atomic_path(out_dir, is_dir=True) as tmp:
         if info["needed"]:
             info.update(images=len(calib), folder=str(calib.images.root), ignored_scope=list(settings.ignored_scope),
                         options=to_params(settings.options))
-            info.update(runtime.calibrate(target, Path(onnx_path), calib, settings, tmp))
-            info["sensitivity"] = layer_sensitivity(runtime, Path(onnx_path), tmp, calib)
+            info.update(calibrator.calibrate(target, Path(onnx_path), calib, settings, tmp))
+            info["sensitivity"] = layer_sensitivity(calibrator, Path(onnx_path), tmp, calib)
         write_marker(tmp, info)
     return info

@@ -163,7 +163,7 @@ def _hint(overrides: Sequence[str], config_dir: str | Path) -> str:
     hints = []
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0]
-        node, path = known, []
+        node, path = known, list[str]()
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
                 if isinstance(node, dict) and part in {str(k) for k in node if not isinstance(k, str)}:

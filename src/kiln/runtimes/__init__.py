@@ -94,7 +94,9 @@ class Runtime(Protocol):
     info: RuntimeInfo
     precisions: tuple[str, ...]
     libraries: tuple[str, ...]
-    options_type: type
+
+    @property
+    def options_type(self) -> type: ...  # read-only: a runtime's own dataclass is a subtype of `type`
 
     def unavailable_reason(self, target: Target) -> str | None: ...
 
@@ -105,7 +107,8 @@ class Runtime(Protocol):
 
 @runtime_checkable
 class CalibratingRuntime(Protocol):
-    calibration_options_type: type
+    @property
+    def calibration_options_type(self) -> type: ...
 
     def calibrate(self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings,
                   out_dir: Path) -> dict[str, Any]: ...

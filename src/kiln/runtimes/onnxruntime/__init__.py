@@ -178,7 +178,7 @@ class OnnxRuntimeRuntime:
         so = _options(target, LEVELS[level_name])
         so.optimized_model_filepath = str(engine_dir / OPTIMIZED)
         # Creating the session runs the optimisers and writes the optimised graph.
-        model = source.onnx_path if target.precision == "fp32" else source.calibration_dir / QDQ
+        model = source.onnx_path if target.precision == "fp32" else Path(source.calibration_dir or ".") / QDQ
         ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         graph = graph_info(model, engine_dir / OPTIMIZED)
         return {

@@ -236,7 +236,7 @@ class OpenVinoRuntime:
 
     def build(self, target: Target, source: BuildSource, engine_dir: Path) -> dict[str, Any]:
         core = ov.Core()
-        model = core.read_model(str(source.onnx_path if target.precision != "int8" else source.calibration_dir / IR))
+        model = core.read_model(str(source.onnx_path if target.precision != "int8" else Path(source.calibration_dir or ".") / IR))
         # fp32 weights in the IR: precision is decided at compile time by the hint, not by lossy storage.
         ov.save_model(model, str(engine_dir / IR), compress_to_fp16=False)
         compiled = core.compile_model(model, _device(target), _config(target))
