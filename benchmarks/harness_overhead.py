@@ -42,7 +42,9 @@ def bare_loop(target: Target, engine: Path, feeds: dict[str, np.ndarray]) -> Cal
         import openvino as ov
 
         manifest = json.loads((engine / "manifest.json").read_text())
-        compiled = ov.Core().compile_model(str(engine / "model.xml"), target.device.upper(), manifest["compile_config"] | {"INFERENCE_NUM_THREADS": threads})
+        compiled = ov.Core().compile_model(
+            str(engine / "model.xml"), target.device.upper(), manifest["compile_config"] | {"INFERENCE_NUM_THREADS": threads}
+        )
         request = compiled.create_infer_request()
         return lambda: request.infer(feeds)
     if target.runtime == "torch":

@@ -38,7 +38,10 @@ from kiln.inputs import make_inputs
 from kiln.runtimes import BuildSource
 
 GOALS = {  # speed-up over eager fp32 the issue asks for
-    ("compile", "fp32"): 1.5, ("aoti", "fp32"): 1.5, ("compile", "bf16"): 8.0, ("aoti", "bf16"): 7.0,
+    ("compile", "fp32"): 1.5,
+    ("aoti", "fp32"): 1.5,
+    ("compile", "bf16"): 8.0,
+    ("aoti", "bf16"): 7.0,
 }
 
 
@@ -48,13 +51,20 @@ def target_params(mode: str, precision: str, batch: int, threads: int | None, fr
         options["freezing"] = freezing
     if mode == "compile":
         options["compile_mode"] = "default"
-    return {"runtime": "torch", "precision": precision, "threads": threads, "required": precision == "fp32",
-            "profile": {"min": 1, "opt": batch, "max": max(32, batch)}, "options": options}
+    return {
+        "runtime": "torch",
+        "precision": precision,
+        "threads": threads,
+        "required": precision == "fp32",
+        "profile": {"min": 1, "opt": batch, "max": max(32, batch)},
+        "options": options,
+    }
 
 
 def fresh_process(code: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False
+    )
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode or not lines:
         raise SystemExit(f"fresh process failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -91,8 +101,9 @@ LOAD_AND_FIRST = """
 """
 
 
-def load_in_fresh_process(name: str, raw: dict[str, Any], engine: Path, batch: int, env: dict[str, str] | None = None,
-                          torch_api: bool = False) -> dict[str, Any]:
+def load_in_fresh_process(
+    name: str, raw: dict[str, Any], engine: Path, batch: int, env: dict[str, str] | None = None, torch_api: bool = False
+) -> dict[str, Any]:
     code = LOAD_AND_FIRST.format(args=repr((name, raw, str(engine), batch)), raw_aoti=torch_api)
     return fresh_process(code, env)
 
@@ -160,9 +171,11 @@ def main() -> None:
 
     import torch
 
-    print(f"\n{args.model} (random weights), batch {args.batch}, kiln build_engine/load_engine/Session.infer; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
-          f"{args.rounds} alternating rounds x {args.iters} iterations, medians\n")
+    print(
+        f"\n{args.model} (random weights), batch {args.batch}, kiln build_engine/load_engine/Session.infer; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+        f"{args.rounds} alternating rounds x {args.iters} iterations, medians\n"
+    )
     print("| target | ms/image | speed-up vs eager fp32 | goal | build s | compile s | load s | max abs diff vs eager fp32 | top-1 agree |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -175,12 +188,17 @@ def main() -> None:
         speed = eager_ms / r["ms_image"]
         verdict = "" if not goal else (" (met)" if speed >= goal else " (not met)")
         compile_s = f"{m['compile_seconds']:.1f}" if "compile_seconds" in m else ""
-        print(f"| {r['name']} | {r['ms_image']:.2f} | {speed:.2f}x{verdict} | {goal_s} | {m['build_seconds']:.1f} | {compile_s} | "
-              f"{r['load_s']:.1f} | {r['max_abs']:.2e} | {r['top1']:.3f} |")
+        print(
+            f"| {r['name']} | {r['ms_image']:.2f} | {speed:.2f}x{verdict} | {goal_s} | {m['build_seconds']:.1f} | {compile_s} | "
+            f"{r['load_s']:.1f} | {r['max_abs']:.2e} | {r['top1']:.3f} |"
+        )
     for r in live:
         if "graph" in r["manifest"]:
             g = r["manifest"]["graph"]
-            print(f"\n{r['name']} graph: {g.get('nodes_in')} ATen ops in, {g.get('nodes_out')} kernels out, fusions {g.get('fusions')}", end="")
+            print(
+                f"\n{r['name']} graph: {g.get('nodes_in')} ATen ops in, {g.get('nodes_out')} kernels out, fusions {g.get('fusions')}",
+                end="",
+            )
     print()
 
     if args.skip_fresh:
@@ -193,10 +211,14 @@ def main() -> None:
         if r["mode"] == "aoti":
             res = load_in_fresh_process(r["name"], r["raw"], r["engine"], args.batch, torch_api=True)
             verdict = "goal < 2 s met" if res["load_first_batch_s"] < 2 else "goal < 2 s NOT met"
-            print(f"| {r['name']} | package only, no model code | {res['imports_s']:.2f} | {res['load_s']:.2f} | {res['first_batch_s']:.2f} | "
-                  f"{res['load_first_batch_s']:.2f} ({verdict}; then, in the same process, torch._inductor.aoti_load_package "
-                  f"+ first call: {res['torch_api_load_first_batch_s']:.2f}, torch._inductor already imported by then: "
-                  f"{res['inductor_imported']}) |", flush=True)
+            print(
+                f"| {r['name']} | package only, no model code | {res['imports_s']:.2f} | {res['load_s']:.2f} | "
+                f"{res['first_batch_s']:.2f} | "
+                f"{res['load_first_batch_s']:.2f} ({verdict}; then, in the same process, torch._inductor.aoti_load_package "
+                f"+ first call: {res['torch_api_load_first_batch_s']:.2f}, torch._inductor already imported by then: "
+                f"{res['inductor_imported']}) |",
+                flush=True,
+            )
     for r in live:
         if r["mode"] != "compile":
             continue
@@ -214,7 +236,11 @@ def main() -> None:
             res = load_in_fresh_process(r["name"], r["raw"], engine, args.batch, env={"TORCHINDUCTOR_CACHE_DIR": cache_dir})
             shutil.rmtree(cache_dir, ignore_errors=True)
             shutil.rmtree(engine.parent, ignore_errors=True)
-            print(f"| {r['name']} | {label} | {res['imports_s']:.2f} | {res['load_s']:.2f} | {res['first_batch_s']:.2f} | {res['load_first_batch_s']:.2f} |", flush=True)
+            print(
+                f"| {r['name']} | {label} | {res['imports_s']:.2f} | {res['load_s']:.2f} | {res['first_batch_s']:.2f} | "
+                f"{res['load_first_batch_s']:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -85,8 +85,9 @@ def check_s3(conf: Mapping[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("remote", nargs="?", help="remote name (default: the repository's default remote)")
-    parser.add_argument("--create-local", action="store_true",
-                        help="create a local-folder remote that does not exist yet (a CI runner's first run)")
+    parser.add_argument(
+        "--create-local", action="store_true", help="create a local-folder remote that does not exist yet (a CI runner's first run)"
+    )
     args = parser.parse_args(argv)
 
     from dvc.repo import Repo

@@ -59,10 +59,12 @@ def merge(base: dict[str, Any], results: dict[str, dict[str, Any]]) -> tuple[dic
                 kind = "target" if stage.partition("@")[0] in PER_TARGET else "shared"
                 raise MergeError(
                     f"{other} and {name} both changed the {kind} stage '{stage}', differently: "
-                    + ("a target belongs to one hardware class; list it in one class's target set only"
-                       if kind == "target" else
-                       "the classes must start from the same shared outputs (run the shared stages once, "
-                       "push, and hand that dvc.lock to every class job)")
+                    + (
+                        "a target belongs to one hardware class; list it in one class's target set only"
+                        if kind == "target"
+                        else "the classes must start from the same shared outputs (run the shared stages once, "
+                        "push, and hand that dvc.lock to every class job)"
+                    )
                 )
             taken[stage] = (name, entry)
     for stage, (_, entry) in taken.items():

@@ -30,8 +30,9 @@ def main() -> None:
 
     # Accuracy first: an engine over its budget fails before minutes of timing.
     accuracy = accuracy_against_reference(session, load_reference(paths.REFERENCE), chunk=target.profile.opt)
-    verdict = judge_budget(accuracy, settings.accuracy_budget, target.accuracy_budget, settings.fail_on_budget,
-                           trained=bool(spec.checkpoint or spec.weights))
+    verdict = judge_budget(
+        accuracy, settings.accuracy_budget, target.accuracy_budget, settings.fail_on_budget, trained=bool(spec.checkpoint or spec.weights)
+    )
     if verdict.why_not_enforced:
         log.warning("%s over its accuracy budget (%s); not enforced: %s", name, "; ".join(verdict.violations), verdict.why_not_enforced)
     enforce_budget(verdict, name, accuracy["source"])
@@ -39,10 +40,27 @@ def main() -> None:
     stats, raw, notes = benchmark_latency(session, spec.inputs, target.profile, settings)
     served, requests = benchmark_served(session, spec.inputs, target.serve, settings) if target.serve else (None, [])
     if served:
-        log.info("served %s: p50 %.3f ms, p99 %.3f ms per request, %.1f images/s over %d requests",
-                 target.serve, served["p50_ms"], served["p99_ms"], served["images_per_s"], served["requests"])
-    run = run_record(target, manifest, fingerprint.describe_hardware(machine["hardware"]), settings, stats, raw, served, requests,
-                     accuracy, verdict.to_dict(), notes)
+        log.info(
+            "served %s: p50 %.3f ms, p99 %.3f ms per request, %.1f images/s over %d requests",
+            target.serve,
+            served["p50_ms"],
+            served["p99_ms"],
+            served["images_per_s"],
+            served["requests"],
+        )
+    run = run_record(
+        target,
+        manifest,
+        fingerprint.describe_hardware(machine["hardware"]),
+        settings,
+        stats,
+        raw,
+        served,
+        requests,
+        accuracy,
+        verdict.to_dict(),
+        notes,
+    )
     write_outputs(name, run, stats, headline_metrics(target.main_batch, stats[f"b{target.main_batch}"], accuracy, served))
 
 

@@ -24,7 +24,12 @@ def main() -> None:
         return
     log.info(
         "%s: %s %s (executed %s) in %.2f s -> %s",
-        name, target.runtime, target.precision, manifest["precision"]["executed"], manifest["build_seconds"], paths.ENGINES / name,
+        name,
+        target.runtime,
+        target.precision,
+        manifest["precision"]["executed"],
+        manifest["build_seconds"],
+        paths.ENGINES / name,
     )
 
 

@@ -19,7 +19,13 @@ def main() -> None:
     write_json(paths.EXPORT_MANIFEST, manifest)
     logging.getLogger("kiln.export").info(
         "%s -> %s: opset %d, %d nodes, inputs %s, outputs %s, %d exporter warnings",
-        spec.label, paths.ONNX, manifest["opset"], manifest["nodes"], manifest["inputs"], manifest["outputs"], len(manifest["warnings"]),
+        spec.label,
+        paths.ONNX,
+        manifest["opset"],
+        manifest["nodes"],
+        manifest["inputs"],
+        manifest["outputs"],
+        len(manifest["warnings"]),
     )
 
 

@@ -18,8 +18,12 @@ from kiln.atomic import atomic_path, write_json
 from kiln.images import check_user_folder, folder_contents, make_sample_images
 from kiln.stage import run_stage
 
-CALIBRATION = {"dir": Path("data/calibration"), "count": 300, "seed": 1,
-               "photos": ("astronaut", "chelsea", "rocket", "motorcycle", "hubble_deep_field", "china")}
+CALIBRATION = {
+    "dir": Path("data/calibration"),
+    "count": 300,
+    "seed": 1,
+    "photos": ("astronaut", "chelsea", "rocket", "motorcycle", "hubble_deep_field", "china"),
+}
 EVAL = {"dir": Path("data/eval"), "count": 64, "seed": 2, "photos": ("coffee", "flower", "retina")}
 
 

@@ -23,8 +23,9 @@ def main() -> None:
     save_reference(paths.REFERENCE, reference)
     report["reference"] = reference["source"]
     write_json(paths.VALIDATE, report)
-    logging.getLogger("kiln.validate").info("passed: %s", ", ".join(
-        f"{n} max abs {o['max_abs_err']:.3g}" for n, o in report["outputs"].items()))
+    logging.getLogger("kiln.validate").info(
+        "passed: %s", ", ".join(f"{n} max abs {o['max_abs_err']:.3g}" for n, o in report["outputs"].items())
+    )
 
 
 if __name__ == "__main__":

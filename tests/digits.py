@@ -66,8 +66,14 @@ def digits_cnn() -> TinyCNN:
 def digits_params(dirs: dict[str, Path], checkpoint: Path) -> dict[str, Any]:
     return {
         "model": {
-            "name": None, "entrypoint": "digits:digits_cnn", "checkpoint": str(checkpoint), "weights": None, "kwargs": {},
-            "inputs": {"input": {"shape": [3, 16, 16], "dtype": "float32"}}, "outputs": ["logits"], "seed": 0,
+            "name": None,
+            "entrypoint": "digits:digits_cnn",
+            "checkpoint": str(checkpoint),
+            "weights": None,
+            "kwargs": {},
+            "inputs": {"input": {"shape": [3, 16, 16], "dtype": "float32"}},
+            "outputs": ["logits"],
+            "seed": 0,
         },
         "data": {"calibration_dir": str(dirs["calibration"]), "eval_dir": str(dirs["eval"]), "eval_limit": 600, "preprocess": PREPROCESS},
         "calibration": {"subset_size": 300, "batch": 16, "method": "minmax", "ignored_scope": [], "options": {}},

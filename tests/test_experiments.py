@@ -25,7 +25,9 @@ openvino: {runtime: openvino, precision: fp32, device: cpu, threads: null, profi
 
 
 def test_a_sweep_over_a_misspelt_target_key_names_the_key():
-    with pytest.raises(KilnError, match=r"(?s)Could not override 'targets.openvino.precison'.*'targets.openvino.precison' \(did you mean 'precision'\?\)"):
+    with pytest.raises(
+        KilnError, match=r"(?s)Could not override 'targets.openvino.precison'.*'targets.openvino.precison' \(did you mean 'precision'\?\)"
+    ):
         compose(["targets.openvino.precison=int8"], config_dir=ROOT / "conf")
     params = compose(["+targets.openvino.precison=int8"], config_dir=ROOT / "conf")  # appended on purpose...
     with pytest.raises(KilnError, match=r"targets.openvino has unknown keys \['precison'\] \(did you mean 'precision'\?\)"):

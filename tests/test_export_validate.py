@@ -119,7 +119,9 @@ def test_opset_the_exporter_cannot_target(exporter, opset, match):
 
 def test_torchscript_exporter_targets_an_older_opset(tmp_path):
     spec = ModelSpec.from_params(tiny_model_params())
-    manifest = export_onnx(build_model(spec), spec, ExportSettings.from_params({"exporter": "torchscript", "opset": 13}), tmp_path / "m.onnx")
+    manifest = export_onnx(
+        build_model(spec), spec, ExportSettings.from_params({"exporter": "torchscript", "opset": 13}), tmp_path / "m.onnx"
+    )
     assert manifest["opset"] == 13
     # The legacy exporter warns that it is deprecated: the warning is kept, not swallowed.
     assert any("TorchScript" in w["message"] for w in manifest["warnings"])

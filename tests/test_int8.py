@@ -104,10 +104,18 @@ def bad_calibration(digits, tmp_path, target: Target, match: str, **data_or_cali
 
 
 def test_missing_or_empty_calibration_folder(digits, tmp_path):
-    bad_calibration(digits, tmp_path, int8_target("onnxruntime"), r"calibration folder '.*missing' does not exist", calibration_dir=str(tmp_path / "missing"))
+    bad_calibration(
+        digits,
+        tmp_path,
+        int8_target("onnxruntime"),
+        r"calibration folder '.*missing' does not exist",
+        calibration_dir=str(tmp_path / "missing"),
+    )
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images")
-    bad_calibration(digits, tmp_path, int8_target("openvino"), r"calibration folder '.*empty' holds no images", calibration_dir=str(tmp_path / "empty"))
+    bad_calibration(
+        digits, tmp_path, int8_target("openvino"), r"calibration folder '.*empty' holds no images", calibration_dir=str(tmp_path / "empty")
+    )
 
 
 def test_too_few_images_and_unreadable_images(digits, tmp_path):
@@ -115,19 +123,29 @@ def test_too_few_images_and_unreadable_images(digits, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "0001.png").write_bytes(b"not a png")
-    bad_calibration(digits, tmp_path, int8_target("onnxruntime"), r"cannot read image .*0001.png", calibration_dir=str(broken), subset_size=1)
+    bad_calibration(
+        digits, tmp_path, int8_target("onnxruntime"), r"cannot read image .*0001.png", calibration_dir=str(broken), subset_size=1
+    )
 
 
 def test_a_method_the_runtime_lacks_and_an_ignored_scope_naming_nothing(digits, tmp_path):
     bad_calibration(digits, tmp_path, int8_target("openvino"), r"NNCF\) has no entropy calibration", method="entropy")
     bad_calibration(digits, tmp_path, int8_target("onnxruntime"), r"calibration.method 'kl' is not one of", method="kl")
     for runtime in ("onnxruntime", "openvino"):
-        bad_calibration(digits, tmp_path, int8_target(runtime), r"ignored_scope names no (node|layer) .*no_such_conv", ignored_scope=["no_such_conv"])
+        bad_calibration(
+            digits, tmp_path, int8_target(runtime), r"ignored_scope names no (node|layer) .*no_such_conv", ignored_scope=["no_such_conv"]
+        )
 
 
 def test_preprocessing_that_does_not_fit_the_model(digits, tmp_path):
     bad = {**digits["params"]["data"]["preprocess"], "crop": 12, "resize": 12}
-    bad_calibration(digits, tmp_path, int8_target("onnxruntime"), r"data.preprocess makes float32 images of shape \[3, 12, 12\], but model.inputs.input is float32 \[3, 16, 16\]", preprocess=bad)
+    bad_calibration(
+        digits,
+        tmp_path,
+        int8_target("onnxruntime"),
+        r"data.preprocess makes float32 images of shape \[3, 12, 12\], but model.inputs.input is float32 \[3, 16, 16\]",
+        preprocess=bad,
+    )
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
@@ -169,9 +187,14 @@ def test_folded_preprocessing_serves_uint8_images_and_matches_python_preprocessi
 def test_fold_needs_an_input_shaped_like_the_preprocessing(digits):
     from kiln.config import engine_spec
 
-    params = {**digits["params"], "export": {"fold_preprocess": True},
-              "data": {**digits["params"]["data"], "preprocess": {**digits["params"]["data"]["preprocess"], "crop": 8, "resize": 8}}}
-    with pytest.raises(KilnError, match=r"fold_preprocess needs one float32 image input shaped like data.preprocess makes it \(\[3, 8, 8\]\)"):
+    params = {
+        **digits["params"],
+        "export": {"fold_preprocess": True},
+        "data": {**digits["params"]["data"], "preprocess": {**digits["params"]["data"]["preprocess"], "crop": 8, "resize": 8}},
+    }
+    with pytest.raises(
+        KilnError, match=r"fold_preprocess needs one float32 image input shaped like data.preprocess makes it \(\[3, 8, 8\]\)"
+    ):
         engine_spec(params)
 
 

@@ -40,7 +40,9 @@ def test_compare_metrics():
     assert compare_output("map", rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4))).top1_agreement is None
     with pytest.raises(ValueError, match="shape"):
         compare_output("y", ref, ref[:3])
-    assert summarize([compare_output("logits", ref, noisy), compare_output("b", ref, ref)])["max_abs_err"] == pytest.approx(np.abs(noisy - ref).max())
+    assert summarize([compare_output("logits", ref, noisy), compare_output("b", ref, ref)])["max_abs_err"] == pytest.approx(
+        np.abs(noisy - ref).max()
+    )
 
 
 def test_non_finite_outputs_never_pass():

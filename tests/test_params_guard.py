@@ -23,8 +23,9 @@ def kiln(cwd: Path, *args: str, module: str = "kiln.params") -> subprocess.Compl
 
 
 def configure(cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "stages" / "configure.py")], cwd=cwd, env=venv_env(),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "configure.py")], cwd=cwd, env=venv_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture
@@ -86,7 +87,9 @@ def test_a_hand_edit_of_a_composed_params_yaml_is_caught(conf_copy):
     with pytest.raises(KilnError) as e:
         check_fresh("params.yaml", "conf")
     message = str(e.value)
-    assert "was edited by hand after `python -m kiln.params` composed it from conf/ with overrides ['targets.openvino.threads=1']" in message
+    assert (
+        "was edited by hand after `python -m kiln.params` composed it from conf/ with overrides ['targets.openvino.threads=1']" in message
+    )
     assert "(targets.onnxruntime.threads=1)" in message
     # The advice keeps the overrides the file was composed with, and turns the edit into one more.
     assert "`python -m kiln.params targets.openvino.threads=1 targets.onnxruntime.threads=1`" in message
@@ -110,7 +113,9 @@ def test_check_keeps_the_overrides(conf_copy):
 def test_saved_overrides_survive_dvc_experiment_composition(conf_copy):
     from dvc.utils.hydra import compose_and_dump
 
-    (conf_copy / "conf" / "targets" / "small.yaml").write_text("onnxruntime: {runtime: onnxruntime, threads: null}\nopenvino: {runtime: openvino, threads: null}\n")
+    (conf_copy / "conf" / "targets" / "small.yaml").write_text(
+        "onnxruntime: {runtime: onnxruntime, threads: null}\nopenvino: {runtime: openvino, threads: null}\n"
+    )
     result = kiln(conf_copy, "targets=small")
     assert "does not keep these overrides; `python -m kiln.params --save targets=small`" in result.stderr
     result = kiln(conf_copy, "--save", "targets=small", "targets.openvino.threads=1")
@@ -129,7 +134,9 @@ def test_an_override_of_an_integer_key_gets_a_hint_not_a_crash(conf_copy):
     result = kiln(conf_copy, "benchmark.serve.1=0.5")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "'benchmark.serve' has integer keys" in result.stderr and "'~benchmark.serve' '+benchmark.serve={1: 0.5, 4: 0.5}'" in result.stderr
+    assert (
+        "'benchmark.serve' has integer keys" in result.stderr and "'~benchmark.serve' '+benchmark.serve={1: 0.5, 4: 0.5}'" in result.stderr
+    )
     result = kiln(conf_copy, "~benchmark.serve", "+benchmark.serve={1: 0.5, 4: 0.5}")
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load((conf_copy / "params.yaml").read_text())["benchmark"]["serve"] == {1: 0.5, 4: 0.5}
@@ -142,14 +149,27 @@ def test_an_override_of_an_integer_key_gets_a_hint_not_a_crash(conf_copy):
         ("benchmark.batch_sizes=[0]", "benchmark.batch_sizes must be a non-empty list of positive integers, got [0]"),
         ("validate.batch_sizes=[2]", "validate.batch_sizes must hold at least two positive batch sizes"),
         ("+targets.onnxruntime-int8.calibration.method=kl", "targets.onnxruntime-int8.calibration.method 'kl' is not one of minmax"),
-        ("+targets.openvino.options.performance_hnt=LATENCY",
-         "targets.openvino.options has unknown keys ['performance_hnt'] (did you mean 'performance_hint'?)"),
+        (
+            "+targets.openvino.options.performance_hnt=LATENCY",
+            "targets.openvino.options has unknown keys ['performance_hnt'] (did you mean 'performance_hint'?)",
+        ),
         ("targets.openvino.options.performance_hint=FAST", "targets.openvino.options.performance_hint 'FAST' is not one of LATENCY"),
-        ("+targets.openvino-int8.calibration.options.presett=mixed",
-         "targets.openvino-int8.calibration.options (with calibration.options) has unknown keys ['presett'] (did you mean 'preset'?)"),
-        ("+targets.onnxruntime-int8.calibration.options.preset=mixed", "targets.onnxruntime-int8.calibration.options (with calibration.options) has unknown keys ['preset']"),
-        ("targets.onnxruntime.options.graph_optimization_level=max", "graph_optimization_level 'max' is not one of disable, basic, extended, all"),
-        ("+targets.onnxruntime.accuracy_budget.min_top5=0.9", "accuracy_budget (or benchmark.accuracy_budget) has unknown keys ['min_top5']"),
+        (
+            "+targets.openvino-int8.calibration.options.presett=mixed",
+            "targets.openvino-int8.calibration.options (with calibration.options) has unknown keys ['presett'] (did you mean 'preset'?)",
+        ),
+        (
+            "+targets.onnxruntime-int8.calibration.options.preset=mixed",
+            "targets.onnxruntime-int8.calibration.options (with calibration.options) has unknown keys ['preset']",
+        ),
+        (
+            "targets.onnxruntime.options.graph_optimization_level=max",
+            "graph_optimization_level 'max' is not one of disable, basic, extended, all",
+        ),
+        (
+            "+targets.onnxruntime.accuracy_budget.min_top5=0.9",
+            "accuracy_budget (or benchmark.accuracy_budget) has unknown keys ['min_top5']",
+        ),
         ("export.opset=99", "export.opset 99 cannot be targeted"),
     ],
 )

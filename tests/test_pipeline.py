@@ -54,7 +54,9 @@ def make_project(tmp_path: Path, *overrides: str) -> Path:
     data = project / "conf" / "data" / "default.yaml"
     data.write_text(data.read_text().replace("resize: 256", "resize: 16").replace("crop: 224", "crop: 16"))
     config = project / "conf" / "config.yaml"
-    config.write_text(config.read_text().replace("- model: resnet18", "- model: tiny").replace("- benchmark: default", "- benchmark: quick"))
+    config.write_text(
+        config.read_text().replace("- model: resnet18", "- model: tiny").replace("- benchmark: default", "- benchmark: quick")
+    )
     (project / ".gitignore").write_text("/artifacts/\n__pycache__/\n")
     run(["git", "init", "-q"], project)
     run(["dvc", "init", "-q"], project)

@@ -28,8 +28,16 @@ from kiln import plots, plots_page
 
 VEGA_TEMPLATES = ROOT / "plots" / "templates"
 CHROMIUM = next(
-    (p for p in (os.environ.get("KILN_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
-                 shutil.which("google-chrome")) if p),
+    (
+        p
+        for p in (
+            os.environ.get("KILN_CHROMIUM"),
+            shutil.which("chromium"),
+            shutil.which("chromium-browser"),
+            shutil.which("google-chrome"),
+        )
+        if p
+    ),
     None,
 )
 
@@ -255,11 +263,24 @@ def dvc_repo(tmp_path_factory) -> Path:
 
 def _chromium(url: str, profile: Path, *mode: str) -> subprocess.CompletedProcess:
     cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-extensions", "--hide-scrollbars", "--force-device-scale-factor=1",
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
         "--host-resolver-rules=MAP * ~NOTFOUND",  # no network even where CI has one: offline is the point
-        f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--window-size=1200,2400", *mode, url,
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        "--window-size=1200,2400",
+        *mode,
+        url,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}"
@@ -339,8 +360,9 @@ def test_without_the_page_dvc_fails_as_the_docs_say(dvc_repo, tmp_path):
     repo = tmp_path / "no-page"
     shutil.copytree(dvc_repo, repo)
     (repo / "plots" / "offline.html").unlink()
-    proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "show"], cwd=repo, env=_pip_only_env(),
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "plots", "show"], cwd=repo, env=_pip_only_env(), capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode != 0 and "HTML template has to contain '{plot_divs}'" in proc.stderr, proc.stderr
     docs = (ROOT / "docs" / "plots.md").read_text()
     assert "HTML template has to contain '{plot_divs}'" in docs and "python -m kiln.plots template" in docs

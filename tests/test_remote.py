@@ -111,7 +111,11 @@ def test_push_then_fresh_clones_pull_instead_of_rebuilding(tmp_path, s3):
 def check_remote(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "check_remote.py"), *args],
-        cwd=project, env=venv_env(), capture_output=True, text=True, timeout=60,
+        cwd=project,
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -198,11 +202,17 @@ def test_merge_results_takes_each_class_targets_and_refuses_diverging_shared_sta
         (result / "reports" / "metrics").mkdir(parents=True)
         (result / "reports" / "metrics" / f"{target}.json").write_text(f'{{"cls": "{cls}"}}')
         (result / "reports" / "metrics" / "stale.json").write_text("{}")  # not this class's: not copied
-        (result / "dvc.lock").write_text(lock(
-            **shared,
-            **{f"build@{target}": {"outs": [{"path": f"artifacts/engines/{target}", "md5": md5}]},
-               f"benchmark@{target}": {"cmd": target}, "configure": {"cmd": cls}, "report": {"cmd": cls}},
-        ))
+        (result / "dvc.lock").write_text(
+            lock(
+                **shared,
+                **{
+                    f"build@{target}": {"outs": [{"path": f"artifacts/engines/{target}", "md5": md5}]},
+                    f"benchmark@{target}": {"cmd": target},
+                    "configure": {"cmd": cls},
+                    "report": {"cmd": cls},
+                },
+            )
+        )
     script = [sys.executable, str(ROOT / "scripts" / "merge_results.py")]
     merged = subprocess.run([*script, "results/cpu", "results/gpu"], cwd=tmp_path, capture_output=True, text=True)
     assert merged.returncode == 0, merged.stderr

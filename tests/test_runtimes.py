@@ -91,7 +91,10 @@ def test_engine_from_another_machine_is_refused(tmp_path, tiny_onnx):
     manifest = json.loads(manifest_path.read_text())
     manifest["hardware"]["cpu"] = {"arch": "aarch64", "model": "Neoverse-V2", "features": ["asimd", "sve2"]}
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(EngineMismatch, match=r"built for Neoverse-V2 \[asimd, sve2\], but this machine is .*rebuild it here with `dvc repro build@onnxruntime`"):
+    with pytest.raises(
+        EngineMismatch,
+        match=r"built for Neoverse-V2 \[asimd, sve2\], but this machine is .*rebuild it here with `dvc repro build@onnxruntime`",
+    ):
         load_engine(tmp_path / "e", target("onnxruntime"))
 
 
@@ -251,7 +254,8 @@ def test_a_runtime_whose_libraries_are_unknown_fails_loudly():
 
     machine = fingerprint.collect()
     assert library_versions(SimpleNamespace(name="onnxruntime", libraries=("onnxruntime",)), machine) == {
-        "onnxruntime": machine["software"]["onnxruntime"]}
+        "onnxruntime": machine["software"]["onnxruntime"]
+    }
     with pytest.raises(KilnError, match=r"runtime 'fake' depends on nosuchlib, but this machine's fingerprint has no version of it"):
         library_versions(SimpleNamespace(name="fake", libraries=("nosuchlib",)), machine)
     with pytest.raises(KilnError, match=r"runtime 'bare' declares no libraries"):
@@ -270,11 +274,13 @@ from kiln.engine import build_engine, load_engine
 from kiln.runtimes import BuildSource
 from kiln.reference import load_reference
 spec = ModelSpec.from_params(json.loads({spec!r}))
-target = Target.from_params("ort", {{"targets": {{"ort": {{"runtime": "onnxruntime", "threads": 1, "profile": {{"min": 1, "opt": 2, "max": 4}}}}}}}})
+raw = {{"runtime": "onnxruntime", "threads": 1, "profile": {{"min": 1, "opt": 2, "max": 4}}}}
+target = Target.from_params("ort", {{"targets": {{"ort": raw}}}})
 build_engine(target, BuildSource(Path({onnx!r}), spec), Path({engine!r}))
 session, _ = load_engine(Path({engine!r}), target)
 accuracy_against_reference(session, load_reference({reference!r}), chunk=2)
-benchmark_latency(session, spec.inputs, target.profile, BenchmarkSettings(batch_sizes=(2,), warmup_iters=1, min_iters=2, min_time_s=0), progress=False)
+settings = BenchmarkSettings(batch_sizes=(2,), warmup_iters=1, min_iters=2, min_time_s=0)
+benchmark_latency(session, spec.inputs, target.profile, settings, progress=False)
 print(json.dumps(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))))
 """
 
@@ -293,8 +299,13 @@ def test_building_and_benchmarking_an_onnxruntime_target_never_imports_torch(tmp
     feeds = make_inputs(spec.inputs, 4, 0)
     reference = {"inputs": feeds, "outputs": get_runtime_outputs(path, feeds), "labels": None, "source": "seeded"}
     save_reference(tmp_path / "reference.npz", reference)
-    code = TORCH_FREE.format(root=str(ROOT), spec=json.dumps(tiny_model_params()), onnx=str(path), engine=str(tmp_path / "engine"),
-                             reference=str(tmp_path / "reference.npz"))
+    code = TORCH_FREE.format(
+        root=str(ROOT),
+        spec=json.dumps(tiny_model_params()),
+        onnx=str(path),
+        engine=str(tmp_path / "engine"),
+        reference=str(tmp_path / "reference.npz"),
+    )
     result = subprocess.run([sys.executable, "-c", code], env=venv_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == []

@@ -110,8 +110,14 @@ def test_headline_metrics_keep_four_significant_figures():
     stats = {"ms_per_image": 0.0123456, "images_per_s": 81000.123, "p50_ms": 0.1}
     accuracy = {"top1_agreement": 0.921875, "top1": None, "cosine": 0.99}
     metrics = headline_metrics(8, stats, accuracy, {"images_per_s": 40123.77, "p99_ms": 0.456789})
-    assert metrics == {"batch": 8, "ms_per_image": 0.01235, "images_per_s": 81000.0, "top1_agreement": 0.9219,
-                       "served_images_per_s": 40120.0, "served_p99_ms": 0.4568}
+    assert metrics == {
+        "batch": 8,
+        "ms_per_image": 0.01235,
+        "images_per_s": 81000.0,
+        "top1_agreement": 0.9219,
+        "served_images_per_s": 40120.0,
+        "served_p99_ms": 0.4568,
+    }
     assert "served_p99_ms" not in headline_metrics(8, stats, accuracy, None)
 
 
@@ -119,21 +125,49 @@ def run_record(name, ms, top1=1.0, served=None, runtime="onnxruntime", compiler=
     latency = {f"b{b}": {"p50_ms": ms * b, "p99_ms": ms * b * 1.2, "ms_per_image": ms, "images_per_s": 1e3 / ms} for b in (1, 8, 32)}
     return {
         "metrics": {"batch": 8, "ms_per_image": ms, "images_per_s": round(1e3 / ms, 1), "top1_agreement": top1},
-        "run": {"target": name, "runtime": runtime, "precision": {"requested": "fp32", "executed": "fp32"}, "threads": 2,
-                "machine": "cpu", "profile": {"min": 1, "opt": 8, "max": 32}, "main_batch": 8, "latency": latency,
-                "accuracy": {"top1_agreement": top1, "max_abs_err": 1e-6, "source": "64 images"}, "served": served,
-                "compiler": compiler or {}, "notes": []},
+        "run": {
+            "target": name,
+            "runtime": runtime,
+            "precision": {"requested": "fp32", "executed": "fp32"},
+            "threads": 2,
+            "machine": "cpu",
+            "profile": {"min": 1, "opt": 8, "max": 32},
+            "main_batch": 8,
+            "latency": latency,
+            "accuracy": {"top1_agreement": top1, "max_abs_err": 1e-6, "source": "64 images"},
+            "served": served,
+            "compiler": compiler or {},
+            "notes": [],
+        },
     }
 
 
 def test_report_sections():
-    served = {"distribution": {"1": 0.7, "4": 0.2, "8": 0.1}, "requests": 200, "p50_ms": 3.0, "p90_ms": 9.0, "p99_ms": 20.0,
-              "ms_per_image": 4.0, "images_per_s": 250.0, "profile_warning": "profile optimum is batch 8, but only 30%"}
-    compiler = {"build_seconds": 1.5, "graph": {"nodes_in": 49, "nodes_out": 25, "fusions": {"Conv+Relu": 9, "Conv+Add+Relu": 8},
-                                                 "layer_precisions": {"fp32": 21}, "source": "ORT"}}
+    served = {
+        "distribution": {"1": 0.7, "4": 0.2, "8": 0.1},
+        "requests": 200,
+        "p50_ms": 3.0,
+        "p90_ms": 9.0,
+        "p99_ms": 20.0,
+        "ms_per_image": 4.0,
+        "images_per_s": 250.0,
+        "profile_warning": "profile optimum is batch 8, but only 30%",
+    }
+    compiler = {
+        "build_seconds": 1.5,
+        "graph": {
+            "nodes_in": 49,
+            "nodes_out": 25,
+            "fusions": {"Conv+Relu": 9, "Conv+Add+Relu": 8},
+            "layer_precisions": {"fp32": 21},
+            "source": "ORT",
+        },
+    }
     results = {"base": run_record("base", 10.0), "fast": run_record("fast", 2.5, top1=0.98, served=served, compiler=compiler)}
-    previous = {"base": {"ms_per_image": 10.0, "images_per_s": 100.0, "top1_agreement": 1.0},
-                "fast": {"ms_per_image": 5.0, "images_per_s": 200.0, "top1_agreement": 0.98}}
+    previous = {
+        "base": {"ms_per_image": 10.0, "images_per_s": 100.0, "top1_agreement": 1.0},
+        "fast": {"ms_per_image": 5.0, "images_per_s": 200.0, "top1_agreement": 0.98},
+    }
     md = render(results, None, "base", previous=previous, previous_label="HEAD")
     assert "| fast | fp32 | 8 | 2.500 | 400.0 | 4.00x | 0.980 | 250.0 |" in md  # summary at the main batch
     assert "| fast | onnxruntime | fp32 -> fp32 | 2 | 8 (opt) |" in md and "| 32 (max) |" in md
@@ -158,7 +192,9 @@ def test_stale_result_files(tmp_path):
         for name in ("kept", "gone"):
             (tmp_path / folder / f"{name}.{'json' if folder == 'metrics' else 'csv'}").write_text("{}")
     assert stale_result_files(["kept"], tmp_path / "metrics", tmp_path / "plots", tmp_path / "absent") == [
-        tmp_path / "metrics" / "gone.json", tmp_path / "plots" / "gone.csv"]
+        tmp_path / "metrics" / "gone.json",
+        tmp_path / "plots" / "gone.csv",
+    ]
 
 
 def test_committed_metrics_reads_the_last_commit(in_tmp):
@@ -191,7 +227,11 @@ def test_stale_params_are_refused(in_tmp, monkeypatch):
     check_fresh("params.yaml", "conf")  # conf/ changed, the composition did not: no error
     cpu = in_tmp / "conf" / "targets" / "cpu.yaml"
     cpu.write_text(cpu.read_text().replace("performance_hint: LATENCY", "performance_hint: THROUGHPUT", 1))
-    with pytest.raises(KilnError, match=r"params.yaml is stale: conf/ changed since it was composed with overrides \['targets.openvino.threads=1'\]; run `python -m kiln.params targets.openvino.threads=1`"):
+    with pytest.raises(
+        KilnError,
+        match=r"params.yaml is stale: conf/ changed since it was composed with overrides \['targets.openvino.threads=1'\]; "
+        r"run `python -m kiln.params targets.openvino.threads=1`",
+    ):
         check_fresh("params.yaml", "conf")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc")  # inside `dvc exp run`, DVC composed params.yaml itself
     check_fresh("params.yaml", "conf")

@@ -32,8 +32,12 @@ def imports_of(path: Path, module: str) -> set[str]:
     """kiln modules `path` (module `module`) imports anywhere in its body."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     tree = ast.parse(path.read_text())
-    type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-                 for n in ast.walk(block)}
+    type_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for n in ast.walk(block)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in type_only:  # annotations only: never imported at run time
@@ -72,8 +76,15 @@ def reach(script: Path, module: str = "__main__", own: str | None = None) -> set
 
 # How a stage runs, not what it writes: refusing stale params, one-line errors, atomic writes, the paths
 # (which dvc.yaml names itself) and the settings parser. A change here re-runs nothing, by design.
-HOW_NOT_WHAT = {"src/kiln/stage.py", "src/kiln/params.py", "src/kiln/errors.py", "src/kiln/atomic.py", "src/kiln/paths.py",
-                "src/kiln/settings.py", "src/kiln/__init__.py"}
+HOW_NOT_WHAT = {
+    "src/kiln/stage.py",
+    "src/kiln/params.py",
+    "src/kiln/errors.py",
+    "src/kiln/atomic.py",
+    "src/kiln/paths.py",
+    "src/kiln/settings.py",
+    "src/kiln/__init__.py",
+}
 
 
 def covered(path: Path, deps: list[str]) -> bool:

@@ -23,7 +23,10 @@ from kiln.models import build_model
 from kiln.stage import run_stage
 
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, whose writes fail with ENOSPC")
-NO_SPACE = r"kiln: error: no space left on .+, [\d.]+ (B|KiB|MiB|GiB) free, while writing {path}: free space there and run again \(.*`dvc gc --workspace`.*\)"
+NO_SPACE = (
+    r"kiln: error: no space left on .+, [\d.]+ (B|KiB|MiB|GiB) free, while writing {path}: "
+    r"free space there and run again \(.*`dvc gc --workspace`.*\)"
+)
 
 
 def stage_error(main, capsys) -> str:
@@ -89,14 +92,22 @@ def test_a_failed_write_in_a_runtimes_own_code_is_called_a_full_disk_only_when_i
     path, spec, _ = tiny_onnx
     work = tmp_path / "work"
     work.mkdir()
-    r = subprocess.run([sys.executable, "-c", WRITE_ENGINE, str(path), json.dumps(tiny_model_params()), disk],
-                       cwd=work, env=venv_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", WRITE_ENGINE, str(path), json.dumps(tiny_model_params()), disk],
+        cwd=work,
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1, r.stderr
     if disk == "full":
         assert re.fullmatch(
             r"kiln: error: no space left on .+, 0 B free, while writing engine: free space there and run again \(.*\) "
-            r"\(the writer said: InvalidProtobuf: .*Protobuf serialization failed\.\)", last), last
+            r"\(the writer said: InvalidProtobuf: .*Protobuf serialization failed\.\)",
+            last,
+        ), last
     else:
         assert "no space left" not in r.stderr and "Protobuf serialization failed" in last
     assert os.listdir(work) == []
@@ -128,7 +139,9 @@ def test_a_really_full_disk_during_export_and_build(in_tmp, tiny_onnx, tiny_disk
     for runtime in ("onnxruntime", "openvino"):
         target = Target.from_params(runtime, {"targets": {runtime: {"runtime": runtime, "threads": 1}}})
         line = stage_error(lambda: build_engine(target, BuildSource(path, spec), tiny_disk / runtime), capsys)
-        assert line.startswith(f"kiln: error: no space left on tmpfs (mounted on {tiny_disk}), 0 B free, while writing {tiny_disk / runtime}: "), line
+        assert line.startswith(
+            f"kiln: error: no space left on tmpfs (mounted on {tiny_disk}), 0 B free, while writing {tiny_disk / runtime}: "
+        ), line
     assert sorted(os.listdir(tiny_disk)) == ["filler"]
 
 
@@ -138,7 +151,9 @@ def test_describe_os_error_says_which_disk_how_much_is_free_and_what_to_do(tmp_p
         f.write(b"x")
     assert raised.value.errno == errno.ENOSPC
     message = describe_os_error(raised.value, tmp_path / "out.bin", needed=3 << 20)
-    assert re.fullmatch(rf"no space left on .+, [\d.]+ \w+ free, 3.0 MiB needed, while writing {re.escape(str(tmp_path / 'out.bin'))}: .*", message)
+    assert re.fullmatch(
+        rf"no space left on .+, [\d.]+ \w+ free, 3.0 MiB needed, while writing {re.escape(str(tmp_path / 'out.bin'))}: .*", message
+    )
 
     def said(code):
         return describe_os_error(OSError(code, os.strerror(code), str(tmp_path / "x")))

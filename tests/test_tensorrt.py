@@ -67,6 +67,7 @@ def test_module_imports_without_tensorrt_and_is_registered():
 
 # ---- shape profiles ----
 
+
 def test_graph_inputs_of_a_real_export(tiny_onnx):
     path, _, _ = tiny_onnx
     assert onnx_graph_inputs(path) == GRAPH
@@ -82,7 +83,9 @@ def test_dynamic_dims_other_than_batch_come_from_the_model_spec():
     graph = {"image": (None, 3, None, None)}
     spec = [InputSpec("image", (3, 224, 224))]
     assert shape_profiles(target(), graph, spec) == [{"image": ((1, 3, 224, 224), (8, 3, 224, 224), (32, 3, 224, 224))}]
-    with pytest.raises(KilnError, match=r"'image' has dynamic dim 2 .*set model.inputs.image.shape or list full shapes in targets.trt.options.profiles"):
+    with pytest.raises(
+        KilnError, match=r"'image' has dynamic dim 2 .*set model.inputs.image.shape or list full shapes in targets.trt.options.profiles"
+    ):
         shape_profiles(target(), graph, [])
 
 
@@ -101,8 +104,13 @@ def test_explicit_profiles_several(tiny_onnx):
     assert as_params[1] == {"input": {"min": [8, 3, 16, 16], "opt": [32, 3, 16, 16], "max": [64, 3, 16, 16]}}
     assert select_profile(as_params, {"input": (2, 3, 16, 16)}) == 0
     assert select_profile(as_params, {"input": (48, 3, 16, 16)}) == 1
-    with pytest.raises(KilnError, match=re.escape("input shapes input [6, 3, 16, 16] are outside the engine's optimization profiles "
-                                                  "(profile 0: input min [1, 3, 16, 16] opt [1, 3, 16, 16] max [4, 3, 16, 16]; profile 1:")):
+    with pytest.raises(
+        KilnError,
+        match=re.escape(
+            "input shapes input [6, 3, 16, 16] are outside the engine's optimization profiles "
+            "(profile 0: input min [1, 3, 16, 16] opt [1, 3, 16, 16] max [4, 3, 16, 16]; profile 1:"
+        ),
+    ):
         select_profile(as_params, {"input": (6, 3, 16, 16)})
 
 
@@ -113,11 +121,16 @@ def one(shapes: dict) -> dict:
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"profiles": [{"inputs": {"min": [1, 3, 16, 16], "opt": [1, 3, 16, 16], "max": [1, 3, 16, 16]}}]},
-         r"profiles\[0\] names input 'inputs', which the ONNX graph does not have \(did you mean 'input'\?\); its inputs: input"),
+        (
+            {"profiles": [{"inputs": {"min": [1, 3, 16, 16], "opt": [1, 3, 16, 16], "max": [1, 3, 16, 16]}}]},
+            r"profiles\[0\] names input 'inputs', which the ONNX graph does not have \(did you mean 'input'\?\); its inputs: input",
+        ),
         (one({"min": [1, 3, 16], "opt": [1, 3, 16], "max": [1, 3, 16]}), r"profiles\[0\].input.min has 3 dims, but the ONNX input has 4"),
         (one({"min": [4, 3, 16, 16], "opt": [2, 3, 16, 16], "max": [8, 3, 16, 16]}), r"dim 0 must satisfy min <= opt <= max, got 4, 2, 8"),
-        (one({"min": [1, 3, 8, 8], "opt": [1, 3, 16, 16], "max": [1, 3, 16, 16]}), r"dim 2 is fixed to 16 in the ONNX graph, the profile gives 8..16"),
+        (
+            one({"min": [1, 3, 8, 8], "opt": [1, 3, 16, 16], "max": [1, 3, 16, 16]}),
+            r"dim 2 is fixed to 16 in the ONNX graph, the profile gives 8..16",
+        ),
         (one({"min": [1, 3, 16, 16], "max": [1, 3, 16, 16]}), r"must have exactly the keys min, opt and max"),
         (one({"min": [0, 3, 16, 16], "opt": [1, 3, 16, 16], "max": [1, 3, 16, 16]}), r"input.min must be a list of 4 positive integers"),
         ({"profiles": [{}]}, r"gives no shapes for the dynamic input\(s\) input"),
@@ -146,9 +159,14 @@ def test_gpu_target_set_parses():
 
 # ---- builder options ----
 
+
 def test_builder_settings_defaults_and_values():
     assert builder_settings(target()) == {
-        "builder_optimization_level": 3, "workspace_mib": None, "timing_cache": ".cache/kiln/tensorrt/timing.cache", "tf32": True, "autocast": {},
+        "builder_optimization_level": 3,
+        "workspace_mib": None,
+        "timing_cache": ".cache/kiln/tensorrt/timing.cache",
+        "tf32": True,
+        "autocast": {},
     }
     s = builder_settings(target(options={"builder_optimization_level": 5, "workspace_mib": 4096, "timing_cache": False, "tf32": False}))
     assert s["builder_optimization_level"] == 5 and s["workspace_mib"] == 4096 and s["timing_cache"] is None and s["tf32"] is False
@@ -157,7 +175,10 @@ def test_builder_settings_defaults_and_values():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"builder_optimisation_level": 3}, r"has unknown keys \['builder_optimisation_level'\] \(did you mean 'builder_optimization_level'\?\); known:"),
+        (
+            {"builder_optimisation_level": 3},
+            r"has unknown keys \['builder_optimisation_level'\] \(did you mean 'builder_optimization_level'\?\); known:",
+        ),
         ({"builder_optimization_level": 7}, r"builder_optimization_level must be an integer from 0 .* to 5"),
         ({"workspace_mib": 0}, r"workspace_mib must be a positive number of MiB"),
         ({"timing_cache": 3}, r"timing_cache must be a file path, or false"),
@@ -171,8 +192,12 @@ def test_bad_builder_options_say_what_is_wrong(options, message):
 
 # ---- precision, GPU checks ----
 
+
 def test_precision_needs_a_capable_gpu():
-    assert precision_problem("bf16", (7, 5), "Tesla T4") == "Tesla T4 (compute capability 7.5) cannot run bf16: it needs compute capability 8.0 or newer"
+    assert (
+        precision_problem("bf16", (7, 5), "Tesla T4")
+        == "Tesla T4 (compute capability 7.5) cannot run bf16: it needs compute capability 8.0 or newer"
+    )
     assert "needs compute capability 8.9" in precision_problem("fp8", (8, 6), "NVIDIA A10")
     assert precision_problem("fp8", (9, 0), "NVIDIA H100") is None and precision_problem("fp32", (5, 0), "old") is None
 
@@ -182,7 +207,10 @@ def test_precision_plan_prefers_strong_typing():
     assert precision_plan("fp8", False, False).strongly_typed
     assert precision_plan("fp16", True, True) == plan.PrecisionPlan("autocast", True)
     assert precision_plan("bf16", True, False) == plan.PrecisionPlan("onnx", False, "BF16")  # TensorRT 10.x, deprecated path
-    with pytest.raises(KilnError, match=r"needs a graph converted to fp16 by NVIDIA ModelOpt's AutoCast, which does not import here: `pip install '.\[tensorrt\]'`"):
+    with pytest.raises(
+        KilnError,
+        match=r"needs a graph converted to fp16 by NVIDIA ModelOpt's AutoCast, which does not import here: `pip install '.\[tensorrt\]'`",
+    ):
         precision_plan("fp16", False, False)  # TensorRT 11.x without ModelOpt
     assert precision_plan("fp32", False, False) == plan.PrecisionPlan("onnx", True)
 
@@ -198,20 +226,55 @@ def test_gpu_mismatch_says_what_differs():
 
 INSPECTOR_JSON = {
     "Layers": [
-        {"Name": "Reformatting CopyNode for Input Tensor 0 to node_Conv_19 + node_relu", "LayerType": "Reformat",
-         "Inputs": [{"Name": "input", "Location": "Device", "Dimensions": [8, 3, 16, 16], "Format/Datatype": "Row major linear FP32"}],
-         "Outputs": [{"Name": "Reformatted Input Tensor 0", "Location": "Device", "Dimensions": [8, 3, 16, 16],
-                      "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}]},
-        {"Name": "node_Conv_19 + node_relu", "LayerType": "CaskConvolution", "Metadata": "[ONNX Layer: node_Conv_19]\u001e[ONNX Layer: node_relu]",
-         "Inputs": [{"Name": "Reformatted Input Tensor 0", "Dimensions": [8, 3, 16, 16], "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}],
-         "Outputs": [{"Name": "relu", "Dimensions": [8, 8, 16, 16], "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}],
-         "ParameterType": "Convolution", "Kernel": [3, 3], "TacticName": "sm80_xmma_fprop_implicit_gemm_f16f16", "TacticValue": "0x1"},
-        {"Name": "/features/features.3/Conv + /features/features.5/Relu", "LayerType": "CaskConvolution",
-         "Outputs": [{"Name": "relu_1", "Dimensions": [8, 8, 16, 16], "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}]},
-        {"Name": "node_avg_pool2d", "LayerType": "CaskPooling",
-         "Outputs": [{"Name": "avg", "Dimensions": [8, 8, 4, 4], "Format/Datatype": "Half"}]},
-        {"Name": "{ForeignNode[node_Reshape_23...node_linear]}", "LayerType": "Myelin",
-         "Outputs": [{"Name": "output", "Dimensions": [8, 10], "Format/Datatype": "Row major linear FP32"}]},
+        {
+            "Name": "Reformatting CopyNode for Input Tensor 0 to node_Conv_19 + node_relu",
+            "LayerType": "Reformat",
+            "Inputs": [{"Name": "input", "Location": "Device", "Dimensions": [8, 3, 16, 16], "Format/Datatype": "Row major linear FP32"}],
+            "Outputs": [
+                {
+                    "Name": "Reformatted Input Tensor 0",
+                    "Location": "Device",
+                    "Dimensions": [8, 3, 16, 16],
+                    "Format/Datatype": "Channel major FP16 format where channel % 8 == 0",
+                }
+            ],
+        },
+        {
+            "Name": "node_Conv_19 + node_relu",
+            "LayerType": "CaskConvolution",
+            "Metadata": "[ONNX Layer: node_Conv_19]\u001e[ONNX Layer: node_relu]",
+            "Inputs": [
+                {
+                    "Name": "Reformatted Input Tensor 0",
+                    "Dimensions": [8, 3, 16, 16],
+                    "Format/Datatype": "Channel major FP16 format where channel % 8 == 0",
+                }
+            ],
+            "Outputs": [
+                {"Name": "relu", "Dimensions": [8, 8, 16, 16], "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}
+            ],
+            "ParameterType": "Convolution",
+            "Kernel": [3, 3],
+            "TacticName": "sm80_xmma_fprop_implicit_gemm_f16f16",
+            "TacticValue": "0x1",
+        },
+        {
+            "Name": "/features/features.3/Conv + /features/features.5/Relu",
+            "LayerType": "CaskConvolution",
+            "Outputs": [
+                {"Name": "relu_1", "Dimensions": [8, 8, 16, 16], "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}
+            ],
+        },
+        {
+            "Name": "node_avg_pool2d",
+            "LayerType": "CaskPooling",
+            "Outputs": [{"Name": "avg", "Dimensions": [8, 8, 4, 4], "Format/Datatype": "Half"}],
+        },
+        {
+            "Name": "{ForeignNode[node_Reshape_23...node_linear]}",
+            "LayerType": "Myelin",
+            "Outputs": [{"Name": "output", "Dimensions": [8, 10], "Format/Datatype": "Row major linear FP32"}],
+        },
     ],
     "Bindings": ["input", "output"],
 }
@@ -235,16 +298,24 @@ def test_inspector_json_is_summarized():
     assert summarize_layers(json.dumps(v11), ops) == graph
 
 
-@pytest.mark.parametrize("fmt, precision", [
-    ("Thirty-two wide channel vectorized row major Int8 format", "int8"), ("Row major linear BFloat16 format", "bf16"),
-    ("Row major linear FP8 format", "fp8"), ("Float", "fp32"), ("Row major linear UInt8 format", "uint8"), ("Row major linear Int32", "int32"),
-    ("Row major linear FP32 format (kLINEAR)", "fp32"),
-])
+@pytest.mark.parametrize(
+    "fmt, precision",
+    [
+        ("Thirty-two wide channel vectorized row major Int8 format", "int8"),
+        ("Row major linear BFloat16 format", "bf16"),
+        ("Row major linear FP8 format", "fp8"),
+        ("Float", "fp32"),
+        ("Row major linear UInt8 format", "uint8"),
+        ("Row major linear Int32", "int32"),
+        ("Row major linear FP32 format (kLINEAR)", "fp32"),
+    ],
+)
 def test_inspector_datatypes(fmt, precision):
     assert plan._precision(fmt) == precision
 
 
 # ---- this machine ----
+
 
 @pytest.mark.skipif(GPU_SKIP is None, reason="this machine can run TensorRT")
 def test_unavailable_reason_names_what_is_missing():
@@ -265,7 +336,10 @@ def test_building_here_fails_with_the_reason_not_an_import_error(tmp_path, tiny_
     reason = trt_runtime.RUNTIME.unavailable_reason(target("tensorrt-fp16", precision="fp16"))
     with pytest.raises(KilnError) as e:
         build_engine(target("tensorrt-fp16", precision="fp16"), BuildSource(path, spec), tmp_path / "e")
-    assert str(e.value) == f"targets.tensorrt-fp16: cannot build on this machine: {reason} (mark the target `required: false` to skip it on such machines)"
+    assert (
+        str(e.value)
+        == f"targets.tensorrt-fp16: cannot build on this machine: {reason} (mark the target `required: false` to skip it on such machines)"
+    )
     assert not (tmp_path / "e").exists()
     # the runtime's own build refuses too (for callers that skip kiln.engine)
     with pytest.raises(KilnError, match="cannot build with TensorRT here"):
@@ -283,6 +357,7 @@ def test_optional_target_is_skipped_with_the_reason(tmp_path, tiny_onnx):
 
 # ---- explicit quantization (runs in ONNX Runtime) ----
 
+
 class RandomImages:
     """Stands in for kiln's CalibrationSet: a few batches of images."""
 
@@ -295,7 +370,7 @@ class RandomImages:
 
     def batches(self):
         for i in range(0, len(self.data), self.batch):
-            yield {"input": self.data[i:i + self.batch]}
+            yield {"input": self.data[i : i + self.batch]}
 
 
 def _run(model_path: Path, x: np.ndarray) -> np.ndarray:
@@ -371,8 +446,12 @@ def test_int8_to_fp8_needs_opset_19():
 def test_build_without_calibration_says_how_to_get_it(tmp_path, tiny_onnx):
     path, spec, _ = tiny_onnx
     settings = builder_settings(target(precision="fp8"))
-    with pytest.raises(KilnError, match=r"fp8 builds from calibrate's Q/DQ graph, and .*model.qdq.onnx is missing: run `dvc repro calibrate@trt`"):
-        trt_runtime.RUNTIME._graph(target(precision="fp8"), BuildSource(path, spec, tmp_path), precision_plan("fp8", False, False), settings, tmp_path)
+    with pytest.raises(
+        KilnError, match=r"fp8 builds from calibrate's Q/DQ graph, and .*model.qdq.onnx is missing: run `dvc repro calibrate@trt`"
+    ):
+        trt_runtime.RUNTIME._graph(
+            target(precision="fp8"), BuildSource(path, spec, tmp_path), precision_plan("fp8", False, False), settings, tmp_path
+        )
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp16", onnx.TensorProto.FLOAT16), ("bf16", onnx.TensorProto.BFLOAT16)])
@@ -382,7 +461,9 @@ def test_fp16_and_bf16_graphs_come_from_modelopt_autocast(tmp_path, tiny_onnx, p
         pytest.skip(f"NVIDIA ModelOpt's AutoCast is not available: {trt_runtime.autocast_error()}")
     path, spec, _ = tiny_onnx
     t = target(precision=precision)
-    converted = trt_runtime.RUNTIME._graph(t, BuildSource(path, spec), precision_plan(precision, False, True), builder_settings(t), tmp_path)
+    converted = trt_runtime.RUNTIME._graph(
+        t, BuildSource(path, spec), precision_plan(precision, False, True), builder_settings(t), tmp_path
+    )
     model = onnx.load(str(converted))
     assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT]
     assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT]
@@ -395,6 +476,7 @@ def test_fp16_and_bf16_graphs_come_from_modelopt_autocast(tmp_path, tiny_onnx, p
 
 
 # ---- typing against the published stubs ----
+
 
 def _repaired_stubs(dest: Path) -> Path:
     """tensorrt-stubs 10.13.0.35.1 as published does not parse: it names parameters `in` (a keyword), puts a
@@ -430,11 +512,14 @@ def test_mypy_passes_against_tensorrt_stubs(tmp_path):
     cmd = [sys.executable, "-m", "mypy", "--config-file", str(config)]
     seen = subprocess.run([*cmd, str(probe)], capture_output=True, text=True, cwd=ROOT)
     assert 'has type "INetworkDefinition"' in seen.stdout, seen.stdout + seen.stderr
-    result = subprocess.run([*cmd, "src/kiln/runtimes/tensorrt/__init__.py", "src/kiln/runtimes/tensorrt/plan.py"], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [*cmd, "src/kiln/runtimes/tensorrt/__init__.py", "src/kiln/runtimes/tensorrt/plan.py"], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---- on a GPU with TensorRT ----
+
 
 @pytest.mark.gpu
 @needs_gpu

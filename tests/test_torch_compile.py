@@ -22,8 +22,12 @@ from kiln.runtimes import BuildSource
 from kiln.validate import eager_outputs
 
 # compile: min 1 (dynamo specialises batch 1) up to 20 (CPU convolutions guard on batch >= 16): three graphs.
-COMPILE = {"runtime": "torch", "threads": 1, "profile": {"min": 1, "opt": 4, "max": 20},
-           "options": {"mode": "compile", "compile_mode": "default", "freezing": True}}
+COMPILE = {
+    "runtime": "torch",
+    "threads": 1,
+    "profile": {"min": 1, "opt": 4, "max": 20},
+    "options": {"mode": "compile", "compile_mode": "default", "freezing": True},
+}
 AOTI = {"runtime": "torch", "threads": 1, "profile": {"min": 2, "opt": 4, "max": 16}, "options": {"mode": "aoti", "freezing": True}}
 
 
@@ -141,8 +145,11 @@ def test_compile_without_freezing_saves_portable_caches_and_hot_loads_them(tiny,
 def test_compile_refuses_a_batch_outside_the_profile(tiny, compiled_session):
     _, spec = tiny
     session = compiled_session
-    with pytest.raises(KilnError, match=r"'torch-compile' \(torch compile\) was compiled for batch sizes 1\.\.20 "
-                                        r"\(targets\.torch-compile\.profile min=1 opt=4 max=20\); got input \[21, 3, 16, 16\]"):
+    with pytest.raises(
+        KilnError,
+        match=r"'torch-compile' \(torch compile\) was compiled for batch sizes 1\.\.20 "
+        r"\(targets\.torch-compile\.profile min=1 opt=4 max=20\); got input \[21, 3, 16, 16\]",
+    ):
         session.infer(make_inputs(spec.inputs, 21, 0))
 
 
@@ -165,7 +172,6 @@ def test_aoti_package_records_the_compile(aoti):
 
 def test_aoti_loads_without_the_model_code_and_matches_eager(tiny, aoti):
     from kiln.runtimes import torch as kiln_torch
-    from kiln.runtimes.torch.compile import inductor_counters
 
     _, spec = tiny
     refs = {b: reference(spec, b) for b in (2, 3, 4, 9, 16)}  # eager needs the model code: compute first
@@ -192,14 +198,23 @@ def test_aoti_refuses_a_batch_outside_the_profile(tiny, aoti, batch):
         session.infer(make_inputs(spec.inputs, batch, 0))
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"mode": "compile", "compile_mod": "default"}, r"unknown keys \['compile_mod'\] \(did you mean 'compile_mode'\?\); known: mode .*compile_mode .*freezing"),
-    ({"mode": "jit"}, r"options.mode 'jit' is not one of eager, compile, aoti"),
-    ({"mode": "compile", "compile_mode": "fast"}, r"compile_mode 'fast' is not one of default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"),
-    ({"mode": "aoti", "compile_mode": "default"}, r"compile_mode applies to mode compile only \(this target's mode is aoti\)"),
-    ({"mode": "compile", "freezing": "yes"}, r"freezing must be true or false, got 'yes'"),
-    ({"freezing": True}, r"freezing applies to modes compile and aoti only"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            {"mode": "compile", "compile_mod": "default"},
+            r"unknown keys \['compile_mod'\] \(did you mean 'compile_mode'\?\); known: mode .*compile_mode .*freezing",
+        ),
+        ({"mode": "jit"}, r"options.mode 'jit' is not one of eager, compile, aoti"),
+        (
+            {"mode": "compile", "compile_mode": "fast"},
+            r"compile_mode 'fast' is not one of default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs",
+        ),
+        ({"mode": "aoti", "compile_mode": "default"}, r"compile_mode applies to mode compile only \(this target's mode is aoti\)"),
+        ({"mode": "compile", "freezing": "yes"}, r"freezing must be true or false, got 'yes'"),
+        ({"freezing": True}, r"freezing applies to modes compile and aoti only"),
+    ],
+)
 def test_bad_options_are_rejected_before_building(tiny, tmp_path, options, message):
     path, spec = tiny
     t = target("bad", {"runtime": "torch", "options": options, "required": False})  # config errors fail even optional targets

@@ -55,7 +55,9 @@ def test_a_folder_with_no_readable_image_fails_and_keeps_its_files(in_tmp):
 
     result = run_sample_data(in_tmp)
     assert result.returncode == 1
-    assert "kiln: error: image folder 'data/calibration' holds 2 file(s) but no image kiln reads (README.txt, sub/scan.raw)" in result.stderr
+    assert (
+        "kiln: error: image folder 'data/calibration' holds 2 file(s) but no image kiln reads (README.txt, sub/scan.raw)" in result.stderr
+    )
     assert ".jfif" in result.stderr and ".gif" in result.stderr  # the suffixes that are read
     assert (calib / "README.txt").read_text() == "notes" and (calib / "sub" / "scan.raw").exists()
 

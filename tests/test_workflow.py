@@ -38,7 +38,11 @@ def test_actionlint_passes(tmp_path):
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     result = subprocess.run(
         [actionlint, "-no-color", "-config-file", str(config), *map(str, WORKFLOWS)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -60,8 +64,19 @@ def test_gpu_job_pulls_runs_the_gpu_set_pushes_and_comments():
     assert gpu["permissions"]["pull-requests"] == "write"
     assert "head.repo.full_name == github.repository" in gpu["if"]  # never fork code on a self-hosted runner
     text = steps_text(gpu)
-    order = [text.index(s) for s in ("kiln-shared", "scripts/ci_remote.sh", "kiln.params targets=gpu", "dvc repro --pull", "dvc push",
-                                     "dvc metrics diff", "actions/github-script", "kiln-class-gpu")]
+    order = [
+        text.index(s)
+        for s in (
+            "kiln-shared",
+            "scripts/ci_remote.sh",
+            "kiln.params targets=gpu",
+            "dvc repro --pull",
+            "dvc push",
+            "dvc metrics diff",
+            "actions/github-script",
+            "kiln-class-gpu",
+        )
+    ]
     assert order == sorted(order), text
     diff = next(step for step in gpu["steps"] if "dvc metrics diff" in step.get("run", ""))
     assert "origin/$BASE_REF" in diff["run"] and diff["env"]["BASE_REF"] == "${{ github.base_ref }}"

@@ -55,8 +55,9 @@ class Emulator:
             elif uses.startswith("actions/download-artifact@"):
                 self.download(checkout, step["with"])
             elif script is not None and "./setup.sh" not in script and "pytest" not in script:
-                result = subprocess.run(["bash", "-e", "-c", script], cwd=checkout, env={**env, **step.get("env", {})},
-                                        capture_output=True, text=True)
+                result = subprocess.run(
+                    ["bash", "-e", "-c", script], cwd=checkout, env={**env, **step.get("env", {})}, capture_output=True, text=True
+                )
                 printed.append(result.stdout + result.stderr)
                 assert result.returncode == 0, f"{name}: step '{step.get('name')}' failed:\n{printed[-1]}"
         self.output[name] = "\n".join(printed)
@@ -117,8 +118,10 @@ def test_the_fan_out_runs_as_the_workflow_writes_it(tmp_path):
     built = stages_run(emulator.output["cpu"])
     targets = yaml.safe_load(MINI)
     assert {f"build@{t}" for t in targets} <= built and not built & {"sample-data", "export", "validate"}, built
-    assert "up to date" in subprocess.run(["dvc", "status", "export", "validate"], cwd=cpu, env=venv_env(),
-                                                          capture_output=True, text=True).stdout
+    assert (
+        "up to date"
+        in subprocess.run(["dvc", "status", "export", "validate"], cwd=cpu, env=venv_env(), capture_output=True, text=True).stdout
+    )
     # The report job merged the class and wrote the report without building anything.
     assert stages_run(emulator.output["report"]) <= {"configure", "report"}
     assert "report" in stages_run(emulator.output["report"])

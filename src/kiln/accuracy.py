@@ -37,7 +37,12 @@ def accuracy_against_reference(session: Session, reference: Mapping[str, Any], c
     return result
 
 
-BUDGET_KEYS = {"min_top1_agreement": ("top1_agreement", min), "max_top1_drop": ("top1_drop", max), "min_sqnr_db": ("sqnr_db", min), "min_cosine": ("cosine", min)}
+BUDGET_KEYS = {
+    "min_top1_agreement": ("top1_agreement", min),
+    "max_top1_drop": ("top1_drop", max),
+    "min_sqnr_db": ("sqnr_db", min),
+    "min_cosine": ("cosine", min),
+}
 
 
 def budget_violations(accuracy: Mapping[str, Any], budget: Mapping[str, Any]) -> list[str]:
@@ -69,8 +74,9 @@ class BudgetVerdict:
         return {"limits": self.limits, "violations": self.violations, "enforced": self.enforced}
 
 
-def judge_budget(accuracy: Mapping[str, Any], default_budget: Mapping[str, Any], target_budget: Mapping[str, Any],
-                 fail_on_budget: bool, trained: bool) -> BudgetVerdict:
+def judge_budget(
+    accuracy: Mapping[str, Any], default_budget: Mapping[str, Any], target_budget: Mapping[str, Any], fail_on_budget: bool, trained: bool
+) -> BudgetVerdict:
     """The target's budget (its own keys over benchmark.accuracy_budget) applied to `accuracy`.
 
     It is enforced when benchmark.fail_on_budget is on and the model has trained weights (a checkpoint

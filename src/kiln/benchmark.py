@@ -44,7 +44,13 @@ class BenchmarkSettings:
     def check(self, where: str) -> None:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise KilnError(f"{where}.batch_sizes must be a non-empty list of positive integers, got {list(self.batch_sizes)}")
-        if self.min_iters < 1 or self.warmup_iters < 0 or self.min_time_s < 0 or self.served_requests < 1 or self.max_iters < self.min_iters:
+        if (
+            self.min_iters < 1
+            or self.warmup_iters < 0
+            or self.min_time_s < 0
+            or self.served_requests < 1
+            or self.max_iters < self.min_iters
+        ):
             raise KilnError(f"{where}.min_iters and served_requests must be >= 1, warmup_iters and min_time_s >= 0, max_iters >= min_iters")
 
     def to_params(self) -> dict[str, Any]:
@@ -167,8 +173,15 @@ def benchmark_latency(
         raw[key] = [round(t, 4) for t in times]
         if progress:
             s = stats[key]
-            log.info("batch %3d: p50 %.3f ms, p99 %.3f ms, %.3f ms/image, %.1f images/s (%d iterations)",
-                     batch, s["p50_ms"], s["p99_ms"], s["ms_per_image"], s["images_per_s"], s["iterations"])
+            log.info(
+                "batch %3d: p50 %.3f ms, p99 %.3f ms, %.3f ms/image, %.1f images/s (%d iterations)",
+                batch,
+                s["p50_ms"],
+                s["p99_ms"],
+                s["ms_per_image"],
+                s["images_per_s"],
+                s["iterations"],
+            )
     return stats, raw, notes
 
 
@@ -185,8 +198,9 @@ def significant(value: float, digits: int = 4) -> float:
     return round(float(value), digits - 1 - int(np.floor(np.log10(abs(value)))))
 
 
-def headline_metrics(batch: int, main_stats: Mapping[str, float], accuracy: Mapping[str, Any],
-                     served: Mapping[str, float] | None) -> dict[str, Any]:
+def headline_metrics(
+    batch: int, main_stats: Mapping[str, float], accuracy: Mapping[str, Any], served: Mapping[str, float] | None
+) -> dict[str, Any]:
     """The metrics file of one target: latency and throughput at the main batch, accuracy, served traffic,
     rounded so that `dvc metrics diff` shows differences that mean something."""
     metrics: dict[str, Any] = {
@@ -200,9 +214,19 @@ def headline_metrics(batch: int, main_stats: Mapping[str, float], accuracy: Mapp
     return metrics
 
 
-def run_record(target: Any, manifest: Mapping[str, Any], machine_description: str, settings: BenchmarkSettings,
-               stats: Mapping[str, Any], raw: Mapping[str, Any], served: Mapping[str, Any] | None, requests: list[Any],
-               accuracy: Mapping[str, Any], budget: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
+def run_record(
+    target: Any,
+    manifest: Mapping[str, Any],
+    machine_description: str,
+    settings: BenchmarkSettings,
+    stats: Mapping[str, Any],
+    raw: Mapping[str, Any],
+    served: Mapping[str, Any] | None,
+    requests: list[Any],
+    accuracy: Mapping[str, Any],
+    budget: Mapping[str, Any],
+    notes: list[str],
+) -> dict[str, Any]:
     """Everything one benchmark measured, for reports/runs/<target>.json and the report."""
     return {
         "target": target.name,
@@ -217,8 +241,14 @@ def run_record(target: Any, manifest: Mapping[str, Any], machine_description: st
         "main_batch": target.main_batch,
         "latency": stats,
         "times_ms": raw,
-        "served": {"distribution": {str(b): p for b, p in target.serve.items()}, **served, "requests_ms": requests,
-                   "profile_warning": profile_mismatch(target.profile, target.serve)} if served and target.serve else None,
+        "served": {
+            "distribution": {str(b): p for b, p in target.serve.items()},
+            **served,
+            "requests_ms": requests,
+            "profile_warning": profile_mismatch(target.profile, target.serve),
+        }
+        if served and target.serve
+        else None,
         "compiler": {k: manifest[k] for k in ("build_seconds", "compile_seconds", "graph", "mode") if k in manifest},
         "accuracy": accuracy,
         "budget": budget,
@@ -228,5 +258,9 @@ def run_record(target: Any, manifest: Mapping[str, Any], machine_description: st
 
 
 def skipped_record(target: Any, reason: str) -> dict[str, Any]:
-    return {"target": target.name, "runtime": target.runtime, "skipped": reason,
-            "precision": {"requested": target.precision, "executed": None}}
+    return {
+        "target": target.name,
+        "runtime": target.runtime,
+        "skipped": reason,
+        "precision": {"requested": target.precision, "executed": None},
+    }

@@ -41,8 +41,10 @@ class CalibrationSettings:
 
         merged = {**dict(raw or {}), **target.calibration}
         if "preset" in merged:
-            raise KilnError(f"calibration.preset is an OpenVINO (NNCF) option now: set targets.{target.name}.calibration.options.preset "
-                            "(performance or mixed) on the OpenVINO targets that need it")
+            raise KilnError(
+                f"calibration.preset is an OpenVINO (NNCF) option now: set targets.{target.name}.calibration.options.preset "
+                "(performance or mixed) on the OpenVINO targets that need it"
+            )
         options = {**dict((raw or {}).get("options") or {}), **dict(target.calibration.get("options") or {})}
         merged.pop("options", None)
         # The shared block first, so that an error names the block that holds the bad value.
@@ -99,7 +101,9 @@ class CalibrationSet:
 
 def check_image_input(spec: ModelSpec, preprocess: Preprocess) -> None:
     if len(spec.inputs) != 1:
-        raise KilnError(f"image data needs a model with one image input; this one has {len(spec.inputs)} ({', '.join(i.name for i in spec.inputs)})")
+        raise KilnError(
+            f"image data needs a model with one image input; this one has {len(spec.inputs)} ({', '.join(i.name for i in spec.inputs)})"
+        )
     inp = spec.inputs[0]
     if tuple(inp.shape) != preprocess.sample_shape() or inp.dtype != preprocess.dtype:
         raise KilnError(
@@ -119,7 +123,9 @@ def read_marker(calibration_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def layer_sensitivity(runtime: object, onnx_path: Path, calibration_dir: Path, calib: CalibrationSet, samples: int = 16) -> list[dict[str, Any]]:
+def layer_sensitivity(
+    runtime: object, onnx_path: Path, calibration_dir: Path, calib: CalibrationSet, samples: int = 16
+) -> list[dict[str, Any]]:
     """Top layers by quantization noise added, on a few calibration images (a diagnostic, not an accuracy figure)."""
     from .runtimes import LayerInspectingRuntime
     from .sensitivity import rank_layers
@@ -135,7 +141,12 @@ def calibrate_target(target: Target, onnx_path: Path, spec: ModelSpec, params: M
     from .atomic import atomic_path
     from .runtimes import CalibratingRuntime, get_runtime, skip_reason
 
-    info: dict[str, Any] = {"target": target.name, "runtime": target.runtime, "precision": target.precision, "needed": needs_calibration(target)}
+    info: dict[str, Any] = {
+        "target": target.name,
+        "runtime": target.runtime,
+        "precision": target.precision,
+        "needed": needs_calibration(target),
+    }
     # Fail (or skip an optional target) before reading a single image when it cannot be built here anyway.
     if info["needed"] and (skipped := skip_reason(target)):
         info.update(needed=False, skipped=skipped)
@@ -148,8 +159,12 @@ def calibrate_target(target: Target, onnx_path: Path, spec: ModelSpec, params: M
         calib = CalibrationSet.from_params(params.get("data") or {}, spec, settings)
     with atomic_path(out_dir, is_dir=True) as tmp:
         if info["needed"]:
-            info.update(images=len(calib), folder=str(calib.images.root), ignored_scope=list(settings.ignored_scope),
-                        options=to_params(settings.options))
+            info.update(
+                images=len(calib),
+                folder=str(calib.images.root),
+                ignored_scope=list(settings.ignored_scope),
+                options=to_params(settings.options),
+            )
             info.update(calibrator.calibrate(target, Path(onnx_path), calib, settings, tmp))
             info["sensitivity"] = layer_sensitivity(calibrator, Path(onnx_path), tmp, calib)
         write_marker(tmp, info)

@@ -49,10 +49,18 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
         budget = {**benchmark.accuracy_budget, **target.accuracy_budget}
         unknown = set(budget) - set(BUDGET_KEYS)
         if unknown:
-            raise KilnError(f"targets.{name}.accuracy_budget (or benchmark.accuracy_budget) has unknown keys {sorted(unknown)}; "
-                            f"known: {', '.join(sorted(BUDGET_KEYS))}")
+            raise KilnError(
+                f"targets.{name}.accuracy_budget (or benchmark.accuracy_budget) has unknown keys {sorted(unknown)}; "
+                f"known: {', '.join(sorted(BUDGET_KEYS))}"
+            )
         if target.threads is not None and target.threads > cores:
-            log.warning("targets.%s.threads is %d, more than the %d cores this process may use: the target runs with %d "
-                        "(threads beyond the cores only wait for each other)", name, target.threads, cores, cores)
+            log.warning(
+                "targets.%s.threads is %d, more than the %d cores this process may use: the target runs with %d "
+                "(threads beyond the cores only wait for each other)",
+                name,
+                target.threads,
+                cores,
+                cores,
+            )
         targets.append(target)
     return targets

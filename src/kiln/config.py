@@ -58,7 +58,9 @@ def load_stage_params(stage: str, target: str) -> dict[str, Any]:
 
     path = TARGET_PARAMS / check_target_name(target) / f"{stage}.json"
     if not path.is_file():
-        raise KilnError(f"{path} not found: no target '{target}' in params.yaml, or the configure stage has not run (`dvc repro configure`)")
+        raise KilnError(
+            f"{path} not found: no target '{target}' in params.yaml, or the configure stage has not run (`dvc repro configure`)"
+        )
     import json
 
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
@@ -157,8 +159,9 @@ class ModelSpec:
 
 
 def engine_spec(params: Mapping[str, Any]) -> ModelSpec:
-    """The model as its engines take it (not the traffic they serve: `serve`). With export.fold_preprocess, data.preprocess's scaling, normalisation
-    and layout move into the graph, and the single image input becomes uint8 [crop, crop, channels]."""
+    """The model as its engines take it (not the traffic they serve: `serve`). With export.fold_preprocess,
+    data.preprocess's scaling, normalisation and layout move into the graph, and the single image input
+    becomes uint8 [crop, crop, channels]."""
     spec = ModelSpec.from_params(params.get("model") or {})
     if not (params.get("export") or {}).get("fold_preprocess"):
         return spec
@@ -245,7 +248,9 @@ class Target:
 
         runtime = str(_require(raw, "runtime", where))
         if runtime not in RUNTIMES:
-            raise KilnError(f"{where}.runtime '{runtime}' is not a kiln runtime{close_matches(runtime, RUNTIMES)}; runtimes: {', '.join(RUNTIMES)}")
+            raise KilnError(
+                f"{where}.runtime '{runtime}' is not a kiln runtime{close_matches(runtime, RUNTIMES)}; runtimes: {', '.join(RUNTIMES)}"
+            )
         threads = raw.get("threads")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise KilnError(f"{where}.threads must be a positive integer or null (all cores), got {threads!r}")

@@ -33,7 +33,9 @@ def library_versions(runtime: Runtime, machine: Mapping[str, Any]) -> dict[str, 
     """The versions of the libraries the runtime's engines depend on. Loading compares them with this machine's,
     so a library whose version is unknown would make that check compare nothing: refused."""
     if not runtime.libraries:
-        raise KilnError(f"runtime '{runtime.name}' declares no libraries in kiln.runtimes.RUNTIMES: its engines could not be checked on load")
+        raise KilnError(
+            f"runtime '{runtime.name}' declares no libraries in kiln.runtimes.RUNTIMES: its engines could not be checked on load"
+        )
     versions = {lib: machine["software"].get(lib) for lib in runtime.libraries}
     unknown = [lib for lib, version in versions.items() if version is None]
     if unknown:
@@ -57,8 +59,14 @@ def build_engine(target: Target, source: BuildSource, engine_dir: str | Path, ma
     machine = dict(machine or fingerprint.collect())
     engine_dir = Path(engine_dir)
     if skipped:
-        manifest = {"kiln": __version__, "target": target.name, "runtime": target.runtime, "skipped": skipped,
-                    "precision": {"requested": target.precision, "executed": None}, "hardware": machine["hardware"]}
+        manifest = {
+            "kiln": __version__,
+            "target": target.name,
+            "runtime": target.runtime,
+            "skipped": skipped,
+            "precision": {"requested": target.precision, "executed": None},
+            "hardware": machine["hardware"],
+        }
         with atomic_path(engine_dir, is_dir=True) as tmp:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         return manifest
@@ -133,7 +141,9 @@ def check_files(engine_dir: str | Path, manifest: Mapping[str, Any]) -> None:
     for rel, digest in recorded.items():
         path = engine_dir / rel
         if not path.is_file():
-            raise KilnError(f"engine '{manifest.get('target')}' is incomplete: {path} is missing (it was there when the engine was built); {rebuild}")
+            raise KilnError(
+                f"engine '{manifest.get('target')}' is incomplete: {path} is missing (it was there when the engine was built); {rebuild}"
+            )
         if sha256_file(path) != digest:
             raise KilnError(
                 f"engine '{manifest.get('target')}' is broken: {path} was changed after the build "

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 
 def close_matches(word: Any, choices: Any, n: int = 3) -> str:
-    """" (did you mean 'x'?)" for the choices that look like `word`, or "": for messages about a typo."""
+    """ " (did you mean 'x'?)" for the choices that look like `word`, or "": for messages about a typo."""
     # Keys from YAML can be integers (a served distribution's batch sizes): compare them as text.
     matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=0.6)
     return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ""
@@ -112,8 +112,7 @@ def free_bytes(path: str | os.PathLike[str]) -> int | None:
         return None
 
 
-def describe_os_error(e: OSError, path: str | os.PathLike[str] | None = None, *, free: int | None = None,
-                      needed: int | None = None) -> str:
+def describe_os_error(e: OSError, path: str | os.PathLike[str] | None = None, *, free: int | None = None, needed: int | None = None) -> str:
     """One line for a storage error: what happened on which file system, how much is free, what to do.
 
     `path` is the output being written (the error's own filename may be a temporary sibling);
@@ -130,8 +129,10 @@ def describe_os_error(e: OSError, path: str | os.PathLike[str] | None = None, *,
     at = f" at {target}" if target else ""
     code = e.errno
     if code == errno.ENOSPC:
-        return (f"no space left on {fs}, {room}{writing}: free space there and run again "
-                "(DVC's cache keeps old versions: `dvc gc --workspace` drops those the workspace does not use)")
+        return (
+            f"no space left on {fs}, {room}{writing}: free space there and run again "
+            "(DVC's cache keeps old versions: `dvc gc --workspace` drops those the workspace does not use)"
+        )
     if code == errno.EDQUOT:
         return f"disk quota exceeded on {fs}, {room}{writing}: free space within your quota or raise it, and run again"
     if code == errno.EFBIG:

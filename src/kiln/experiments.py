@@ -19,8 +19,12 @@ from typing import Any, Iterator, Mapping, Sequence
 from .errors import KilnError, run_cli
 
 METRICS_PREFIX = "reports/metrics/"
-COLUMNS = (("ms_per_image", "ms/image", ".4g"), ("images_per_s", "images/s", ".1f"),
-           ("top1_agreement", "top-1 agreement", ".4f"), ("served_images_per_s", "served images/s", ".1f"))
+COLUMNS = (
+    ("ms_per_image", "ms/image", ".4g"),
+    ("images_per_s", "images/s", ".1f"),
+    ("top1_agreement", "top-1 agreement", ".4f"),
+    ("served_images_per_s", "served images/s", ".1f"),
+)
 
 
 def _flatten(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -41,7 +45,7 @@ def rows_from_show(show: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return
         params = dict(_flatten(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}))
         metrics = {
-            path[len(METRICS_PREFIX):].removesuffix(".json"): m.get("data") or {}
+            path[len(METRICS_PREFIX) :].removesuffix(".json"): m.get("data") or {}
             for path, m in (data.get("metrics") or {}).items()
             if path.startswith(METRICS_PREFIX)
         }

@@ -55,7 +55,11 @@ def check_opset(opset: Any, exporter: str) -> None:
     highest = newest if exporter == "dynamo" else min(newest, MAX_TORCHSCRIPT_OPSET)
     lowest = MIN_OPSET[exporter]
     if not isinstance(opset, int) or not lowest <= opset <= highest:
-        hint = " (use exporter 'torchscript' for opsets below 18)" if exporter == "dynamo" and isinstance(opset, int) and opset < lowest else ""
+        hint = (
+            " (use exporter 'torchscript' for opsets below 18)"
+            if exporter == "dynamo" and isinstance(opset, int) and opset < lowest
+            else ""
+        )
         raise KilnError(
             f"export.opset {opset!r} cannot be targeted by the {exporter} exporter: it supports opsets "
             f"{lowest}..{highest} with onnx {onnx.__version__}{hint}"
@@ -99,7 +103,8 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
     except Exception as e:
         shapes = ", ".join(f"'{i.name}' {list(i.batched(settings.batch))} {i.dtype}" for i in spec.inputs)
         raise KilnError(
-            f"the model's forward failed on inputs {shapes}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; "
+            f"the model's forward failed on inputs {shapes}: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; "
             "check model.inputs (shape is per sample, without the batch axis)"
         ) from e
     input_names = [i.name for i in spec.inputs]
@@ -113,14 +118,25 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
             if settings.exporter == "dynamo":
                 batch = torch.export.Dim("batch")
                 torch.onnx.export(
-                    model, args, str(onnx_file), input_names=input_names, output_names=output_names,
-                    opset_version=settings.opset, dynamo=True, external_data=False,
+                    model,
+                    args,
+                    str(onnx_file),
+                    input_names=input_names,
+                    output_names=output_names,
+                    opset_version=settings.opset,
+                    dynamo=True,
+                    external_data=False,
                     dynamic_shapes=tuple({0: batch} for _ in args),
                 )
             else:
                 torch.onnx.export(
-                    model, args, str(onnx_file), input_names=input_names, output_names=output_names,
-                    opset_version=settings.opset, dynamo=False,
+                    model,
+                    args,
+                    str(onnx_file),
+                    input_names=input_names,
+                    output_names=output_names,
+                    opset_version=settings.opset,
+                    dynamo=False,
                     dynamic_axes={n: {0: "batch"} for n in input_names + output_names},
                 )
         except Exception as e:
@@ -130,13 +146,16 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
                 raise StorageError(describe_os_error(os_error, out_path)) from e
             traceback.print_exc(file=sys.stderr)  # the full report stays in the stage's log
             # Tracing advice fits a graph torch could not capture, not a file it could not read or write.
-            advice = "" if any(isinstance(x, OSError) for x in chain(e)) else "; for a data-dependent branch, rewrite it with torch.where/torch.cond"
+            advice = (
+                ""
+                if any(isinstance(x, OSError) for x in chain(e))
+                else "; for a data-dependent branch, rewrite it with torch.where/torch.cond"
+            )
             raise KilnError(
                 f"torch.onnx.export ({settings.exporter}) failed: {_summarize_failure(e)} (full report above in the log{advice})"
             ) from e
         manifest_warnings = [
-            {"category": w.category.__name__, "message": str(w.message).strip(), "where": f"{w.filename}:{w.lineno}"}
-            for w in caught
+            {"category": w.category.__name__, "message": str(w.message).strip(), "where": f"{w.filename}:{w.lineno}"} for w in caught
         ]
         for w in manifest_warnings:
             print(f"export warning: [{w['category']}] {w['message'].splitlines()[0]} ({w['where']})", file=sys.stderr)
@@ -182,7 +201,10 @@ def check_exported_graph(path: Path, spec: ModelSpec, settings: ExportSettings) 
                 "use x.shape[0] or -1 instead"
             )
     return {
-        "inputs": {vi.name: {"shape": _dims(vi), "dtype": onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name} for vi in graph_inputs},
+        "inputs": {
+            vi.name: {"shape": _dims(vi), "dtype": onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name}
+            for vi in graph_inputs
+        },
         "outputs": {vo.name: {"shape": _dims(vo)} for vo in model.graph.output},
         "nodes": len(model.graph.node),
     }

@@ -14,9 +14,24 @@ from typing import Any
 
 # ISA features that decide which kernels a CPU runtime picks.
 CPU_FEATURES = (
-    "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-    "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
-    "asimd", "sve", "sve2", "bf16", "i8mm",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "amx_fp16",
+    "asimd",
+    "sve",
+    "sve2",
+    "bf16",
+    "i8mm",
 )
 
 # The libraries of the export itself; each runtime's own are declared with it (kiln.runtimes.RUNTIMES).

@@ -17,8 +17,4 @@ def sha256_file(path: str | Path) -> str:
 def sha256_tree(folder: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
     """Relative POSIX path -> sha256 of every file under `folder`, in sorted order, minus `exclude` (relative paths)."""
     root = Path(folder)
-    return {
-        rel: sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and (rel := p.relative_to(root).as_posix()) not in exclude
-    }
+    return {rel: sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and (rel := p.relative_to(root).as_posix()) not in exclude}

@@ -15,8 +15,9 @@ import numpy as np
 from .errors import KilnError
 
 # Formats Pillow decodes without extra libraries; animated GIF/WebP/TIFF give their first frame.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff",
-                            ".ppm", ".pgm", ".pbm", ".pnm"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
 # An image whose short side is below this share of the crop is upscaled so much that it is mostly blur.
 SMALL_IMAGE_SHARE = 0.5
 
@@ -47,7 +48,14 @@ class Preprocess:
             raise KilnError(f"{where}.mean and std must have one value per channel")
 
     def to_params(self) -> dict[str, Any]:
-        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std), "layout": self.layout, "dtype": self.dtype}
+        return {
+            "resize": self.resize,
+            "crop": self.crop,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "layout": self.layout,
+            "dtype": self.dtype,
+        }
 
     @property
     def channels(self) -> int:
@@ -170,7 +178,15 @@ class ImageSet:
             logging.getLogger("kiln.images").warning(
                 "%d of %d images in %s '%s' are far smaller than the %d-pixel crop (%s%s): they are upscaled, "
                 "so they carry little of what serving sees; use images at least %d pixels on the short side",
-                len(small), len(self), what, self.root, preprocess.crop, examples, ", ..." if len(small) > 3 else "", preprocess.crop)
+                len(small),
+                len(self),
+                what,
+                self.root,
+                preprocess.crop,
+                examples,
+                ", ..." if len(small) > 3 else "",
+                preprocess.crop,
+            )
 
     def target_indices(self) -> np.ndarray | None:
         """The model's class index for each image: folders named by index ("0".."999") map to that index,
@@ -183,7 +199,9 @@ class ImageSet:
 
     def subset(self, n: int, what: str = "calibration set") -> "ImageSet":
         if n > len(self):
-            raise KilnError(f"{what} '{self.root}' has {len(self)} images, fewer than the {n} asked for; add images or lower the subset size")
+            raise KilnError(
+                f"{what} '{self.root}' has {len(self)} images, fewer than the {n} asked for; add images or lower the subset size"
+            )
         return ImageSet(self.root, self.paths[:n], self.labels[:n] if self.labels else None, self.classes)
 
     def batches(self, preprocess: Preprocess, batch: int) -> Iterator[np.ndarray]:
@@ -221,7 +239,12 @@ def check_user_folder(folder: str | Path, what: str) -> list[Path]:
 
         logging.getLogger("kiln.images").warning(
             "%s '%s': %d file(s) are not images kiln reads and are left alone: %s%s",
-            what, root, len(others), ", ".join(str(p.relative_to(root)) for p in others[:5]), ", ..." if len(others) > 5 else "")
+            what,
+            root,
+            len(others),
+            ", ".join(str(p.relative_to(root)) for p in others[:5]),
+            ", ..." if len(others) > 5 else "",
+        )
     return images
 
 

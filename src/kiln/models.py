@@ -81,7 +81,9 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KilnError(f"model.checkpoint '{p}' is not a readable PyTorch checkpoint ({first}); save one with torch.save(model.state_dict(), path)") from e
+        raise KilnError(
+            f"model.checkpoint '{p}' is not a readable PyTorch checkpoint ({first}); save one with torch.save(model.state_dict(), path)"
+        ) from e
     # Training scripts often wrap the weights: {"state_dict": ...} or {"model": ...}.
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -96,7 +98,9 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
@@ -133,7 +137,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
         assert spec.name
         model = _torchvision_model(spec.name, spec.weights, spec.kwargs) or _timm_model(spec.name, spec.weights, spec.kwargs)
         if model is None:
-            raise KilnError(f"unknown model.name '{spec.name}'{close_matches(spec.name, _known_names())}; use a torchvision (or timm) model name, or model.entrypoint")
+            raise KilnError(
+                f"unknown model.name '{spec.name}'{close_matches(spec.name, _known_names())}; "
+                "use a torchvision (or timm) model name, or model.entrypoint"
+            )
     if spec.checkpoint:
         apply_state_dict(model, load_state_dict_file(spec.checkpoint), f"model.checkpoint '{spec.checkpoint}'")
     if model.training:

@@ -66,7 +66,7 @@ def read_stamp(params_file: str | Path) -> dict[str, Any] | None:
         first = f.readline()
     if not first.startswith(STAMP):
         return None
-    stamp = first[len(STAMP):].strip()
+    stamp = first[len(STAMP) :].strip()
     rest, _, values = stamp.rpartition(" values:")
     if not rest:
         rest, values = stamp, ""
@@ -112,26 +112,35 @@ def check_fresh(params_file: str | Path = PARAMS_FILE, config_dir: str | Path = 
         composed_at = params.stat().st_mtime
         newer = sorted(str(p) for p in conf.rglob("*.yaml") if p.stat().st_mtime > composed_at + 1)
         if newer:
-            raise KilnError(f"{params} may be stale: {', '.join(newer[:3])} changed after it was written; run "
-                            f"`python -m kiln.params [overrides]` to re-compose it from conf/, {allow}")
+            raise KilnError(
+                f"{params} may be stale: {', '.join(newer[:3])} changed after it was written; run "
+                f"`python -m kiln.params [overrides]` to re-compose it from conf/, {allow}"
+            )
         return
     overrides = stamp["overrides"]
     current = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
     with_overrides = f" with overrides {overrides}" if overrides else ""
     if stamp["values"] and values_digest(current) != stamp["values"]:
         edits = leaf_diff(compose(overrides, conf), current) if stamp["conf"] == conf_digest(conf) else []
-        keep = (f"to keep the edit, compose it as an override: `{recompose_command([*overrides, *edits])}`"
-                if edits else f"re-compose it with `{recompose_command(overrides)}` (after moving your edit into conf/)")
-        raise KilnError(f"{params} was edited by hand after `python -m kiln.params` composed it from conf/{with_overrides}"
-                        f"{' (' + ', '.join(edits[:5]) + ')' if edits else ''}: a plain `dvc repro` and `dvc exp run` would "
-                        f"disagree about it; {keep}, {allow}")
+        keep = (
+            f"to keep the edit, compose it as an override: `{recompose_command([*overrides, *edits])}`"
+            if edits
+            else f"re-compose it with `{recompose_command(overrides)}` (after moving your edit into conf/)"
+        )
+        raise KilnError(
+            f"{params} was edited by hand after `python -m kiln.params` composed it from conf/{with_overrides}"
+            f"{' (' + ', '.join(edits[:5]) + ')' if edits else ''}: a plain `dvc repro` and `dvc exp run` would "
+            f"disagree about it; {keep}, {allow}"
+        )
     if stamp["conf"] == conf_digest(conf):
         return
     # conf/ changed; what matters is whether the composition did (a new, unused target set does not count).
     if compose(overrides, conf) != current:
-        raise KilnError(f"{params} is stale: conf/ changed since it was composed{with_overrides}; run "
-                        f"`{recompose_command(overrides)}` to re-compose it (hand edits of params.yaml are lost that way: "
-                        f"put them in conf/), {allow}")
+        raise KilnError(
+            f"{params} is stale: conf/ changed since it was composed{with_overrides}; run "
+            f"`{recompose_command(overrides)}` to re-compose it (hand edits of params.yaml are lost that way: "
+            f"put them in conf/), {allow}"
+        )
 
 
 def compose_yaml(overrides: Sequence[str] = (), config_dir: str | Path = CONFIG_DIR, config_name: str = CONFIG_NAME) -> str:
@@ -146,7 +155,9 @@ def compose_yaml(overrides: Sequence[str] = (), config_dir: str | Path = CONFIG_
             cfg = compose(config_name=config_name, overrides=list(overrides))
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as e:
-        raise KilnError(f"cannot compose {config_dir}/{config_name}.yaml with overrides {list(overrides)}: {e}{_hint(overrides, config_dir)}") from e
+        raise KilnError(
+            f"cannot compose {config_dir}/{config_name}.yaml with overrides {list(overrides)}: {e}{_hint(overrides, config_dir)}"
+        ) from e
     return OmegaConf.to_yaml(cfg)
 
 
@@ -168,8 +179,10 @@ def _hint(overrides: Sequence[str], config_dir: str | Path) -> str:
             if not isinstance(node, dict) or part not in node:
                 if isinstance(node, dict) and part in {str(k) for k in node if not isinstance(k, str)}:
                     where = ".".join(path)
-                    hints.append(f"'{where}' has integer keys, which a dotted override cannot name: replace the whole "
-                                 f"mapping, e.g. '~{where}' '+{where}={{1: 0.5, 4: 0.5}}'")
+                    hints.append(
+                        f"'{where}' has integer keys, which a dotted override cannot name: replace the whole "
+                        f"mapping, e.g. '~{where}' '+{where}={{1: 0.5, 4: 0.5}}'"
+                    )
                 elif isinstance(node, dict):
                     hint = close_matches(part, node)
                     if hint:
@@ -278,8 +291,11 @@ def main(argv: Sequence[str]) -> int:
     if "--check" in args:
         stale, overrides = stale_keys()
         if stale:
-            print(f"{PARAMS_FILE} is stale: {', '.join(stale)} differ from conf/"
-                  f"{' with overrides ' + str(overrides) if overrides else ''}; run `{recompose_command(overrides)}`", file=sys.stderr)
+            print(
+                f"{PARAMS_FILE} is stale: {', '.join(stale)} differ from conf/"
+                f"{' with overrides ' + str(overrides) if overrides else ''}; run `{recompose_command(overrides)}`",
+                file=sys.stderr,
+            )
             return 1
         print(f"{PARAMS_FILE} matches conf/" + (f" with overrides {overrides}" if overrides else ""))
         return 0
@@ -291,14 +307,22 @@ def main(argv: Sequence[str]) -> int:
         save_overrides(args)
         text, args = stamped_yaml(), []
     write_text(PARAMS_FILE, text)
-    print(f"wrote {PARAMS_FILE} from {CONFIG_DIR}/{CONFIG_NAME}.yaml" + (f" with {' '.join(args)}" if args else "")
-          + (" (overrides saved into it)" if save else ""))
+    print(
+        f"wrote {PARAMS_FILE} from {CONFIG_DIR}/{CONFIG_NAME}.yaml"
+        + (f" with {' '.join(args)}" if args else "")
+        + (" (overrides saved into it)" if save else "")
+    )
     if args:
         savable = all("=" in a and not a.startswith(("~", "+")) for a in args)
-        how = (f"`python -m kiln.params --save {' '.join(shlex.quote(a) for a in args)}` writes them into it" if savable
-               else f"to keep them, write them into {CONFIG_DIR}/{CONFIG_NAME}.yaml")
-        print(f"note: `dvc exp run` composes params.yaml from {CONFIG_DIR}/{CONFIG_NAME}.yaml alone and does not keep these "
-              f"overrides; {how}", file=sys.stderr)
+        how = (
+            f"`python -m kiln.params --save {' '.join(shlex.quote(a) for a in args)}` writes them into it"
+            if savable
+            else f"to keep them, write them into {CONFIG_DIR}/{CONFIG_NAME}.yaml"
+        )
+        print(
+            f"note: `dvc exp run` composes params.yaml from {CONFIG_DIR}/{CONFIG_NAME}.yaml alone and does not keep these overrides; {how}",
+            file=sys.stderr,
+        )
     return 0
 
 

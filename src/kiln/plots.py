@@ -122,8 +122,16 @@ def render_latency_png(
         series.setdefault(str(r["target"]), []).append(r)
     if not series:
         fig = Figure(figsize=(8.0, 4.6), dpi=dpi)
-        fig.text(0.5, 0.5, f"{title}\n\nno target was measured" + (f" ({', '.join(sorted(empty))} skipped)" if empty else ""),
-                 ha="center", va="center", fontsize=11, color="#444", wrap=True)
+        fig.text(
+            0.5,
+            0.5,
+            f"{title}\n\nno target was measured" + (f" ({', '.join(sorted(empty))} skipped)" if empty else ""),
+            ha="center",
+            va="center",
+            fontsize=11,
+            color="#444",
+            wrap=True,
+        )
         return _save_png(fig, out_png, dpi)
 
     def end_latency(item: tuple[str, list[dict[str, object]]]) -> float:
@@ -138,8 +146,13 @@ def render_latency_png(
     markers = "osD^vP*Xh<>"
     for i, (target, data) in enumerate(ordered):
         ax.plot(
-            [int(r["batch"]) for r in data], [float(r["ms_per_image"]) for r in data],
-            marker=markers[i % len(markers)], markersize=5, linewidth=1.8, color=cmap[i], label=target,
+            [int(r["batch"]) for r in data],
+            [float(r["ms_per_image"]) for r in data],
+            marker=markers[i % len(markers)],
+            markersize=5,
+            linewidth=1.8,
+            color=cmap[i],
+            label=target,
         )
     if len(batches) > 1:
         ax.set_xscale("log", base=2)
@@ -148,18 +161,16 @@ def render_latency_png(
     ax.set_xticklabels([str(b) for b in batches])
     if len(batches) > 1:
         lo, hi = batches[0], batches[-1]
-        ax.set_xlim(lo / 2 ** 0.25, hi * 2 ** 0.25)
+        ax.set_xlim(lo / 2**0.25, hi * 2**0.25)
     ax.set_ylim(bottom=0, top=max(float(r["ms_per_image"]) for r in rows) * 1.08)
     ax.set_xlabel("batch size (images per call)")
     ax.set_ylabel("ms per image (lower is better)")
     ax.set_title(title if not subtitle else f"{title}\n{subtitle}", fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(title="target (fastest first)", fontsize=8, title_fontsize=8, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.legend(title="target (fastest first)", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     if empty:
-        fig.text(0.01, 0.005, "not measured: " + ", ".join(sorted(empty)),
-                 fontsize=7, color="#666", ha="left", va="bottom")
+        fig.text(0.01, 0.005, "not measured: " + ", ".join(sorted(empty)), fontsize=7, color="#666", ha="left", va="bottom")
         fig.get_layout_engine().set(rect=(0, 0.035, 1, 0.965))  # room for the note
     return _save_png(fig, out_png, dpi)
 
@@ -197,8 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "template":
             out = write_html_template(args.out)
             v = library_versions()
-            print(f"{out}: {out.stat().st_size / 1e6:.1f} MB, vega {v['vega']}, vega-lite {v['vega-lite']} and vega-embed "
-                  f"{v['vega-embed']} inlined (from vl-convert-python {v['vl-convert-python']}), no network needed")
+            print(
+                f"{out}: {out.stat().st_size / 1e6:.1f} MB, vega {v['vega']}, vega-lite {v['vega-lite']} and vega-embed "
+                f"{v['vega-embed']} inlined (from vl-convert-python {v['vl-convert-python']}), no network needed"
+            )
         elif args.command == "png":
             print(render_latency_png(args.source, args.out))
         else:

@@ -44,16 +44,18 @@ def summary_rows(results: Mapping[str, Mapping[str, Any]], baseline: str) -> lis
             continue
         key = f"b{run['main_batch']}"
         stats = run["latency"][key]
-        rows.append({
-            "target": name,
-            "runtime": run.get("runtime"),
-            "precision": (run.get("precision") or {}).get("requested"),
-            "batch": run["main_batch"],
-            "ms_per_image": round(stats["ms_per_image"], 4),
-            "images_per_s": round(stats["images_per_s"], 2),
-            "speedup": round(s, 3) if (s := _speedup(base, stats, key)) else None,
-            "top1_agreement": (run.get("accuracy") or {}).get("top1_agreement"),
-        })
+        rows.append(
+            {
+                "target": name,
+                "runtime": run.get("runtime"),
+                "precision": (run.get("precision") or {}).get("requested"),
+                "batch": run["main_batch"],
+                "ms_per_image": round(stats["ms_per_image"], 4),
+                "images_per_s": round(stats["images_per_s"], 2),
+                "speedup": round(s, 3) if (s := _speedup(base, stats, key)) else None,
+                "top1_agreement": (run.get("accuracy") or {}).get("top1_agreement"),
+            }
+        )
     return rows
 
 
@@ -79,8 +81,10 @@ def render(
     if export:
         lines += [
             f"Model `{export.get('model')}` exported with the {export.get('exporter')} exporter at opset {export.get('opset')} "
-            f"({export.get('nodes')} nodes, traced at batch {export.get('traced_batch')}, {len(export.get('warnings', []))} exporter warnings)"
-            + (", preprocessing folded into the graph (engines take uint8 HWC images)" if export.get("folded_preprocess") else "") + ".",
+            f"({export.get('nodes')} nodes, traced at batch {export.get('traced_batch')}, "
+            f"{len(export.get('warnings', []))} exporter warnings)"
+            + (", preprocessing folded into the graph (engines take uint8 HWC images)" if export.get("folded_preprocess") else "")
+            + ".",
             "",
         ]
     base = results.get(baseline, {}).get("run", {}).get("latency", {})
@@ -106,10 +110,12 @@ def render(
         "## Latency per batch size",
         "",
         f"Speed-up is ms/image of `{baseline}` divided by the target's, at the same batch size"
-        + ("" if base else f" (n/a: no `{baseline}` target in this run)") + ". Latency is the median (p50) of the timed iterations; "
+        + ("" if base else f" (n/a: no `{baseline}` target in this run)")
+        + ". Latency is the median (p50) of the timed iterations; "
         "min/opt/max mark the batch sizes of the target's profile.",
         "",
-        "| target | runtime | precision (requested -> executed) | threads | batch | ms/batch p50 | ms/batch p99 | ms/image | images/s | speed-up | max abs err | top-1 agreement |",
+        "| target | runtime | precision (requested -> executed) | threads | batch | ms/batch p50 | ms/batch p99 | ms/image | images/s "
+        "| speed-up | max abs err | top-1 agreement |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     accuracy_rows = []
@@ -123,9 +129,11 @@ def render(
             marks = "/".join(m for m in ("min", "opt", "max") if profile.get(m) == batch)
             speedup = _speedup(base, stats, key)
             lines.append(
-                f"| {name} | {run.get('runtime')} | {prec.get('requested')} -> {prec.get('executed')} | {run.get('threads')} | {batch}{f' ({marks})' if marks else ''} "
+                f"| {name} | {run.get('runtime')} | {prec.get('requested')} -> {prec.get('executed')} | {run.get('threads')} "
+                f"| {batch}{f' ({marks})' if marks else ''} "
                 f"| {fmt(stats['p50_ms'])} | {fmt(stats['p99_ms'])} | {fmt(stats['ms_per_image'])} | {fmt(stats['images_per_s'], '.1f')} "
-                f"| {fmt(speedup, '.2f')}{'x' if speedup else ''} | {fmt(acc.get('max_abs_err'), '.2e')} | {fmt(acc.get('top1_agreement'), '.3f')} |"
+                f"| {fmt(speedup, '.2f')}{'x' if speedup else ''} | {fmt(acc.get('max_abs_err'), '.2e')} "
+                f"| {fmt(acc.get('top1_agreement'), '.3f')} |"
             )
         for note in run.get("notes", []):
             lines.append(f"| {name} | | | | | | | | | | | {note} |")
@@ -133,7 +141,11 @@ def render(
         violations = budget.get("violations") or []
         verdict = "ok"
         if violations:
-            verdict = "OVER BUDGET: " + "; ".join(violations) + ("" if budget.get("enforced") else " (not enforced: random weights or fail_on_budget off)")
+            verdict = (
+                "OVER BUDGET: "
+                + "; ".join(violations)
+                + ("" if budget.get("enforced") else " (not enforced: random weights or fail_on_budget off)")
+            )
         accuracy_rows.append(
             f"| {name} | {fmt(acc.get('top1_agreement'), '.4f')} | {fmt(acc.get('sqnr_db'), '.1f')} | {fmt(acc.get('cosine'), '.6f')} "
             f"| {fmt(acc.get('max_abs_err'), '.2e')} | {fmt(acc.get('top1'), '.4f')} | {fmt(acc.get('top1_drop'), '.2f')} "
@@ -169,7 +181,9 @@ def _calibration_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
     if not calibrated:
         return []
     lines = [
-        "", "## Calibration: layers whose quantization costs the most", "",
+        "",
+        "## Calibration: layers whose quantization costs the most",
+        "",
         "Per layer, the quantization noise it adds (relative to signal power) over the layer before it, on a few "
         "calibration images; keep the worst in float with `targets.<name>.calibration.ignored_scope`.",
     ]
@@ -179,8 +193,13 @@ def _calibration_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         lines += [
             "",
             f"`{name}`: {cal.get('images')} images from {cal.get('folder')}, method {cal.get('method')}"
-            + (f", accuracy-aware (max top-1 drop {aware['max_drop_points']} points on {aware['eval_images']} eval images)" if aware else "")
-            + (f"; left in float: {', '.join(kept)}" if kept else "; every quantizable layer in int8") + ".",
+            + (
+                f", accuracy-aware (max top-1 drop {aware['max_drop_points']} points on {aware['eval_images']} eval images)"
+                if aware
+                else ""
+            )
+            + (f"; left in float: {', '.join(kept)}" if kept else "; every quantizable layer in int8")
+            + ".",
             "",
             "| layer | SQNR dB at its output | noise added (% of signal) |",
             "|---|---:|---:|",

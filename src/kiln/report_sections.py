@@ -36,7 +36,8 @@ def served_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         "latency percentiles, and images/s over the whole run. Compare with the main-batch figures above: a benchmark "
         "at a batch size that is rarely served overstates what users get.",
         "",
-        "| target | distribution (batch: share) | requests | p50 ms | p90 ms | p99 ms | ms/image | images/s | main batch ms/image | profile |",
+        "| target | distribution (batch: share) | requests | p50 ms | p90 ms | p99 ms | ms/image | images/s | main batch ms/image "
+        "| profile |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     warnings = []
@@ -129,7 +130,10 @@ def compared_section(current: Mapping[str, Mapping[str, Any]], previous: Mapping
                 continue
             change = (new - old) / old * 100 if old else float("inf")
             better = (new > old) == higher_better
-            rows.append(f"| {name} | {label_} | {fmt(float(old), '.4g')} | {fmt(float(new), '.4g')} | {change:+.1f}% ({'better' if better else 'worse'}) |")
+            rows.append(
+                f"| {name} | {label_} | {fmt(float(old), '.4g')} | {fmt(float(new), '.4g')} "
+                f"| {change:+.1f}% ({'better' if better else 'worse'}) |"
+            )
     if not rows:
         return lines + ["No headline metric changed."]
     lines += ["| target | metric | before | now | change |", "|---|---|---:|---:|---|", *rows]

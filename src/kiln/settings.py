@@ -49,8 +49,11 @@ def describe(cls: type) -> str:
     """`key (default ...)` for each field, with its doc where it has one."""
     parts = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )  # type: ignore[misc]
         doc = f.metadata.get("doc")
         parts.append(f"{f.name}{' (' + doc + ')' if doc else ''} = {default!r}")
     return "; ".join(parts)

@@ -74,7 +74,9 @@ def _ort_session(onnx_path: Path) -> Any:
         raise ValidationFailed(f"ONNX Runtime cannot load the exported graph {onnx_path}: {str(e).splitlines()[0]}") from e
 
 
-def validate_export(model: nn.Module, onnx_path: str | Path, spec: ModelSpec, settings: ValidateSettings, traced_batch: int) -> dict[str, Any]:
+def validate_export(
+    model: nn.Module, onnx_path: str | Path, spec: ModelSpec, settings: ValidateSettings, traced_batch: int
+) -> dict[str, Any]:
     """Compare eager PyTorch with the ONNX graph; return the report or raise ValidationFailed with one clear line."""
     model.eval()
     session = _ort_session(Path(onnx_path))
@@ -105,7 +107,11 @@ def validate_export(model: nn.Module, onnx_path: str | Path, spec: ModelSpec, se
             per_batch.append({"batch": batch, **c.to_dict()})
             log.info(
                 "batch %d output %s: max abs %.3g, max rel %.3g, mean abs %.3g%s",
-                batch, name, c.max_abs_err, c.max_rel_err, c.mean_abs_err,
+                batch,
+                name,
+                c.max_abs_err,
+                c.max_rel_err,
+                c.mean_abs_err,
                 f", top-1 agreement {c.top1_agreement:.3f}" if c.top1_agreement is not None else "",
             )
             if name not in worst or c.excess > worst[name].excess:
@@ -142,12 +148,16 @@ def validate_export(model: nn.Module, onnx_path: str | Path, spec: ModelSpec, se
     }
 
 
-def reference_outputs(model: nn.Module, spec: ModelSpec, onnx_output_names: list[str], samples: int, seed: int, chunk: int = 8) -> dict[str, np.ndarray]:
+def reference_outputs(
+    model: nn.Module, spec: ModelSpec, onnx_output_names: list[str], samples: int, seed: int, chunk: int = 8
+) -> dict[str, np.ndarray]:
     """Eager fp32 outputs on seeded inputs."""
     return eager_outputs(model, spec, make_inputs(spec.inputs, samples, seed), onnx_output_names, chunk)
 
 
-def eager_outputs(model: nn.Module, spec: ModelSpec, feeds: dict[str, np.ndarray], names: list[str], chunk: int = 8) -> dict[str, np.ndarray]:
+def eager_outputs(
+    model: nn.Module, spec: ModelSpec, feeds: dict[str, np.ndarray], names: list[str], chunk: int = 8
+) -> dict[str, np.ndarray]:
     samples = next(iter(feeds.values())).shape[0]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for start in range(0, samples, chunk):
@@ -174,8 +184,12 @@ def reference_set(model: nn.Module, spec: ModelSpec, names: list[str], data: dic
         if limit < len(images):
             # Spread the subset over the folder so every class is represented.
             picks = np.linspace(0, len(images) - 1, limit).round().astype(int)
-            images = type(images)(images.root, tuple(images.paths[i] for i in picks),
-                                  tuple(images.labels[i] for i in picks) if images.labels else None, images.classes)
+            images = type(images)(
+                images.root,
+                tuple(images.paths[i] for i in picks),
+                tuple(images.labels[i] for i in picks) if images.labels else None,
+                images.classes,
+            )
         feeds = {spec.inputs[0].name: images.load(preprocess)}
         labels = images.target_indices()
         source = f"{len(images)} images from {eval_dir}" + (" (labelled)" if labels is not None else "")

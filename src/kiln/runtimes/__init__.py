@@ -57,13 +57,20 @@ class RuntimeInfo:
 
 
 RUNTIMES: dict[str, RuntimeInfo] = {
-    "torch": RuntimeInfo("kiln.runtimes.torch", ("fp32", "bf16", "fp16"),
-                         libraries={"torch": ("torch",), "torchvision": ("torchvision",)}),
-    "onnxruntime": RuntimeInfo("kiln.runtimes.onnxruntime", ("fp32", "int8"), ("int8",),
-                               {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino")}),
+    "torch": RuntimeInfo("kiln.runtimes.torch", ("fp32", "bf16", "fp16"), libraries={"torch": ("torch",), "torchvision": ("torchvision",)}),
+    "onnxruntime": RuntimeInfo(
+        "kiln.runtimes.onnxruntime",
+        ("fp32", "int8"),
+        ("int8",),
+        {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino")},
+    ),
     "openvino": RuntimeInfo("kiln.runtimes.openvino", ("fp32", "bf16", "fp16", "int8"), ("int8",), {"openvino": ("openvino",)}),
-    "tensorrt": RuntimeInfo("kiln.runtimes.tensorrt", ("fp32", "fp16", "bf16", "int8", "fp8"), ("int8", "fp8"),
-                            {"tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")}),
+    "tensorrt": RuntimeInfo(
+        "kiln.runtimes.tensorrt",
+        ("fp32", "fp16", "bf16", "int8", "fp8"),
+        ("int8", "fp8"),
+        {"tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")},
+    ),
 }
 
 
@@ -110,14 +117,16 @@ class CalibratingRuntime(Protocol):
     @property
     def calibration_options_type(self) -> type: ...
 
-    def calibrate(self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings,
-                  out_dir: Path) -> dict[str, Any]: ...
+    def calibrate(
+        self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings, out_dir: Path
+    ) -> dict[str, Any]: ...
 
 
 @runtime_checkable
 class LayerInspectingRuntime(Protocol):
-    def layer_activations(self, onnx_path: Path, calibration_dir: Path,
-                          feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]: ...
+    def layer_activations(
+        self, onnx_path: Path, calibration_dir: Path, feeds: Mapping[str, np.ndarray]
+    ) -> list[tuple[str, np.ndarray, np.ndarray]]: ...
 
 
 def runtime_info(name: str) -> RuntimeInfo:
@@ -162,5 +171,7 @@ def skip_reason(target: Target) -> str | None:
         )
     reason = runtime.unavailable_reason(target)
     if reason and target.required:
-        raise KilnError(f"targets.{target.name}: cannot build on this machine: {reason} (mark the target `required: false` to skip it on such machines)")
+        raise KilnError(
+            f"targets.{target.name}: cannot build on this machine: {reason} (mark the target `required: false` to skip it on such machines)"
+        )
     return reason

@@ -47,8 +47,15 @@ def check_ignored_scope(onnx_path: Path, settings: CalibrationSettings, target_n
         )
 
 
-def quantize_qdq(onnx_path: Path, out_dir: Path, calib: CalibrationSet, settings: CalibrationSettings, runtime: str,
-                 prepare: Callable[[Path], None] | None = None, **quantizer: Any) -> Path:
+def quantize_qdq(
+    onnx_path: Path,
+    out_dir: Path,
+    calib: CalibrationSet,
+    settings: CalibrationSettings,
+    runtime: str,
+    prepare: Callable[[Path], None] | None = None,
+    **quantizer: Any,
+) -> Path:
     """out_dir/model.qdq.onnx from `onnx_path`: ONNX Runtime's pre-processing (shape inference, Conv+BN folding)
     into out_dir/model.fp32.onnx, then `prepare` on that file if given, then quantize_static with the calibration
     method, the nodes kept in float, and `quantizer`'s types and options."""
@@ -60,6 +67,13 @@ def quantize_qdq(onnx_path: Path, out_dir: Path, calib: CalibrationSet, settings
     if prepare is not None:
         prepare(pre)
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
-    quantize_static(str(pre), str(out_dir / QDQ), CalibrationReader(calib, runtime), quant_format=QuantFormat.QDQ,
-                    calibrate_method=methods[settings.method], nodes_to_exclude=list(settings.ignored_scope) or None, **quantizer)
+    quantize_static(
+        str(pre),
+        str(out_dir / QDQ),
+        CalibrationReader(calib, runtime),
+        quant_format=QuantFormat.QDQ,
+        calibrate_method=methods[settings.method],
+        nodes_to_exclude=list(settings.ignored_scope) or None,
+        **quantizer,
+    )
     return out_dir / QDQ

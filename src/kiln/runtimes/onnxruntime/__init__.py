@@ -97,9 +97,13 @@ def graph_info(given: Path, optimized: Path) -> dict[str, Any]:
     for op in ("BatchNormalization", "Identity"):
         if removed.get(op):
             fusions[f"{op} folded away"] += removed[op]
-    return {"nodes_in": len(given_nodes), "nodes_out": len(out_nodes), "fusions": dict(fusions),
-            "layer_precisions": layer_precisions(out_nodes),
-            "source": "ONNX graph vs ONNX Runtime's optimised graph (compute layers for precisions)"}
+    return {
+        "nodes_in": len(given_nodes),
+        "nodes_out": len(out_nodes),
+        "fusions": dict(fusions),
+        "layer_precisions": layer_precisions(out_nodes),
+        "source": "ONNX graph vs ONNX Runtime's optimised graph (compute layers for precisions)",
+    }
 
 
 def _has_vnni(machine_features: list[str]) -> bool:
@@ -119,7 +123,9 @@ class OnnxRuntimeRuntime:
             return f"kiln's onnxruntime targets use the CPU execution provider; device '{target.device}' is not supported yet"
         return None
 
-    def calibrate(self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings, out_dir: Path) -> dict[str, Any]:
+    def calibrate(
+        self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings, out_dir: Path
+    ) -> dict[str, Any]:
         """Static QDQ quantization: per-channel int8 weights, activations calibrated on `calib`."""
         import onnx
         from onnxruntime.quantization import QuantType
@@ -132,16 +138,33 @@ class OnnxRuntimeRuntime:
         reduce_range = settings.options.reduce_range
         if reduce_range == "auto":
             reduce_range = not _has_vnni(collect()["hardware"]["cpu"]["features"])
-        quantize_qdq(onnx_path, out_dir, calib, settings, self.name, per_channel=True, reduce_range=bool(reduce_range),
-                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_qdq(
+            onnx_path,
+            out_dir,
+            calib,
+            settings,
+            self.name,
+            per_channel=True,
+            reduce_range=bool(reduce_range),
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
         qdq = onnx.load(str(out_dir / QDQ), load_external_data=False)
         dequantized = {n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
         # A compute node whose weights do not come through DequantizeLinear stayed in float.
         float_nodes = [n.name for n in qdq.graph.node if n.op_type in COMPUTE_OPS and len(n.input) > 1 and n.input[1] not in dequantized]
-        return {"artifact": QDQ, "method": settings.method, "per_channel": True, "reduce_range": bool(reduce_range),
-                "format": "QDQ u8s8", "float_layers": float_nodes}
+        return {
+            "artifact": QDQ,
+            "method": settings.method,
+            "per_channel": True,
+            "reduce_range": bool(reduce_range),
+            "format": "QDQ u8s8",
+            "float_layers": float_nodes,
+        }
 
-    def layer_activations(self, onnx_path: Path, calibration_dir: Path, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    def layer_activations(
+        self, onnx_path: Path, calibration_dir: Path, feeds: Mapping[str, np.ndarray]
+    ) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """Outputs of each quantized compute node, in the fp32 graph and in the QDQ graph (same tensor names)."""
         import onnx
 
@@ -163,7 +186,9 @@ class OnnxRuntimeRuntime:
 
         def run(model: Any, names: list[str]) -> list[np.ndarray]:
             existing = {o.name for o in model.graph.output}
-            model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names if t not in existing)
+            model.graph.output.extend(
+                onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names if t not in existing
+            )
             so = ort.SessionOptions()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -107,8 +107,13 @@ def graph_info(model: ov.Model, compiled: ov.CompiledModel) -> dict[str, Any]:
         types = [original[n] for n in names if n in original and original[n] not in skip]
         if len(types) > 1:
             fusions["+".join(dict.fromkeys(types))] += 1
-    return {"nodes_in": nodes_in, "nodes_out": nodes_out, "fusions": dict(fusions), "layer_precisions": dict(precisions),
-            "source": "OpenVINO runtime model (rt_info originalLayersNames, runtimePrecision)"}
+    return {
+        "nodes_in": nodes_in,
+        "nodes_out": nodes_out,
+        "fusions": dict(fusions),
+        "layer_precisions": dict(precisions),
+        "source": "OpenVINO runtime model (rt_info originalLayersNames, runtimePrecision)",
+    }
 
 
 class OpenVinoSession:
@@ -146,13 +151,17 @@ class OpenVinoRuntime:
                 )
         return None
 
-    def calibrate(self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings, out_dir: Path) -> dict[str, Any]:
+    def calibrate(
+        self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings, out_dir: Path
+    ) -> dict[str, Any]:
         """NNCF post-training quantization of the OpenVINO model, statistics gathered image by image."""
         import nncf
         from tqdm import tqdm
 
         if settings.method == "entropy":
-            raise KilnError(f"targets.{target.name}: OpenVINO's quantizer (NNCF) has no entropy calibration; use method minmax or percentile")
+            raise KilnError(
+                f"targets.{target.name}: OpenVINO's quantizer (NNCF) has no entropy calibration; use method minmax or percentile"
+            )
         presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
         options: OpenVinoCalibration = settings.options
         model = ov.Core().read_model(str(onnx_path))
@@ -172,7 +181,8 @@ class OpenVinoRuntime:
             advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.QUANTILE)
         samples = list(tqdm(calib.samples(), total=len(calib), desc="reading calibration images", unit="img", mininterval=2.0))
         common = {
-            "preset": presets[options.preset], "subset_size": len(samples),
+            "preset": presets[options.preset],
+            "subset_size": len(samples),
             "ignored_scope": nncf.IgnoredScope(names=ignored) if ignored else None,
         }
         accuracy_aware = options.accuracy_aware
@@ -189,20 +199,31 @@ class OpenVinoRuntime:
                 return float(np.mean(hits)), hits
 
             quantized = nncf.quantize_with_accuracy_control(
-                model, nncf.Dataset(samples), nncf.Dataset(validation, lambda item: item[0]), top1,
-                max_drop=max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE,
-                advanced_quantization_parameters=advanced, **common,
+                model,
+                nncf.Dataset(samples),
+                nncf.Dataset(validation, lambda item: item[0]),
+                top1,
+                max_drop=max_drop / 100.0,
+                drop_type=nncf.DropType.ABSOLUTE,
+                advanced_quantization_parameters=advanced,
+                **common,
             )
             extra = {"accuracy_aware": {"max_drop_points": max_drop, "eval_images": len(validation)}}
         else:
             quantized = nncf.quantize(model, nncf.Dataset(samples), advanced_parameters=advanced, **common)
         ov.save_model(quantized, str(out_dir / IR), compress_to_fp16=False)
         return {
-            "artifact": IR, "method": settings.method, "preset": options.preset, "quantizer": f"nncf {nncf.__version__}",
-            "float_layers": float_layers(quantized), **extra,
+            "artifact": IR,
+            "method": settings.method,
+            "preset": options.preset,
+            "quantizer": f"nncf {nncf.__version__}",
+            "float_layers": float_layers(quantized),
+            **extra,
         }
 
-    def layer_activations(self, onnx_path: Path, calibration_dir: Path, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    def layer_activations(
+        self, onnx_path: Path, calibration_dir: Path, feeds: Mapping[str, np.ndarray]
+    ) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """Outputs of each compute layer (matched by name) in the fp32 model and in NNCF's quantized model, run in f32."""
         core = ov.Core()
         fp32, quantized = core.read_model(str(onnx_path)), core.read_model(str(calibration_dir / IR))

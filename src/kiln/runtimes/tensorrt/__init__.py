@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # for annotations only: at run time tensorrt is imported insi
 
 # ---- the machine ----
 
+
 def _cuda_index(device: str) -> int | None:
     m = re.fullmatch(r"cuda(?::(\d+))?", device)
     return None if m is None else int(m.group(1) or 0)
@@ -89,8 +90,13 @@ def gpu_info(index: int) -> dict[str, Any]:
 
     major, minor = torch.cuda.get_device_capability(index)
     gpus = collect()["hardware"]["gpus"]
-    return {"name": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}",
-            "driver": gpus[0]["driver"] if gpus else None, "cuda": torch.version.cuda, "tensorrt": tensorrt_version()}
+    return {
+        "name": torch.cuda.get_device_name(index),
+        "compute_capability": f"{major}.{minor}",
+        "driver": gpus[0]["driver"] if gpus else None,
+        "cuda": torch.version.cuda,
+        "tensorrt": tensorrt_version(),
+    }
 
 
 def _make_logger() -> Any:
@@ -146,7 +152,9 @@ class TensorRTSession:
             for name in self.input_names:
                 t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device).to(self.dtypes[name])
                 if not self.context.set_input_shape(name, tuple(t.shape)):
-                    raise KilnError(f"TensorRT refused shape {list(t.shape)} for input '{name}' (profile {index}: {self.profiles[index].get(name)})")
+                    raise KilnError(
+                        f"TensorRT refused shape {list(t.shape)} for input '{name}' (profile {index}: {self.profiles[index].get(name)})"
+                    )
                 buffers[name] = t
             for name in self.output_names:
                 dims = self.context.get_tensor_shape(name)
@@ -200,9 +208,14 @@ class TensorRTRuntime:
         if version is None:
             reasons.append(f"TensorRT is not installed: {INSTALL}")
         if not torch.cuda.is_available():
-            reasons.append(f"no CUDA GPU: torch {torch.__version__} (CUDA {torch.version.cuda or 'none, a CPU-only build'}) says torch.cuda.is_available() is false")
+            reasons.append(
+                f"no CUDA GPU: torch {torch.__version__} (CUDA {torch.version.cuda or 'none, a CPU-only build'}) "
+                "says torch.cuda.is_available() is false"
+            )
         elif index >= torch.cuda.device_count():
-            reasons.append(f"no GPU '{target.device}': this machine has {torch.cuda.device_count()} (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+            reasons.append(
+                f"no GPU '{target.device}': this machine has {torch.cuda.device_count()} (cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
         else:
             problem = precision_problem(target.precision, torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index))
             if problem:
@@ -216,7 +229,9 @@ class TensorRTRuntime:
                 reasons.append(f"{e} ({autocast_error()})")
         return "; ".join(reasons) or None
 
-    def calibrate(self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings, out_dir: Path) -> dict[str, Any]:
+    def calibrate(
+        self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings, out_dir: Path
+    ) -> dict[str, Any]:
         """A Q/DQ graph for TensorRT's explicit quantization, as TensorRT's docs place it: Q/DQ on the inputs of
         quantizable ops only (not their outputs), symmetric per-tensor activations, symmetric per-channel weights
         (float weights behind Q/DQ pairs, float biases), one Q/DQ pair per consumer. fp8 is the same graph with
@@ -235,30 +250,52 @@ class TensorRTRuntime:
                 onnx.save(onnx.version_converter.convert_version(onnx.load(str(pre)), 19), str(pre))
 
         quantize_qdq(
-            onnx_path, out_dir, calib, settings, self.name, prepare=to_opset_19, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "AddQDQPairToWeight": True, "DedicatedQDQPair": True,
-                           "QuantizeBias": False, "OpTypesToExcludeOutputQuantization": QUANTIZED_OPS,
-                           "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}},
+            onnx_path,
+            out_dir,
+            calib,
+            settings,
+            self.name,
+            prepare=to_opset_19,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=QUANTIZED_OPS,
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                "AddQDQPairToWeight": True,
+                "DedicatedQDQPair": True,
+                "QuantizeBias": False,
+                "OpTypesToExcludeOutputQuantization": QUANTIZED_OPS,
+                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+            },
         )
         if target.precision == "fp8":
             onnx.save(int8_qdq_to_fp8(onnx.load(str(out_dir / QDQ))), str(out_dir / QDQ))
-        return {"artifact": QDQ, "method": settings.method, "per_channel": True, "symmetric": True,
-                "format": f"QDQ {'float8 e4m3fn (amax/448)' if target.precision == 'fp8' else 's8s8'} for TensorRT explicit quantization"}
+        return {
+            "artifact": QDQ,
+            "method": settings.method,
+            "per_channel": True,
+            "symmetric": True,
+            "format": f"QDQ {'float8 e4m3fn (amax/448)' if target.precision == 'fp8' else 's8s8'} for TensorRT explicit quantization",
+        }
 
     def _graph(self, target: Target, source: BuildSource, plan: PrecisionPlan, settings: Mapping[str, Any], tmp: Path) -> Path:
         if plan.graph == "qdq":
             qdq = Path(source.calibration_dir or ".") / QDQ
             if source.calibration_dir is None or not qdq.is_file():
-                raise KilnError(f"targets.{target.name}: {target.precision} builds from calibrate's Q/DQ graph, and {qdq} is missing: run "
-                                f"`dvc repro calibrate@{target.name}` (kiln.calibration must list {target.precision} as a calibrated precision)")
+                raise KilnError(
+                    f"targets.{target.name}: {target.precision} builds from calibrate's Q/DQ graph, and {qdq} is missing: run "
+                    f"`dvc repro calibrate@{target.name}` (kiln.calibration must list {target.precision} as a calibrated precision)"
+                )
             return qdq
         if plan.graph == "autocast":
             import onnx
 
             autocast = importlib.import_module("modelopt.onnx.autocast")
-            model = autocast.convert_to_mixed_precision(onnx_path=str(source.onnx_path), low_precision_type=target.precision,
-                                                        keep_io_types=True, **settings["autocast"])
+            model = autocast.convert_to_mixed_precision(
+                onnx_path=str(source.onnx_path), low_precision_type=target.precision, keep_io_types=True, **settings["autocast"]
+            )
             onnx.save(model, str(tmp / f"model.{target.precision}.onnx"))
             return tmp / f"model.{target.precision}.onnx"
         return Path(source.onnx_path)
@@ -316,7 +353,10 @@ class TensorRTRuntime:
             cache_info["bytes_before"] = len(old)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise KilnError(f"TensorRT {trt.__version__} failed to build targets.{target.name}: " + (" | ".join(logger.errors[-5:]) or "see the TensorRT log above"))
+            raise KilnError(
+                f"TensorRT {trt.__version__} failed to build targets.{target.name}: "
+                + (" | ".join(logger.errors[-5:]) or "see the TensorRT log above")
+            )
         plan_bytes = bytes(memoryview(serialized))
         (engine_dir / ENGINE).write_bytes(plan_bytes)
         if cache_path:
@@ -342,12 +382,19 @@ class TensorRTRuntime:
             "executed_precision": executed_precision(layers["layer_precisions"], target.precision),
             "gpu": gpu_info(index),
             "profiles": profiles_to_params(profiles),
-            "builder": {**{k: v for k, v in settings.items() if k != "timing_cache"}, "strongly_typed": plan.strongly_typed,
-                        "graph": plan.graph, "weakly_typed_flag": plan.flag},
+            "builder": {
+                **{k: v for k, v in settings.items() if k != "timing_cache"},
+                "strongly_typed": plan.strongly_typed,
+                "graph": plan.graph,
+                "weakly_typed_flag": plan.flag,
+            },
             "timing_cache": cache_info,
             # nodes_in counts the exported graph (as for every runtime); parsed_nodes the graph TensorRT read (Q/DQ or casts added)
             "graph": {"nodes_in": exported, "parsed_nodes": len(node_ops), **layers},
-            "io": {"inputs": [i.name for i in model.graph.input if i.name not in initializers], "outputs": [o.name for o in model.graph.output]},
+            "io": {
+                "inputs": [i.name for i in model.graph.input if i.name not in initializers],
+                "outputs": [o.name for o in model.graph.output],
+            },
             "engine_bytes": len(plan_bytes),
         }
 
@@ -360,15 +407,19 @@ class TensorRTRuntime:
         index = _cuda_index(target.device) or 0
         diff = gpu_mismatch(manifest.get("gpu") or {}, gpu_info(index))
         if diff:
-            raise EngineMismatch(f"TensorRT engine '{manifest.get('target')}' was built for another GPU or TensorRT: {diff}; "
-                                 f"rebuild it with `dvc repro build@{manifest.get('target', target.name)}`")
+            raise EngineMismatch(
+                f"TensorRT engine '{manifest.get('target')}' was built for another GPU or TensorRT: {diff}; "
+                f"rebuild it with `dvc repro build@{manifest.get('target', target.name)}`"
+            )
         if not (engine_dir / ENGINE).is_file():
             raise KilnError(f"{engine_dir} holds no {ENGINE}: rebuild it with `dvc repro build@{target.name}`")
         logger = _make_logger()
         engine = trt.Runtime(logger).deserialize_cuda_engine((engine_dir / ENGINE).read_bytes())
         if engine is None:
-            raise KilnError(f"TensorRT {trt.__version__} cannot deserialize {engine_dir / ENGINE}: {' | '.join(logger.errors[-3:])}; "
-                            f"rebuild it with `dvc repro build@{target.name}`")
+            raise KilnError(
+                f"TensorRT {trt.__version__} cannot deserialize {engine_dir / ENGINE}: {' | '.join(logger.errors[-3:])}; "
+                f"rebuild it with `dvc repro build@{target.name}`"
+            )
         return TensorRTSession(engine, manifest, index)
 
 

@@ -22,13 +22,23 @@ INSTALL = "`pip install '.[tensorrt]'` (TensorRT's wheels come from NVIDIA's pac
 # Lowest compute capability that runs each precision natively.
 MIN_CAPABILITY = {"fp16": (6, 0), "int8": (6, 1), "bf16": (8, 0), "fp8": (8, 9)}
 QUANTIZED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "AveragePool", "GlobalAveragePool", "MaxPool"]
-TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
-                "INT32": "int32", "INT64": "int64", "BOOL": "bool", "FP8": "float8_e4m3fn"}
+TORCH_DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+    "FP8": "float8_e4m3fn",
+}
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max) full shapes
 
 
 # ---- plain Python: graph inputs, shape profiles, builder options ----
+
 
 def onnx_graph_inputs(onnx_path: Path) -> dict[str, tuple[int | None, ...]]:
     """The graph's real inputs (initializers excluded) and their dims, None where dynamic."""
@@ -38,7 +48,8 @@ def onnx_graph_inputs(onnx_path: Path) -> dict[str, tuple[int | None, ...]]:
     initializers = {i.name for i in graph.initializer}
     return {
         i.name: tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in i.type.tensor_type.shape.dim)
-        for i in graph.input if i.name not in initializers
+        for i in graph.input
+        if i.name not in initializers
     }
 
 
@@ -50,7 +61,9 @@ def _shape(value: Any, where: str, rank: int) -> Shape:
     return tuple(value)
 
 
-def shape_profiles(target: Target, graph_inputs: Mapping[str, tuple[int | None, ...]], spec_inputs: Sequence[InputSpec] = ()) -> list[Profile]:
+def shape_profiles(
+    target: Target, graph_inputs: Mapping[str, tuple[int | None, ...]], spec_inputs: Sequence[InputSpec] = ()
+) -> list[Profile]:
     """One {input: (min, opt, max)} per TensorRT optimization profile.
 
     `targets.<name>.options.profiles` (a list of {input: {min: [shape], opt: [...], max: [...]}}) when
@@ -81,7 +94,9 @@ def shape_profiles(target: Target, graph_inputs: Mapping[str, tuple[int | None, 
             profile[name] = ((p.min, *rest), (p.opt, *rest), (p.max, *rest))
         return [profile]
     if not isinstance(raw, list) or not raw:
-        raise KilnError(f"{where} must be a non-empty list of profiles, each mapping an input name to {{min: [...], opt: [...], max: [...]}}")
+        raise KilnError(
+            f"{where} must be a non-empty list of profiles, each mapping an input name to {{min: [...], opt: [...], max: [...]}}"
+        )
     profiles = []
     for i, entry in enumerate(raw):
         at = f"{where}[{i}]"
@@ -90,7 +105,10 @@ def shape_profiles(target: Target, graph_inputs: Mapping[str, tuple[int | None, 
         profile = {}
         for name, shapes in entry.items():
             if name not in graph_inputs:
-                raise KilnError(f"{at} names input '{name}', which the ONNX graph does not have{close_matches(str(name), graph_inputs)}; its inputs: {names}")
+                raise KilnError(
+                    f"{at} names input '{name}', which the ONNX graph does not have{close_matches(str(name), graph_inputs)}; "
+                    f"its inputs: {names}"
+                )
             dims = graph_inputs[name]
             if not isinstance(shapes, Mapping) or set(shapes) != {"min", "opt", "max"}:
                 raise KilnError(f"{at}.{name} must have exactly the keys min, opt and max (full shapes), got {shapes!r}")
@@ -103,7 +121,9 @@ def shape_profiles(target: Target, graph_inputs: Mapping[str, tuple[int | None, 
             profile[name] = (mn, opt, mx)
         missing = [n for n in dynamic if n not in profile]
         if missing:
-            raise KilnError(f"{at} gives no shapes for the dynamic input(s) {', '.join(missing)}: every profile must cover all of {', '.join(dynamic)}")
+            raise KilnError(
+                f"{at} gives no shapes for the dynamic input(s) {', '.join(missing)}: every profile must cover all of {', '.join(dynamic)}"
+            )
         profiles.append(profile)
     return profiles
 
@@ -116,14 +136,20 @@ def select_profile(profiles: Sequence[Mapping[str, Mapping[str, Sequence[int]]]]
     """The first profile (as in the manifest) whose ranges hold these input shapes; a KilnError quoting them when none does."""
     for index, profile in enumerate(profiles):
         if all(
-            name not in shapes or (len(shapes[name]) == len(r["min"]) and all(lo <= s <= hi for s, lo, hi in zip(shapes[name], r["min"], r["max"])))
+            name not in shapes
+            or (len(shapes[name]) == len(r["min"]) and all(lo <= s <= hi for s, lo, hi in zip(shapes[name], r["min"], r["max"])))
             for name, r in profile.items()
         ):
             return index
     given = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
-    quoted = "; ".join(f"profile {i}: " + ", ".join(f"{n} min {r['min']} opt {r['opt']} max {r['max']}" for n, r in p.items()) for i, p in enumerate(profiles))
-    raise KilnError(f"input shapes {given} are outside the engine's optimization profiles ({quoted}): feed a batch inside them, "
-                    f"or widen the target's profile (targets.<name>.profile or options.profiles) and rebuild")
+    quoted = "; ".join(
+        f"profile {i}: " + ", ".join(f"{n} min {r['min']} opt {r['opt']} max {r['max']}" for n, r in p.items())
+        for i, p in enumerate(profiles)
+    )
+    raise KilnError(
+        f"input shapes {given} are outside the engine's optimization profiles ({quoted}): feed a batch inside them, "
+        f"or widen the target's profile (targets.<name>.profile or options.profiles) and rebuild"
+    )
 
 
 @dataclass(frozen=True)
@@ -139,11 +165,15 @@ class TensorRTOptions:
 
     def check(self, where: str) -> None:
         if not 0 <= self.builder_optimization_level <= 5:
-            raise KilnError(f"{where}.builder_optimization_level must be an integer from 0 (fast build) to 5 (slow build, maybe faster "
-                            f"engine), got {self.builder_optimization_level!r}")
+            raise KilnError(
+                f"{where}.builder_optimization_level must be an integer from 0 (fast build) to 5 (slow build, maybe faster "
+                f"engine), got {self.builder_optimization_level!r}"
+            )
         if self.workspace_mib is not None and self.workspace_mib < 1:
-            raise KilnError(f"{where}.workspace_mib must be a positive number of MiB, or null for TensorRT's default (all device memory), "
-                            f"got {self.workspace_mib!r}")
+            raise KilnError(
+                f"{where}.workspace_mib must be a positive number of MiB, or null for TensorRT's default (all device memory), "
+                f"got {self.workspace_mib!r}"
+            )
         cache = self.timing_cache
         if cache is not None and cache is not False and not (isinstance(cache, str) and cache):
             raise KilnError(f"{where}.timing_cache must be a file path, or false to build without a timing cache, got {cache!r}")
@@ -152,8 +182,13 @@ class TensorRTOptions:
 def builder_settings(target: Target) -> dict[str, Any]:
     """`targets.<name>.options` checked and completed with defaults, as the builder reads them."""
     o = parse(TensorRTOptions, target.options, f"targets.{target.name}.options")
-    return {"builder_optimization_level": o.builder_optimization_level, "workspace_mib": o.workspace_mib,
-            "timing_cache": o.timing_cache or None, "tf32": o.tf32, "autocast": dict(o.autocast)}
+    return {
+        "builder_optimization_level": o.builder_optimization_level,
+        "workspace_mib": o.workspace_mib,
+        "timing_cache": o.timing_cache or None,
+        "tf32": o.tf32,
+        "autocast": dict(o.autocast),
+    }
 
 
 @dataclass(frozen=True)
@@ -171,16 +206,20 @@ def precision_plan(precision: str, has_weak_flags: bool, has_autocast: bool) -> 
             return PrecisionPlan("autocast", True)
         if has_weak_flags:
             return PrecisionPlan("onnx", False, precision.upper())
-        raise KilnError(f"{precision} with this TensorRT (no weakly typed BuilderFlag.{precision.upper()}: removed in 11.x) needs a graph converted "
-                        f"to {precision} by NVIDIA ModelOpt's AutoCast, which does not import here: {INSTALL} brings it")
+        raise KilnError(
+            f"{precision} with this TensorRT (no weakly typed BuilderFlag.{precision.upper()}: removed in 11.x) needs a graph converted "
+            f"to {precision} by NVIDIA ModelOpt's AutoCast, which does not import here: {INSTALL} brings it"
+        )
     return PrecisionPlan("onnx", True)
 
 
 def precision_problem(precision: str, capability: tuple[int, int], gpu: str) -> str | None:
     need = MIN_CAPABILITY.get(precision)
     if need and tuple(capability) < need:
-        return (f"{gpu} (compute capability {capability[0]}.{capability[1]}) cannot run {precision}: it needs compute capability "
-                f"{need[0]}.{need[1]} or newer")
+        return (
+            f"{gpu} (compute capability {capability[0]}.{capability[1]}) cannot run {precision}: it needs compute capability "
+            f"{need[0]}.{need[1]} or newer"
+        )
     return None
 
 
@@ -193,10 +232,24 @@ def gpu_mismatch(built: Mapping[str, Any], here: Mapping[str, Any]) -> str | Non
 
 # ---- plain Python: what the engine inspector says ----
 
+
 def _precision(fmt: str) -> str:
     f = fmt.lower()
-    for key, name in (("bfloat16", "bf16"), ("bf16", "bf16"), ("fp8", "fp8"), ("e4m3", "fp8"), ("fp16", "fp16"), ("half", "fp16"),
-                      ("fp32", "fp32"), ("float", "fp32"), ("uint8", "uint8"), ("int8", "int8"), ("int32", "int32"), ("int64", "int64"), ("bool", "bool")):
+    for key, name in (
+        ("bfloat16", "bf16"),
+        ("bf16", "bf16"),
+        ("fp8", "fp8"),
+        ("e4m3", "fp8"),
+        ("fp16", "fp16"),
+        ("half", "fp16"),
+        ("fp32", "fp32"),
+        ("float", "fp32"),
+        ("uint8", "uint8"),
+        ("int8", "int8"),
+        ("int32", "int32"),
+        ("int64", "int64"),
+        ("bool", "bool"),
+    ):
         if key in f:
             return name
     return "unknown"
@@ -236,8 +289,13 @@ def summarize_layers(info_json: str, node_ops: Mapping[str, str] | None = None) 
         outputs = layer.get("Outputs") or []
         if outputs and isinstance(outputs[0], Mapping) and "Format/Datatype" in outputs[0]:
             precisions[_precision(str(outputs[0]["Format/Datatype"]))] += 1
-    return {"nodes_out": len(layers), "fusions": dict(fusions.most_common()), "layer_precisions": dict(precisions.most_common()),
-            "reformats": reformats, "source": "engine layers from IEngineInspector (JSON, ProfilingVerbosity.DETAILED)"}
+    return {
+        "nodes_out": len(layers),
+        "fusions": dict(fusions.most_common()),
+        "layer_precisions": dict(precisions.most_common()),
+        "reformats": reformats,
+        "source": "engine layers from IEngineInspector (JSON, ProfilingVerbosity.DETAILED)",
+    }
 
 
 def executed_precision(layer_precisions: Mapping[str, int], requested: str) -> str:

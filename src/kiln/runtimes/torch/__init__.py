@@ -55,7 +55,17 @@ from ...config import ModelSpec, ShapeProfile, Target
 from ...errors import KilnError
 from ...models import apply_state_dict, build_model
 from .. import RUNTIMES, BuildSource, runtime_options
-from .compile import EngineModule, aten_ops, compile_engine, compile_graph_info, counter_diff, example_batch, example_inputs, fresh_cache_artifacts, inductor_counters
+from .compile import (
+    EngineModule,
+    aten_ops,
+    compile_engine,
+    compile_graph_info,
+    counter_diff,
+    example_batch,
+    example_inputs,
+    fresh_cache_artifacts,
+    inductor_counters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +83,8 @@ class TorchOptions:
 
     mode: Literal["eager", "compile", "aoti"] = field(default="eager", metadata={"doc": "eager, compile or aoti"})
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = field(
-        default=None, metadata={"doc": "mode compile only; null: torch.compile's default"})
+        default=None, metadata={"doc": "mode compile only; null: torch.compile's default"}
+    )
     freezing: bool | None = field(default=None, metadata={"doc": "modes compile and aoti; null: true"})
 
     def check(self, where: str) -> None:
@@ -110,8 +121,16 @@ def _executed(precision: str) -> str:
 class TorchSession:
     """One `infer` for every mode: inputs to the device, a batch check for compiled engines, CPU arrays out."""
 
-    def __init__(self, fn: Callable[..., Any], input_names: list[str], output_names: list[str], device: torch.device,
-                 target: Target, mode: str, channels_last: bool = False):
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        input_names: list[str],
+        output_names: list[str],
+        device: torch.device,
+        target: Target,
+        mode: str,
+        channels_last: bool = False,
+    ):
         self.fn = fn
         self.input_names = input_names
         self.output_names = output_names
@@ -157,8 +176,10 @@ class TorchSession:
         if isinstance(out, torch.Tensor):
             out = (out,)
         # .cpu() waits for a CUDA stream; on CPU it is a no-op.
-        return {n: t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
-                for n, t in zip(self.output_names, out)}
+        return {
+            n: t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+            for n, t in zip(self.output_names, out)
+        }
 
 
 class CudaTorchSession(TorchSession):
@@ -207,7 +228,9 @@ class TorchRuntime:
         device = _device(target)
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                return f"no CUDA device here (torch.cuda.is_available() is False; torch {torch.__version__}, CUDA build {torch.version.cuda})"
+                return (
+                    f"no CUDA device here (torch.cuda.is_available() is False; torch {torch.__version__}, CUDA build {torch.version.cuda})"
+                )
             index = device.index or 0
             if index >= torch.cuda.device_count():
                 return f"device '{target.device}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
@@ -220,7 +243,10 @@ class TorchRuntime:
                     return f"torch {settings.mode} on CUDA needs Triton, which is not installed"
             return None
         if target.precision == "fp16":
-            return "fp16 runs on CUDA only in the torch runtime (PyTorch's CPU fp16 kernels are slow fallbacks): use bf16 or fp32 on CPU, or device cuda"
+            return (
+                "fp16 runs on CUDA only in the torch runtime (PyTorch's CPU fp16 kernels are slow fallbacks): "
+                "use bf16 or fp32 on CPU, or device cuda"
+            )
         if target.precision == "bf16":
             from ...fingerprint import collect
 
@@ -259,8 +285,9 @@ class TorchRuntime:
             extra.update(self._build_aoti(served, source.model, target, settings, device, engine_dir))
         return extra
 
-    def _build_compiled(self, served: EngineModule, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device,
-                        engine_dir: Path) -> dict[str, Any]:
+    def _build_compiled(
+        self, served: EngineModule, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device, engine_dir: Path
+    ) -> dict[str, Any]:
         with fresh_cache_artifacts():
             _, seconds, counts = compile_engine(served, spec, target, settings, device)
             saved = torch.compiler.save_cache_artifacts()
@@ -280,8 +307,9 @@ class TorchRuntime:
             "graph": compile_graph_info(counts["calls_captured"], counts, "the graphs dynamo captured"),
         }
 
-    def _build_aoti(self, served: EngineModule, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device,
-                    engine_dir: Path) -> dict[str, Any]:
+    def _build_aoti(
+        self, served: EngineModule, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device, engine_dir: Path
+    ) -> dict[str, Any]:
         p = target.profile
         example = example_inputs(spec, example_batch(p), device)
         dynamic_shapes = None
@@ -325,8 +353,10 @@ class TorchRuntime:
         start = time.perf_counter()
         settings = runtime_options(self, target)
         if settings.mode != manifest.get("mode", "eager"):
-            raise KilnError(f"engine '{manifest.get('target')}' was built in torch mode '{manifest.get('mode', 'eager')}', "
-                            f"but targets.{target.name}.options.mode is now '{settings.mode}': rebuild it")
+            raise KilnError(
+                f"engine '{manifest.get('target')}' was built in torch mode '{manifest.get('mode', 'eager')}', "
+                f"but targets.{target.name}.options.mode is now '{settings.mode}': rebuild it"
+            )
         device = _device(target)
         torch.set_num_threads(target.effective_threads)
         saved = json.loads((engine_dir / SPEC).read_text(encoding="utf-8"))
@@ -344,7 +374,9 @@ class TorchRuntime:
             return session
         spec = ModelSpec.from_params(saved["model"])
         model = build_model(spec)
-        apply_state_dict(model, torch.load(engine_dir / WEIGHTS, map_location="cpu", weights_only=True), f"engine weights {engine_dir / WEIGHTS}")
+        apply_state_dict(
+            model, torch.load(engine_dir / WEIGHTS, map_location="cpu", weights_only=True), f"engine weights {engine_dir / WEIGHTS}"
+        )
         model.eval()
         dtype = DTYPES[target.precision]
         if settings.mode == "eager":

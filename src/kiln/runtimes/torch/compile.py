@@ -58,8 +58,11 @@ def inductor_counters() -> dict[str, int]:
     inductor = counters["inductor"]
     # Per-pass rewrite counts: binary_folding (Conv+BatchNorm/Add/Mul folded into weights),
     # mkldnn_conv_weight_pack, mkldnn_unary_fusion (Conv+ReLU), ...
-    fusions = {f"fusion:{k[: -len('_matcher_count')]}": int(v) for k, v in inductor.items()
-               if k.endswith("_matcher_count") and k != "pattern_matcher_count"}
+    fusions = {
+        f"fusion:{k[: -len('_matcher_count')]}": int(v)
+        for k, v in inductor.items()
+        if k.endswith("_matcher_count") and k != "pattern_matcher_count"
+    }
     if inductor.get("binary_folding"):
         fusions["fusion:binary_folding"] = int(inductor["binary_folding"])
     return {
@@ -83,7 +86,7 @@ def compile_graph_info(nodes_in: int | None, c: Mapping[str, int], what: str) ->
         graph["nodes_in"] = nodes_in
     if c["kernels"] or c["extern_calls"]:
         graph["nodes_out"] = c["kernels"] + c["extern_calls"]
-    fusions = {k[len("fusion:"):]: v for k, v in c.items() if k.startswith("fusion:") and v}
+    fusions = {k[len("fusion:") :]: v for k, v in c.items() if k.startswith("fusion:") and v}
     if fusions:
         graph["fusions"] = fusions
     graph["source"] = (
@@ -99,8 +102,11 @@ def aten_ops(gm: torch.fx.GraphModule) -> int:
     n = 0
     for m in gm.modules():
         if isinstance(m, torch.fx.GraphModule):
-            n += sum(1 for node in m.graph.nodes if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-                     and "assert" not in str(node.target))
+            n += sum(
+                1
+                for node in m.graph.nodes
+                if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and "assert" not in str(node.target)
+            )
     return n
 
 
@@ -142,15 +148,24 @@ class FrozenCall:
             config.freezing = before
 
 
-def compile_engine(served: EngineModule, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device) -> tuple[Any, float, dict[str, int]]:
+def compile_engine(
+    served: EngineModule, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device
+) -> tuple[Any, float, dict[str, int]]:
     """torch.compile `served` and run the profile's example, min and max batches, so every graph
     the profile needs is compiled now; returns (compiled module, seconds, inductor counters)."""
     # Dynamo keeps compiled graphs per code object and stops compiling a code object after 8 of them
     # (recompile_limit), silently running eager from then on. Every engine is 1-3 graphs, and a process
     # (the benchmark, the tests) may compile several engines: give each its own copy of forward's code.
     forward = EngineModule.forward
-    served.__class__ = type("EngineModule", (EngineModule,), {"forward": types.FunctionType(
-        forward.__code__.replace(), forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__)})
+    served.__class__ = type(
+        "EngineModule",
+        (EngineModule,),
+        {
+            "forward": types.FunctionType(
+                forward.__code__.replace(), forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__
+            )
+        },
+    )
     options = {**torch._inductor.list_mode_options(settings.compile_mode_or_default), "freezing": settings.freeze}
     compiled = FrozenCall(torch.compile(served, options=options), settings.freeze)
     p = target.profile
@@ -172,7 +187,9 @@ def compile_engine(served: EngineModule, spec: ModelSpec, target: Target, settin
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KilnError(f"targets.{target.name}: torch.compile failed ({settings.compile_mode_or_default}, freezing={settings.freeze}): {first}") from e
+        raise KilnError(
+            f"targets.{target.name}: torch.compile failed ({settings.compile_mode_or_default}, freezing={settings.freeze}): {first}"
+        ) from e
     seconds = time.perf_counter() - start
     counts = counter_diff(before, inductor_counters())
     if not counts["unique_graphs"]:
