@@ -115,29 +115,15 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
         warnings.simplefilter("always")
         onnx_file = tmp
         try:
+            common = {"input_names": input_names, "output_names": output_names, "opset_version": settings.opset}
             if settings.exporter == "dynamo":
                 batch = torch.export.Dim("batch")
                 torch.onnx.export(
-                    model,
-                    args,
-                    str(onnx_file),
-                    input_names=input_names,
-                    output_names=output_names,
-                    opset_version=settings.opset,
-                    dynamo=True,
-                    external_data=False,
-                    dynamic_shapes=tuple({0: batch} for _ in args),
+                    model, args, str(onnx_file), dynamo=True, external_data=False, dynamic_shapes=tuple({0: batch} for _ in args), **common
                 )
             else:
                 torch.onnx.export(
-                    model,
-                    args,
-                    str(onnx_file),
-                    input_names=input_names,
-                    output_names=output_names,
-                    opset_version=settings.opset,
-                    dynamo=False,
-                    dynamic_axes={n: {0: "batch"} for n in input_names + output_names},
+                    model, args, str(onnx_file), dynamo=False, dynamic_axes={n: {0: "batch"} for n in input_names + output_names}, **common
                 )
         except Exception as e:
             os_error = find_os_error(e)

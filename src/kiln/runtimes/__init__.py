@@ -129,6 +129,21 @@ class LayerInspectingRuntime(Protocol):
     ) -> list[tuple[str, np.ndarray, np.ndarray]]: ...
 
 
+class RegisteredRuntime:
+    """Base of the runtime classes: `name` picks the registry line, which gives `info`, `precisions` and `libraries`."""
+
+    name: str
+    info: RuntimeInfo
+    precisions: tuple[str, ...]
+    libraries: tuple[str, ...]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.info = RUNTIMES[cls.name]
+        cls.precisions = cls.info.precisions
+        cls.libraries = tuple(cls.info.libraries)
+
+
 def runtime_info(name: str) -> RuntimeInfo:
     if name not in RUNTIMES:
         raise KilnError(f"unknown runtime '{name}'{close_matches(name, RUNTIMES)}; runtimes: {', '.join(RUNTIMES)}")

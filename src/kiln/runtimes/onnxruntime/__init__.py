@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ...config import Target
-from .. import RUNTIMES, BuildSource, runtime_options
+from .. import BuildSource, RegisteredRuntime, runtime_options
 from ..qdq import PREPROCESSED, QDQ, check_ignored_scope, quantize_qdq
 
 if TYPE_CHECKING:
@@ -110,11 +110,8 @@ def _has_vnni(machine_features: list[str]) -> bool:
     return any(f in machine_features for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-class OnnxRuntimeRuntime:
+class OnnxRuntimeRuntime(RegisteredRuntime):
     name = "onnxruntime"
-    info = RUNTIMES[name]
-    precisions = info.precisions
-    libraries = tuple(info.libraries)
     options_type = OnnxRuntimeOptions
     calibration_options_type = OnnxRuntimeCalibration
 

@@ -16,7 +16,7 @@ import numpy as np
 import openvino as ov
 
 from ...config import Target
-from .. import RUNTIMES, BuildSource, runtime_options
+from .. import BuildSource, RegisteredRuntime, runtime_options
 
 if TYPE_CHECKING:
     from ...calibration import CalibrationSet, CalibrationSettings
@@ -128,11 +128,8 @@ class OpenVinoSession:
         return {name: result[i] for i, name in enumerate(self.output_names)}
 
 
-class OpenVinoRuntime:
+class OpenVinoRuntime(RegisteredRuntime):
     name = "openvino"
-    info = RUNTIMES[name]
-    precisions = info.precisions
-    libraries = tuple(info.libraries)
     options_type = OpenVinoOptions
     calibration_options_type = OpenVinoCalibration
 

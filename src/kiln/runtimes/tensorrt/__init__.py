@@ -25,7 +25,7 @@ import numpy as np
 
 from ...config import Target
 from ...errors import EngineMismatch, KilnError
-from .. import RUNTIMES, BuildSource, NoOptions
+from .. import BuildSource, NoOptions, RegisteredRuntime
 from ..qdq import QDQ
 from .plan import (
     ENGINE,
@@ -189,11 +189,8 @@ class TensorRTSession:
         return float(start.elapsed_time(end))
 
 
-class TensorRTRuntime:
+class TensorRTRuntime(RegisteredRuntime):
     name = "tensorrt"
-    info = RUNTIMES[name]
-    precisions = info.precisions
-    libraries = tuple(info.libraries)
     options_type = TensorRTOptions
     calibration_options_type = NoOptions
 

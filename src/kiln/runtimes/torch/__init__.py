@@ -54,7 +54,7 @@ import torch
 from ...config import ModelSpec, ShapeProfile, Target
 from ...errors import KilnError
 from ...models import apply_state_dict, build_model
-from .. import RUNTIMES, BuildSource, runtime_options
+from .. import BuildSource, RegisteredRuntime, runtime_options
 from .compile import (
     EngineModule,
     aten_ops,
@@ -216,11 +216,8 @@ class _AotiPackage:
         return tuple(self.run(list(inputs)))
 
 
-class TorchRuntime:
+class TorchRuntime(RegisteredRuntime):
     name = "torch"
-    info = RUNTIMES[name]
-    precisions = info.precisions
-    libraries = tuple(info.libraries)
     options_type = TorchOptions
 
     def unavailable_reason(self, target: Target) -> str | None:
