@@ -1,113 +1,107 @@
-"""dvc.yaml lists, for every stage, the kiln code that stage can reach: a change there re-runs it.
-
-The reach is read statically from the imports (at any depth, lazy ones too) of the stage's script,
-through kiln's modules. A per-target stage reaches its target's runtime through the registry
-(kiln.runtimes.get_runtime imports it by name): that is the `src/kiln/runtimes/${item.runtime}`
-package, which must be a dependency of the stage template, plus what each runtime imports.
-"""
+"""Each stage re-runs when code it reaches changes, and only then: kiln.codedeps and dvc.yaml agree."""
 
 from __future__ import annotations
 
 import ast
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import ROOT
 
+from kiln import codedeps
 from kiln.runtimes import RUNTIMES
 
-SRC = ROOT / "src"
+
+def stages() -> dict[str, dict]:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def module_file(name: str) -> Path | None:
-    base = SRC / Path(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
+@pytest.mark.parametrize("name", list(stages()))
+def test_every_stage_depends_on_its_code_digest(name):
+    stage = stages()[name]
+    body = stage.get("do", stage)
+    script = body["cmd"].split()[1]
+    if "foreach" in stage:
+        assert codedeps.PER_TARGET[name] == script
+        digest = f"artifacts/code/{name}-${{item.runtime}}.json"
+    else:
+        assert codedeps.STAGES[name] == script
+        digest = f"artifacts/code/{name}.json"
+    deps = [d for d in body.get("deps", []) if isinstance(d, str)]
+    assert digest in deps, f"dvc.yaml stage '{name}' does not depend on {digest}"
+    # One mechanism: source files listed by hand would drift from what the stage really imports.
+    assert not [d for d in deps if d.startswith(("src/", "stages/"))], deps
 
 
-def imports_of(path: Path, module: str) -> set[str]:
-    """kiln modules `path` (module `module`) imports anywhere in its body."""
+def ast_imports(path: Path, module: str) -> set[str]:
+    """The same question as codedeps.imports_of, answered by Python's parser (slow, but certain)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     tree = ast.parse(path.read_text())
-    type_only = {
-        id(n)
-        for block in ast.walk(tree)
-        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-        for n in ast.walk(block)
-    }
+    type_only = {id(n) for b in ast.walk(tree) if isinstance(b, ast.If) and "TYPE_CHECKING" in ast.unparse(b.test) for n in ast.walk(b)}
     found = set()
     for node in ast.walk(tree):
-        if id(node) in type_only:  # annotations only: never imported at run time
+        if id(node) in type_only:
             continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "kiln"}
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            if target.split(".")[0] != "kiln":
-                continue
-            found.add(target)
-            found |= {f"{target}.{a.name}" for a in node.names if module_file(f"{target}.{a.name}")}
-    # A module imports its parent packages too.
-    return {".".join(m.split(".")[:i]) for m in found for i in range(2, m.count(".") + 2)}
+            parts = package.split(".")
+            target = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else [])) if node.level else node.module
+            if target and target.split(".")[0] == "kiln":
+                found |= {target} | {f"{target}.{a.name}" for a in node.names if codedeps.module_file(f"{target}.{a.name}")}
+    return {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 2)}
 
 
-def reach(script: Path, module: str = "__main__", own: str | None = None) -> set[Path]:
-    """Every kiln source file a script (or `module`) can import, the runtime packages but `own` left out."""
-    seen: set[str] = set()
-    todo = list(imports_of(script, module))
-    while todo:
-        name = todo.pop()
-        if name in seen or module_file(name) is None:
-            continue
-        if name.startswith("kiln.runtimes.") and name.split(".")[2] in RUNTIMES and name.split(".")[2] != own:
-            continue
-        seen.add(name)
-        if str(module_file(name).relative_to(ROOT)) not in HOW_NOT_WHAT:  # what those reach is theirs, not the stage's
-            todo += imports_of(module_file(name), name)
-    return {module_file(n).relative_to(ROOT) for n in seen}
+def test_the_fast_import_reader_agrees_with_the_parser():
+    modules = sorted(codedeps.SRC.joinpath("kiln").rglob("*.py"))
+    assert len(modules) > 30
+    for path in modules:
+        module = ".".join(path.relative_to(codedeps.SRC).with_suffix("").parts).removesuffix(".__init__")
+        assert set(codedeps.imports_of(path, module)) == ast_imports(path, module), path
 
 
-# How a stage runs, not what it writes: refusing stale params, one-line errors, atomic writes, the paths
-# (which dvc.yaml names itself) and the settings parser. A change here re-runs nothing, by design.
-HOW_NOT_WHAT = {
-    "src/kiln/stage.py",
-    "src/kiln/params.py",
-    "src/kiln/errors.py",
-    "src/kiln/atomic.py",
-    "src/kiln/paths.py",
-    "src/kiln/settings.py",
-    "src/kiln/__init__.py",
-}
+def test_each_digest_covers_what_its_stage_reaches_and_no_other_runtime():
+    d = codedeps.digests(ROOT)
+    assert set(d) == {f"{s}.json" for s in codedeps.STAGES} | {f"{s}-{r}.json" for s in codedeps.PER_TARGET for r in RUNTIMES}
+    ort = d["build-onnxruntime.json"]["files"]
+    assert {"stages/build.py", "kiln/engine.py", "kiln/runtimes/onnxruntime/__init__.py", "kiln/runtimes/qdq.py"} <= set(ort)
+    assert not [f for f in ort if f.startswith(("kiln/runtimes/torch", "kiln/runtimes/openvino", "kiln/models.py"))], ort
+    torch_build = set(d["build-torch.json"]["files"])
+    assert {"kiln/runtimes/torch/__init__.py", "kiln/runtimes/torch/compile.py", "kiln/models.py"} <= torch_build
+    assert {"kiln/accuracy.py", "kiln/reference.py", "kiln/benchmark.py"} <= set(d["benchmark-openvino.json"]["files"])
+    # configure checks every runtime's options: it reaches them all.
+    assert {f"kiln/runtimes/{r}/__init__.py" for r in RUNTIMES} <= set(d["configure.json"]["files"])
+    # How a stage runs is not what it writes: a change to the error wording re-runs nothing.
+    assert not [f for files in d.values() for f in files["files"] if f in ("kiln/errors.py", "kiln/atomic.py", "kiln/stage.py")]
 
 
-def covered(path: Path, deps: list[str]) -> bool:
-    return str(path) in HOW_NOT_WHAT or any(path == Path(d) or Path(d) in path.parents for d in deps)
+def test_a_change_re_runs_exactly_the_stages_that_reach_it(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    shutil.copytree(codedeps.SRC / "kiln", src / "kiln", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "stages", tmp_path / "stages")
+    monkeypatch.setattr(codedeps, "SRC", src)
+    codedeps.imports_of.cache_clear()
+    before = codedeps.digests(tmp_path)
+    report = src / "kiln" / "report.py"
+    report.write_text(report.read_text() + "\n# changed\n")
+    qdq = src / "kiln" / "runtimes" / "qdq.py"
+    qdq.write_text(qdq.read_text() + "\n# changed\n")
+    codedeps.imports_of.cache_clear()
+    after = codedeps.digests(tmp_path)
+    changed = {name for name in before if before[name]["sha256"] != after[name]["sha256"]}
+    assert changed == {"report.json", "configure.json"} | {
+        f"{s}-{r}.json" for s in codedeps.PER_TARGET for r in ("onnxruntime", "tensorrt")
+    }
+    codedeps.imports_of.cache_clear()
 
 
-def stages() -> list[tuple[str, dict]]:
-    return list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items())
-
-
-@pytest.mark.parametrize("name,stage", stages(), ids=[n for n, _ in stages()])
-def test_every_stage_depends_on_the_code_it_reaches(name, stage):
-    body = stage.get("do", stage)
-    script = ROOT / body["cmd"].split()[1]
-    deps = [d for d in body.get("deps", []) if isinstance(d, str)]
-    assert covered(script.relative_to(ROOT), deps), f"{name} does not depend on its own script"
-    missing = sorted(str(p) for p in reach(script) if not covered(p, deps))
-    assert not missing, f"dvc.yaml stage '{name}' reaches {missing} but does not depend on them"
-    if "foreach" in stage and "kiln.runtimes" in {str(p) for p in reach(script)} | {"kiln.runtimes"}:
-        per_runtime = "src/kiln/runtimes/${item.runtime}"
-        assert per_runtime in deps, f"{name} reaches its target's runtime but does not depend on {per_runtime}"
-        for runtime in RUNTIMES:
-            package = ROOT / "src" / "kiln" / "runtimes" / runtime / "__init__.py"
-            resolved = [d.replace("${item.runtime}", runtime) for d in deps]
-            extra = sorted(str(p) for p in reach(package, f"kiln.runtimes.{runtime}", own=runtime) if not covered(p, resolved))
-            assert not extra, f"dvc.yaml stage '{name}': runtime {runtime} reaches {extra}, which the stage does not depend on"
+def test_the_probe_writes_the_digests_and_rewrites_only_what_changed(tmp_path):
+    out = tmp_path / "code"
+    codedeps.write_digests(out, ROOT)
+    files = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    assert len(files) == len(codedeps.STAGES) + len(codedeps.PER_TARGET) * len(RUNTIMES)
+    (out / "gone.json").write_text("{}")
+    codedeps.write_digests(out, ROOT)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == files
