@@ -1,7 +1,8 @@
-"""calibrate@<target>: the runtime's quantized model from data/calibration for int8 targets; a fixed marker for the rest.
+"""calibrate@<target>: the runtime's quantized model from data/calibration, for targets with a calibrated precision.
 
-A target that needs no calibration writes the same marker every time, so new calibration
-images re-build only the targets that use them.
+dvc.yaml runs it only for those targets (params' derived pipeline.calibrate), so new calibration
+images re-build only the targets that use them; run by hand for another target, it writes a marker
+saying no calibration is needed.
 """
 
 import logging

@@ -43,7 +43,7 @@ def make_project(tmp_path: Path, *overrides: str) -> Path:
     """A copy of this project with the tiny model and quick benchmark as its defaults, committed to git."""
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", "stages", "src", "conf", "probe"):
+    for name in ("dvc.yaml", ".dvcignore", "stages", "src", "conf", "probe", "hydra_plugins"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -71,9 +71,15 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     project = make_project(tmp_path)
     import yaml
 
-    targets = list(yaml.safe_load((project / "params.yaml").read_text())["targets"])
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    targets = list(params["targets"])
     assert {"torch-eager", "onnxruntime", "openvino", "onnxruntime-int8", "openvino-int8", "torch-compile", "torch-aoti"} <= set(targets)
-    from_export = {"export", "validate", "report"} | {f"{s}@{t}" for s in ("calibrate", "build", "benchmark") for t in targets}
+    # Only the int8 targets have a calibrate stage (params' derived pipeline.calibrate).
+    int8 = {"onnxruntime-int8", "openvino-int8"}
+    assert params["pipeline"]["calibrate"] == {"onnxruntime-int8": "onnxruntime", "openvino-int8": "openvino"}
+    from_export = (
+        {"export", "validate", "report"} | {f"calibrate@{t}" for t in int8} | {f"{s}@{t}" for s in ("build", "benchmark") for t in targets}
+    )
     every_stage = {"probe", "sample-data", "configure"} | from_export
 
     first = run(["dvc", "repro"], project)
@@ -123,7 +129,7 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     # One target changed: only its stages and the report.
     run(["python", "-m", "kiln.params", "targets.openvino.threads=1"], project)
     changed = run(["dvc", "repro"], project)
-    assert stages_run(changed.stdout) == {"probe", "configure", "calibrate@openvino", "build@openvino", "benchmark@openvino", "report"}
+    assert stages_run(changed.stdout) == {"probe", "configure", "build@openvino", "benchmark@openvino", "report"}
     assert json.loads((project / "reports" / "runs" / "openvino.json").read_text())["threads"] == 1
 
     # New calibration data (other photographs: different activation ranges): calibration re-runs,
@@ -133,8 +139,7 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
         image.write_bytes(eval_images[i % len(eval_images)].read_bytes())
     first_image = project / "data" / "calibration" / "0000.jpg"
     recal = run(["dvc", "repro"], project)
-    int8 = {"onnxruntime-int8", "openvino-int8"}
-    assert stages_run(recal.stdout) == {"probe", "sample-data", "report"} | {f"calibrate@{t}" for t in targets} | {
+    assert stages_run(recal.stdout) == {"probe", "sample-data", "report"} | {f"calibrate@{t}" for t in int8} | {
         f"{s}@{t}" for s in ("build", "benchmark") for t in int8
     }
     assert "data/calibration holds 300 images: left as it is" in recal.stderr
@@ -148,12 +153,14 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     assert stages_run(remodel.stdout) == {"probe", "configure"} | from_export
     assert json.loads((project / "artifacts" / "export.json").read_text())["outputs"]["logits"]["shape"] == ["batch", 5]
 
-    # An experiment with a Hydra override re-composes params.yaml and re-runs one target.
+    # An experiment with Hydra overrides re-composes params.yaml (DVC's composition, with kiln's resolvers
+    # from hydra_plugins/) and re-runs one target: made int8, it gets a calibrate stage.
     run(["git", "add", "-A"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "five classes"], project)
-    exp = run(["dvc", "exp", "run", "-S", "targets.openvino.threads=2"], project)
+    exp = run(["dvc", "exp", "run", "-S", "targets.openvino.threads=2", "-S", "targets.openvino.precision=int8"], project)
     assert stages_run(exp.stdout) == {"probe", "configure", "calibrate@openvino", "build@openvino", "benchmark@openvino", "report"}
-    assert "threads: 2" in (project / "params.yaml").read_text()
+    composed = yaml.safe_load((project / "params.yaml").read_text())
+    assert composed["targets"]["openvino"]["threads"] == 2 and composed["pipeline"]["calibrate"]["openvino"] == "openvino"
     assert json.loads((project / "reports" / "runs" / "openvino.json").read_text())["threads"] == 2
 
     # conf/ edited but params.yaml not re-composed: a plain `dvc repro` says so instead of using stale values.
@@ -163,7 +170,18 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     tiny.write_text(tiny.read_text().replace("seed: 3", "seed: 0"))
 
     # A target set that shrinks leaves no stale per-target results behind.
-    run(["python", "-m", "kiln.params", "targets.openvino.threads=2", "~targets.openvino-fp16", "~targets.onnxruntime"], project)
+    run(
+        [
+            "python",
+            "-m",
+            "kiln.params",
+            "targets.openvino.threads=2",
+            "targets.openvino.precision=int8",
+            "~targets.openvino-fp16",
+            "~targets.onnxruntime",
+        ],
+        project,
+    )
     shrunk = run(["dvc", "repro"], project)
     assert stages_run(shrunk.stdout) == {"probe", "configure", "report"}
     assert not (project / "reports" / "metrics" / "onnxruntime.json").exists()

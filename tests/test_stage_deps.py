@@ -25,7 +25,12 @@ def test_every_stage_depends_on_its_code_digest(name):
     script = body["cmd"].split()[1]
     if "foreach" in stage:
         assert codedeps.PER_TARGET[name] == script
-        digest = f"artifacts/code/{name}-${{item.runtime}}.json"
+        # calibrate iterates over pipeline.calibrate ({target: runtime}), the others over {target: {runtime, ...}}
+        digest = (
+            f"artifacts/code/{name}-${{item}}.json"
+            if stage["foreach"] == "${pipeline.calibrate}"
+            else f"artifacts/code/{name}-${{item.runtime}}.json"
+        )
     else:
         assert codedeps.STAGES[name] == script
         digest = f"artifacts/code/{name}.json"

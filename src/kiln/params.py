@@ -143,12 +143,63 @@ def check_fresh(params_file: str | Path = PARAMS_FILE, config_dir: str | Path = 
         )
 
 
+def pipeline_calibrate(targets: Any) -> Any:
+    """{target: runtime} for the targets whose precision needs calibration: one calibrate@<target> stage
+    each (dvc.yaml's foreach). Other targets get no calibrate stage at all: a no-op repro is cheaper."""
+    from omegaconf import OmegaConf
+
+    from .runtimes import RUNTIMES
+
+    return OmegaConf.create({name: t["runtime"] for name, t in _targets(targets).items() if _calibrated(t, RUNTIMES)})
+
+
+def pipeline_build(targets: Any) -> Any:
+    """{target: {runtime, calibration}}: what build@<target> depends on for its calibration, the calibrate
+    stage's output for calibrated targets and, for the others, their own params slice (already a dependency)."""
+    from omegaconf import OmegaConf
+
+    from .paths import CALIBRATION, TARGET_PARAMS
+    from .runtimes import RUNTIMES
+
+    out = {}
+    for name, t in _targets(targets).items():
+        calibration = CALIBRATION / name if _calibrated(t, RUNTIMES) else TARGET_PARAMS / name / "build.json"
+        out[name] = {"runtime": t.get("runtime"), "calibration": calibration.as_posix()}
+    return OmegaConf.create(out)
+
+
+def _targets(targets: Any) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    raw = OmegaConf.to_container(targets, resolve=True) if isinstance(targets, DictConfig) else targets
+    return {str(k): dict(v or {}) for k, v in (raw or {}).items()} if isinstance(raw, dict) else {}
+
+
+def _calibrated(target: Mapping[str, Any], runtimes: Mapping[str, Any]) -> bool:
+    info = runtimes.get(target.get("runtime"))
+    return bool(info) and target.get("precision", "fp32") in info.calibrated
+
+
+RESOLVERS = {"kiln_pipeline_calibrate": pipeline_calibrate, "kiln_pipeline_build": pipeline_build}
+
+
+def register_resolvers() -> None:
+    """The resolvers conf/config.yaml's `pipeline:` keys use, for kiln's composition and DVC's
+    (hydra_plugins/kiln_resolvers.py registers them in DVC's process)."""
+    from omegaconf import OmegaConf
+
+    for name, fn in RESOLVERS.items():
+        OmegaConf.register_new_resolver(name, fn, replace=True)
+
+
 def compose_yaml(overrides: Sequence[str] = (), config_dir: str | Path = CONFIG_DIR, config_name: str = CONFIG_NAME) -> str:
     """The YAML `dvc exp run` would write: same composition, same dumper."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
+
+    register_resolvers()
 
     try:
         with initialize_config_dir(str(Path(config_dir).resolve()), version_base=None):
