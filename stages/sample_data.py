@@ -9,12 +9,12 @@ re-runs calibration); with no image kiln can read, the stage fails and names the
 Reproduce by hand: `python stages/sample_data.py` in an empty checkout.
 """
 
-import hashlib
 import logging
 from pathlib import Path
 
 from kiln import paths
 from kiln.atomic import atomic_path, write_json
+from kiln.hashing import digest_files
 from kiln.images import check_user_folder, folder_contents, make_sample_images
 from kiln.stage import run_stage
 
@@ -42,11 +42,8 @@ def photograph(name: str):
 def digest(folder: Path) -> dict:
     """What the calibrate stages depend on instead of the folders themselves: one small file is much
     cheaper for DVC to check on every `dvc repro` than hundreds of images once per target."""
-    h = hashlib.sha256()
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    for p in files:
-        h.update(p.relative_to(folder).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
-    return {"files": len(files), "sha256": h.hexdigest()}
+    return {"files": len(files), "sha256": digest_files({p.relative_to(folder).as_posix(): p for p in files})}
 
 
 def main() -> None:

@@ -145,7 +145,10 @@ def test_an_override_of_an_integer_key_gets_a_hint_not_a_crash(conf_copy):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("targets.openvino.precision=fp8", "targets.openvino.precision 'fp8': runtime 'openvino' does not offer it"),
+        (
+            "targets.openvino.precision=fp8",
+            "targets.openvino.precision 'fp8': runtime 'openvino' does not offer precision 'fp8'; it offers",
+        ),
         ("benchmark.batch_sizes=[0]", "benchmark.batch_sizes must be a non-empty list of positive integers, got [0]"),
         ("validate.batch_sizes=[2]", "validate.batch_sizes must hold at least two positive batch sizes"),
         ("+targets.onnxruntime-int8.calibration.method=kl", "targets.onnxruntime-int8.calibration.method 'kl' is not one of minmax"),

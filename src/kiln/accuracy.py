@@ -45,11 +45,22 @@ BUDGET_KEYS = {
 }
 
 
-def budget_violations(accuracy: Mapping[str, Any], budget: Mapping[str, Any]) -> list[str]:
-    """Each way `accuracy` is outside `budget`, as a readable line; metrics that were not measured are not judged."""
+def check_budget_keys(budget: Mapping[str, Any], where: str = "accuracy_budget") -> None:
     unknown = set(budget) - set(BUDGET_KEYS)
     if unknown:
-        raise KilnError(f"accuracy_budget has unknown keys {sorted(unknown)}; known: {', '.join(sorted(BUDGET_KEYS))}")
+        raise KilnError(f"{where} has unknown keys {sorted(unknown)}; known: {', '.join(sorted(BUDGET_KEYS))}")
+
+
+def budget_limits(default_budget: Mapping[str, Any], target_budget: Mapping[str, Any], where: str = "accuracy_budget") -> dict[str, Any]:
+    """A target's budget: its own keys over benchmark.accuracy_budget, checked."""
+    limits = {**default_budget, **target_budget}
+    check_budget_keys(limits, where)
+    return limits
+
+
+def budget_violations(accuracy: Mapping[str, Any], budget: Mapping[str, Any]) -> list[str]:
+    """Each way `accuracy` is outside `budget`, as a readable line; metrics that were not measured are not judged."""
+    check_budget_keys(budget)
     out = []
     for key, limit in budget.items():
         if limit is None:
@@ -82,7 +93,7 @@ def judge_budget(
     It is enforced when benchmark.fail_on_budget is on and the model has trained weights (a checkpoint
     or a weights enum): a random-init network's scores sit too close together for agreement to mean
     anything, so its budget is reported, not enforced."""
-    limits = {**default_budget, **target_budget}
+    limits = budget_limits(default_budget, target_budget)
     violations = budget_violations(accuracy, limits)
     enforced = fail_on_budget and trained
     why = None

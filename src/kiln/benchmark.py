@@ -54,7 +54,9 @@ class BenchmarkSettings:
             raise KilnError(f"{where}.min_iters and served_requests must be >= 1, warmup_iters and min_time_s >= 0, max_iters >= min_iters")
 
     def to_params(self) -> dict[str, Any]:
-        return {**self.__dict__, "batch_sizes": list(self.batch_sizes)}
+        from .settings import to_params
+
+        return to_params(self)
 
 
 def _timer(session: Session) -> Callable[[Mapping[str, np.ndarray]], float]:

@@ -11,19 +11,18 @@ import logging
 from typing import Any, Mapping
 
 from .config import Target, check_target_names, default_threads, engine_spec
-from .errors import KilnError
 
 log = logging.getLogger(__name__)
 
 
 def check_params(params: Mapping[str, Any]) -> list[Target]:
     """Every settings block and target, parsed and checked; the targets, in params order."""
-    from .accuracy import BUDGET_KEYS
+    from .accuracy import budget_limits
     from .benchmark import BenchmarkSettings
     from .calibration import CalibrationSettings
     from .export import ExportSettings
     from .images import Preprocess
-    from .runtimes import CalibratingRuntime, get_runtime, needs_calibration, runtime_options
+    from .runtimes import CalibratingRuntime, check_precision, get_runtime, needs_calibration, runtime_options
     from .validate import ValidateSettings
 
     check_target_names(params)
@@ -36,23 +35,13 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
     targets = []
     for name in params.get("targets") or {}:
         target = Target.from_params(name, params)
+        check_precision(target)
         runtime = get_runtime(target.runtime)
-        if target.precision not in runtime.precisions:
-            raise KilnError(
-                f"targets.{name}.precision '{target.precision}': runtime '{target.runtime}' does not offer it; "
-                f"it offers {', '.join(runtime.precisions)}"
-            )
         runtime_options(runtime, target)
         if needs_calibration(target):
             assert isinstance(runtime, CalibratingRuntime)
             CalibrationSettings.for_target(params.get("calibration"), target, runtime.calibration_options_type)
-        budget = {**benchmark.accuracy_budget, **target.accuracy_budget}
-        unknown = set(budget) - set(BUDGET_KEYS)
-        if unknown:
-            raise KilnError(
-                f"targets.{name}.accuracy_budget (or benchmark.accuracy_budget) has unknown keys {sorted(unknown)}; "
-                f"known: {', '.join(sorted(BUDGET_KEYS))}"
-            )
+        budget_limits(benchmark.accuracy_budget, target.accuracy_budget, f"targets.{name}.accuracy_budget (or benchmark.accuracy_budget)")
         if target.threads is not None and target.threads > cores:
             log.warning(
                 "targets.%s.threads is %d, more than the %d cores this process may use: the target runs with %d "

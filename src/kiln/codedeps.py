@@ -14,12 +14,12 @@ settings parser. Stdlib only: the probe imports no framework.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from functools import lru_cache
 from pathlib import Path
 
+from .hashing import digest_files
 from .runtimes import RUNTIMES
 
 # The kiln that runs (an editable checkout's src/ or site-packages): its files are what a stage executes.
@@ -118,11 +118,8 @@ def digests(root: Path = Path(".")) -> dict[str, dict[str, object]]:
     jobs |= {f"{name}-{rt}.json": (root / script, (rt,)) for name, script in PER_TARGET.items() for rt in RUNTIMES}
     out = {}
     for file, (script, runtimes) in jobs.items():
-        names = {script: script.relative_to(root).as_posix()} | {m: m.relative_to(SRC).as_posix() for m in reach(script, runtimes)}
-        h = hashlib.sha256()
-        for f, name in names.items():
-            h.update(name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
-        out[file] = {"sha256": h.hexdigest(), "files": list(names.values())}
+        named = {script.relative_to(root).as_posix(): script} | {m.relative_to(SRC).as_posix(): m for m in reach(script, runtimes)}
+        out[file] = {"sha256": digest_files(named), "files": list(named)}
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Mapping
 
 
 def sha256_file(path: str | Path) -> str:
@@ -11,6 +12,14 @@ def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def digest_files(named: Mapping[str, Path]) -> str:
+    """One sha256 over (name, content digest) pairs, in the given order: what a stage depends on instead of the files."""
+    h = hashlib.sha256()
+    for name, path in named.items():
+        h.update(name.encode() + b"\0" + hashlib.sha256(Path(path).read_bytes()).digest())
     return h.hexdigest()
 
 

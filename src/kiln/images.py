@@ -48,14 +48,9 @@ class Preprocess:
             raise KilnError(f"{where}.mean and std must have one value per channel")
 
     def to_params(self) -> dict[str, Any]:
-        return {
-            "resize": self.resize,
-            "crop": self.crop,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "layout": self.layout,
-            "dtype": self.dtype,
-        }
+        from .settings import to_params
+
+        return to_params(self)
 
     @property
     def channels(self) -> int:

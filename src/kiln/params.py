@@ -148,9 +148,7 @@ def pipeline_calibrate(targets: Any) -> Any:
     each (dvc.yaml's foreach). Other targets get no calibrate stage at all: a no-op repro is cheaper."""
     from omegaconf import OmegaConf
 
-    from .runtimes import RUNTIMES
-
-    return OmegaConf.create({name: t["runtime"] for name, t in _targets(targets).items() if _calibrated(t, RUNTIMES)})
+    return OmegaConf.create({name: t["runtime"] for name, t in _targets(targets).items() if _calibrated(t)})
 
 
 def pipeline_build(targets: Any) -> Any:
@@ -159,11 +157,10 @@ def pipeline_build(targets: Any) -> Any:
     from omegaconf import OmegaConf
 
     from .paths import CALIBRATION, TARGET_PARAMS
-    from .runtimes import RUNTIMES
 
     out = {}
     for name, t in _targets(targets).items():
-        calibration = CALIBRATION / name if _calibrated(t, RUNTIMES) else TARGET_PARAMS / name / "build.json"
+        calibration = CALIBRATION / name if _calibrated(t) else TARGET_PARAMS / name / "build.json"
         out[name] = {"runtime": t.get("runtime"), "calibration": calibration.as_posix()}
     return OmegaConf.create(out)
 
@@ -175,9 +172,10 @@ def _targets(targets: Any) -> dict[str, Any]:
     return {str(k): dict(v or {}) for k, v in (raw or {}).items()} if isinstance(raw, dict) else {}
 
 
-def _calibrated(target: Mapping[str, Any], runtimes: Mapping[str, Any]) -> bool:
-    info = runtimes.get(target.get("runtime"))
-    return bool(info) and target.get("precision", "fp32") in info.calibrated
+def _calibrated(target: Mapping[str, Any]) -> bool:
+    from .runtimes import is_calibrated
+
+    return is_calibrated(str(target.get("runtime")), str(target.get("precision", "fp32")))
 
 
 RESOLVERS = {"kiln_pipeline_calibrate": pipeline_calibrate, "kiln_pipeline_build": pipeline_build}

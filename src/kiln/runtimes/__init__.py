@@ -162,8 +162,25 @@ def runtime_options(runtime: Runtime, target: Target) -> Any:
     return parse(runtime.options_type, target.options, f"targets.{target.name}.options")
 
 
+def is_calibrated(runtime: str, precision: str) -> bool:
+    """Whether `precision` on `runtime` needs calibration data (False for a runtime kiln does not know:
+    Target.from_params and configure name that)."""
+    info = RUNTIMES.get(runtime)
+    return info is not None and precision in info.calibrated
+
+
 def needs_calibration(target: Target) -> bool:
-    return target.precision in runtime_info(target.runtime).calibrated
+    return is_calibrated(target.runtime, target.precision)
+
+
+def check_precision(target: Target) -> None:
+    """A precision the runtime never offers is a config error on every machine."""
+    offered = runtime_info(target.runtime).precisions
+    if target.precision not in offered:
+        raise KilnError(
+            f"targets.{target.name}.precision '{target.precision}': runtime '{target.runtime}' does not offer precision "
+            f"'{target.precision}'; it offers {', '.join(offered)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -178,13 +195,8 @@ def skip_reason(target: Target) -> str | None:
     target this machine cannot run raises unless it is optional (a CPU set shared by machines
     with and without bf16, say), in which case it is skipped and the report says why.
     """
-    runtime = get_runtime(target.runtime)
-    if target.precision not in runtime.precisions:
-        raise KilnError(
-            f"targets.{target.name}: runtime '{target.runtime}' does not offer precision '{target.precision}'; "
-            f"it offers {', '.join(runtime.precisions)}"
-        )
-    reason = runtime.unavailable_reason(target)
+    check_precision(target)
+    reason = get_runtime(target.runtime).unavailable_reason(target)
     if reason and target.required:
         raise KilnError(
             f"targets.{target.name}: cannot build on this machine: {reason} (mark the target `required: false` to skip it on such machines)"
