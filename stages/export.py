@@ -16,6 +16,7 @@ def main() -> None:
     settings = ExportSettings.from_params(params.get("export"))
     model = build_model(spec)
     manifest = export_onnx(model, spec, settings, paths.ONNX)
+    check_normalisation(manifest, params)
     write_json(paths.EXPORT_MANIFEST, manifest)
     logging.getLogger("kiln.export").info(
         "%s -> %s: opset %d, %d nodes, inputs %s, outputs %s, %d exporter warnings",
@@ -27,6 +28,25 @@ def main() -> None:
         manifest["outputs"],
         len(manifest["warnings"]),
     )
+
+
+def check_normalisation(manifest: dict, params: dict) -> None:
+    """A wrapped detector takes images normalised by data.preprocess: say so when its own mean/std differ."""
+    from kiln.images import Preprocess
+
+    wrapper = (manifest.get("export_path") or {}).get("model_wrapper") or {}
+    if "image_mean" not in wrapper:
+        return
+    pre = Preprocess.from_params((params.get("data") or {}).get("preprocess"))
+    if any(abs(a - b) > 1e-3 for a, b in zip([*pre.mean, *pre.std], [*wrapper["image_mean"], *wrapper["image_std"]])):
+        logging.getLogger("kiln.export").warning(
+            "the detector normalises with mean %s, std %s, but data.preprocess uses mean %s, std %s: the engines take what "
+            "data.preprocess makes, so set data.preprocess.mean/std to the detector's",
+            wrapper["image_mean"],
+            wrapper["image_std"],
+            list(pre.mean),
+            list(pre.std),
+        )
 
 
 if __name__ == "__main__":

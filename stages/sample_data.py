@@ -15,7 +15,7 @@ from pathlib import Path
 from kiln import paths
 from kiln.atomic import atomic_path, write_json
 from kiln.hashing import digest_files
-from kiln.images import check_user_folder, folder_contents, make_sample_images
+from kiln.images import check_user_folder, folder_contents, make_sample_images, photograph
 from kiln.stage import run_stage
 
 CALIBRATION = {
@@ -25,18 +25,6 @@ CALIBRATION = {
     "photos": ("astronaut", "chelsea", "rocket", "motorcycle", "hubble_deep_field", "china"),
 }
 EVAL = {"dir": Path("data/eval"), "count": 64, "seed": 2, "photos": ("coffee", "flower", "retina")}
-
-
-def photograph(name: str):
-    if name in ("china", "flower"):
-        from sklearn.datasets import load_sample_image
-
-        return load_sample_image(f"{name}.jpg")
-    import skimage.data
-
-    if name == "motorcycle":
-        return skimage.data.stereo_motorcycle()[0]
-    return getattr(skimage.data, name)()
 
 
 def digest(folder: Path) -> dict:

@@ -143,7 +143,8 @@ def test_preprocessing_that_does_not_fit_the_model(digits, tmp_path):
         digits,
         tmp_path,
         int8_target("onnxruntime"),
-        r"data.preprocess makes float32 images of shape \[3, 12, 12\], but model.inputs.input is float32 \[3, 16, 16\]",
+        r"data.preprocess makes float32 images of shape \[3, 12, 12\], but no single model input takes them "
+        r"\(model.inputs: .input. float32 \[3, 16, 16\]\)",
         preprocess=bad,
     )
 

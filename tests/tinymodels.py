@@ -92,3 +92,20 @@ def training_mode() -> nn.Module:
 
 def not_a_module() -> str:
     return "nope"
+
+
+class ImageAndTokens(nn.Module):
+    """Two inputs: an image and int64 token ids (an embedding table of 50), fused into class scores."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.image = TinyCNN(num_classes=width * 2, width=width)
+        self.tokens = nn.Embedding(50, width * 2)
+        self.head = nn.Linear(width * 2, num_classes)
+
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.image(image) + self.tokens(tokens).mean(dim=1)))
+
+
+def image_and_tokens() -> nn.Module:
+    return ImageAndTokens()

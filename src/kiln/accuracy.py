@@ -10,13 +10,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .compare import compare_outputs, summarize
 from .errors import KilnError
 from .runtimes import Session
 
 
 def accuracy_against_reference(session: Session, reference: Mapping[str, Any], chunk: int) -> dict[str, Any]:
-    """The engine's outputs on the reference inputs against the eager fp32 outputs (and labels, when there are)."""
+    """The engine's outputs on the reference inputs against the eager fp32 outputs (and labels, when there
+    are), judged the way the model's task says (kiln.tasks)."""
+    from .tasks import output_infos, resolve_task
+
     inputs, expected = reference["inputs"], reference["outputs"]
     samples = next(iter(inputs.values())).shape[0]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in expected}
@@ -25,30 +27,32 @@ def accuracy_against_reference(session: Session, reference: Mapping[str, Any], c
         for n in expected:
             parts[n].append(np.asarray(out[n], dtype=np.float32))
     got = {n: np.concatenate(v) for n, v in parts.items()}
-    comparisons = compare_outputs(expected, got)
-    result: dict[str, Any] = {**summarize(comparisons), "samples": samples, "source": reference.get("source")}
-    labels = reference.get("labels")
-    scores = next((c.name for c in comparisons if c.top1_agreement is not None), None)
-    if labels is not None and scores is not None:
-        ref_top1 = float(np.mean(np.argmax(expected[scores], axis=1) == labels))
-        top1 = float(np.mean(np.argmax(got[scores], axis=1) == labels))
-        result.update(top1=top1, top1_fp32=ref_top1, top1_drop=100.0 * (ref_top1 - top1))
-    result["outputs"] = {c.name: c.to_dict() for c in comparisons}
+    task, _ = resolve_task(reference.get("task") or "auto", output_infos(expected))
+    result: dict[str, Any] = {"task": task.name, "samples": samples, "source": reference.get("source")}
+    result.update(task.compare(expected, got))
+    result.update(task.against_labels(expected, got, reference.get("labels")))
+    result["agreement_metric"] = task.agreement_metric
+    result["agreement"] = result.get(task.agreement_metric) if task.agreement_metric else result.get("cosine")
+    # Every figure against a reference that proves nothing carries the reason, wherever it is shown.
+    result["reference_degenerate"] = reference.get("degenerate")
     return result
 
 
-BUDGET_KEYS = {
-    "min_top1_agreement": ("top1_agreement", min),
-    "max_top1_drop": ("top1_drop", max),
-    "min_sqnr_db": ("sqnr_db", min),
-    "min_cosine": ("cosine", min),
-}
+def task_budget_keys(task: str | None) -> dict[str, tuple[str, Any]]:
+    """The budget keys a task judges: its own and the element-wise ones (every task but detection measures them)."""
+    from .tasks import ELEMENTWISE_BUDGET, task_classes
+
+    cls = task_classes().get(task or "", None)
+    return {**ELEMENTWISE_BUDGET, **(cls.budget_keys if cls else {})}
 
 
 def check_budget_keys(budget: Mapping[str, Any], where: str = "accuracy_budget") -> None:
-    unknown = set(budget) - set(BUDGET_KEYS)
+    from .tasks import all_budget_keys
+
+    known = all_budget_keys()
+    unknown = set(budget) - set(known)
     if unknown:
-        raise KilnError(f"{where} has unknown keys {sorted(unknown)}; known: {', '.join(sorted(BUDGET_KEYS))}")
+        raise KilnError(f"{where} has unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
 
 
 def budget_limits(default_budget: Mapping[str, Any], target_budget: Mapping[str, Any], where: str = "accuracy_budget") -> dict[str, Any]:
@@ -59,13 +63,15 @@ def budget_limits(default_budget: Mapping[str, Any], target_budget: Mapping[str,
 
 
 def budget_violations(accuracy: Mapping[str, Any], budget: Mapping[str, Any]) -> list[str]:
-    """Each way `accuracy` is outside `budget`, as a readable line; metrics that were not measured are not judged."""
+    """Each way `accuracy` is outside `budget`, as a readable line. Only the keys of the accuracy's task
+    count (a detector has no top-1); metrics that were not measured are not judged."""
     check_budget_keys(budget)
+    keys = task_budget_keys(accuracy.get("task") or "classification")
     out = []
     for key, limit in budget.items():
-        if limit is None:
+        if limit is None or key not in keys:
             continue
-        metric, kind = BUDGET_KEYS[key]
+        metric, kind = keys[key]
         value = accuracy.get(metric)
         if value is None or isinstance(value, str):
             continue

@@ -189,7 +189,12 @@ def benchmark_latency(
 
 # The metrics file holds the few figures `dvc exp show` and `dvc metrics diff` should show per target;
 # every batch size, percentile and error statistic is in reports/runs/<target>.json.
-HEADLINE_ACCURACY = ("top1_agreement", "top1")
+def headline_accuracy(accuracy: Mapping[str, Any]) -> tuple[str, ...]:
+    """The accuracy figures of the model's task that `dvc metrics diff` shows (raw outputs: cosine and SQNR)."""
+    from .tasks import task_classes
+
+    cls = task_classes().get(accuracy.get("task") or "classification")
+    return cls.headline if cls and cls.headline else ("cosine", "sqnr_db")
 
 
 def significant(value: float, digits: int = 4) -> float:
@@ -209,8 +214,10 @@ def headline_metrics(
         "batch": batch,
         "ms_per_image": significant(main_stats["ms_per_image"]),
         "images_per_s": significant(main_stats["images_per_s"]),
-        **{k: round(accuracy[k], 4) for k in HEADLINE_ACCURACY if isinstance(accuracy.get(k), float)},
+        **{k: round(accuracy[k], 4) for k in headline_accuracy(accuracy) if isinstance(accuracy.get(k), float)},
     }
+    if accuracy.get("reference_degenerate"):
+        metrics["reference_degenerate"] = True  # the accuracy figures above prove little
     if served:
         metrics.update(served_images_per_s=significant(served["images_per_s"]), served_p99_ms=significant(served["p99_ms"]))
     return metrics

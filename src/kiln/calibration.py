@@ -57,30 +57,44 @@ class CalibrationSettings:
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Preprocessed calibration images, fed to a runtime's quantizer as {input name: batch}."""
+    """Preprocessed calibration images, fed to a runtime's quantizer as {input name: batch}; a model's other
+    inputs come from data.samples or are seeded within their declared range (kiln.inputs.other_inputs)."""
 
     images: ImageSet
     preprocess: Preprocess
     input_name: str
     batch: int
     eval_images: ImageSet | None = None  # held-out data, for quantizers that check accuracy themselves
+    extras: Mapping[str, np.ndarray] | None = None  # the other inputs, one row per image
 
     @classmethod
     def from_params(cls, data: Mapping[str, Any], spec: ModelSpec, settings: CalibrationSettings) -> "CalibrationSet":
+        from .inputs import other_inputs
+
         preprocess = preprocess_for(spec, data)
-        check_image_input(spec, preprocess)
+        image = check_image_input(spec, preprocess)
         images = ImageSet.scan(data.get("calibration_dir", "data/calibration"), "calibration folder")
         images.warn_small(preprocess, "calibration folder")
         eval_dir = data.get("eval_dir")
         eval_images = ImageSet.scan(eval_dir, "eval folder") if eval_dir and Path(eval_dir).is_dir() else None
-        return cls(images.subset(settings.subset_size), preprocess, spec.inputs[0].name, settings.batch, eval_images)
+        subset = images.subset(settings.subset_size)
+        extras = other_inputs([i for i in spec.inputs if i.name != image.name], len(subset), 97, data)
+        return cls(subset, preprocess, image.name, settings.batch, eval_images, extras)
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def _with_extras(self, arr: np.ndarray, start: int) -> dict[str, np.ndarray]:
+        feeds = {self.input_name: arr}
+        for name, values in (self.extras or {}).items():
+            feeds[name] = values[start : start + len(arr)]
+        return feeds
+
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        start = 0
         for arr in self.images.batches(self.preprocess, self.batch):
-            yield {self.input_name: arr}
+            yield self._with_extras(arr, start)
+            start += len(arr)
 
     def labelled_eval(self) -> list[tuple[dict[str, np.ndarray], int]]:
         """(input, class index) pairs from the eval folder; an error when it is missing or unlabelled."""
@@ -91,25 +105,35 @@ class CalibrationSet:
                 "(<class>/<image>, class folders named by index) or drop calibration.options.accuracy_aware"
             )
         assert self.eval_images is not None
-        return [({self.input_name: self.preprocess(p)[None]}, int(t)) for p, t in zip(self.eval_images.paths, targets)]
+        extras = {k: v[:1] for k, v in (self.extras or {}).items()}
+        return [({self.input_name: self.preprocess(p)[None], **extras}, int(t)) for p, t in zip(self.eval_images.paths, targets)]
 
     def samples(self) -> Iterator[dict[str, np.ndarray]]:
         """One image at a time (NNCF gathers its statistics per sample)."""
-        for arr in self.images.batches(self.preprocess, 1):
-            yield {self.input_name: arr}
+        for i, arr in enumerate(self.images.batches(self.preprocess, 1)):
+            yield self._with_extras(arr, i)
+
+    def sample_feeds(self, count: int) -> dict[str, np.ndarray]:
+        """The first `count` samples as one batch."""
+        return self._with_extras(self.images.subset(min(count, len(self))).load(self.preprocess), 0)
 
 
-def check_image_input(spec: ModelSpec, preprocess: Preprocess) -> None:
-    if len(spec.inputs) != 1:
-        raise KilnError(
-            f"image data needs a model with one image input; this one has {len(spec.inputs)} ({', '.join(i.name for i in spec.inputs)})"
-        )
-    inp = spec.inputs[0]
-    if tuple(inp.shape) != preprocess.sample_shape() or inp.dtype != preprocess.dtype:
-        raise KilnError(
-            f"data.preprocess makes {preprocess.dtype} images of shape {list(preprocess.sample_shape())}, but model.inputs.{inp.name} "
-            f"is {inp.dtype} {list(inp.shape)}: make data.preprocess (crop, layout, dtype) match the model input"
-        )
+def image_input(spec: ModelSpec, preprocess: Preprocess) -> Any:
+    """The input that takes the images data.preprocess makes, or None."""
+    matches = [i for i in spec.inputs if tuple(i.shape) == preprocess.sample_shape() and i.dtype == preprocess.dtype]
+    return matches[0] if len(matches) == 1 else None
+
+
+def check_image_input(spec: ModelSpec, preprocess: Preprocess) -> Any:
+    """The model's image input; an error saying how to make data.preprocess fit when there is none."""
+    found = image_input(spec, preprocess)
+    if found is not None:
+        return found
+    inputs = ", ".join(f"'{i.name}' {i.dtype} {list(i.shape)}" for i in spec.inputs)
+    raise KilnError(
+        f"data.preprocess makes {preprocess.dtype} images of shape {list(preprocess.sample_shape())}, but no single model input takes "
+        f"them (model.inputs: {inputs}): make data.preprocess (crop, layout, dtype) match the image input"
+    )
 
 
 def write_marker(out_dir: Path, info: Mapping[str, Any]) -> None:
@@ -132,8 +156,7 @@ def layer_sensitivity(
 
     if not isinstance(runtime, LayerInspectingRuntime):
         return []
-    feeds = {calib.input_name: calib.images.subset(min(samples, len(calib))).load(calib.preprocess)}
-    return rank_layers(runtime.layer_activations(onnx_path, calibration_dir, feeds))
+    return rank_layers(runtime.layer_activations(onnx_path, calibration_dir, calib.sample_feeds(samples)))
 
 
 def calibrate_target(target: Target, onnx_path: Path, spec: ModelSpec, params: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:

@@ -88,6 +88,9 @@ class InputSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
+    # [low, high] of seeded inputs (inclusive for integers): the values this input really takes, e.g. token
+    # ids [0, 30521] or a mask [0, 1]. Without it: standard normal floats, integers 0..999 (uint8 0..255).
+    range: tuple[float, float] | None = None
 
     def batched(self, batch: int) -> tuple[int, ...]:
         return (batch, *self.shape)
@@ -101,7 +104,18 @@ class InputSpec:
         dtype = str(raw.get("dtype", "float32"))
         if dtype not in DTYPES:
             raise KilnError(f"{where}.dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-        return cls(name=name, shape=tuple(shape), dtype=dtype)
+        unknown = set(raw) - {"shape", "dtype", "range"}
+        if unknown:
+            raise KilnError(f"{where} has unknown keys {sorted(unknown)}; known: shape, dtype, range")
+        bounds = raw.get("range")
+        if bounds is not None and (
+            not isinstance(bounds, (list, tuple))
+            or len(bounds) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+            or bounds[0] > bounds[1]
+        ):
+            raise KilnError(f"{where}.range must be [low, high] with low <= high, got {bounds!r}")
+        return cls(name=name, shape=tuple(shape), dtype=dtype, range=(bounds[0], bounds[1]) if bounds is not None else None)
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,11 @@ class ModelSpec:
     seed: int = 0
     # data.preprocess folded into the model: inputs are then uint8 HWC images (see engine_spec).
     fold: dict[str, Any] | None = None
+    task: str = "auto"  # kiln.tasks: how outputs are judged; auto infers it from the outputs
+    detection: dict[str, Any] | None = None  # kiln.export.detection.DetectionSettings, for torchvision detectors
+    # kiln.demo_weights: make a random-init network's reference meaningful (set by engine_spec from
+    # model.demo_weights, with the preprocessing its images need)
+    demo: dict[str, Any] | None = None
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any]) -> "ModelSpec":
@@ -138,6 +157,9 @@ class ModelSpec:
             outputs=tuple(outputs) if outputs else None,
             seed=int(raw.get("seed", 0)),
             fold=dict(raw["fold"]) if raw.get("fold") else None,
+            task=str(raw.get("task") or "auto"),
+            detection=dict(raw["detection"]) if raw.get("detection") else None,
+            demo=dict(raw["demo"]) if raw.get("demo") else None,
         )
 
     def to_params(self) -> dict[str, Any]:
@@ -147,10 +169,15 @@ class ModelSpec:
             "checkpoint": self.checkpoint,
             "weights": self.weights,
             "kwargs": self.kwargs,
-            "inputs": {i.name: {"shape": list(i.shape), "dtype": i.dtype} for i in self.inputs},
+            "inputs": {
+                i.name: {"shape": list(i.shape), "dtype": i.dtype, **({"range": list(i.range)} if i.range else {})} for i in self.inputs
+            },
             "outputs": list(self.outputs) if self.outputs else None,
             "seed": self.seed,
             "fold": self.fold,
+            "task": self.task,
+            "detection": self.detection,
+            "demo": self.demo,
         }
 
     @property
@@ -163,9 +190,16 @@ def engine_spec(params: Mapping[str, Any]) -> ModelSpec:
     data.preprocess's scaling, normalisation and layout move into the graph, and the single image input
     becomes uint8 [crop, crop, channels]."""
     spec = ModelSpec.from_params(params.get("model") or {})
+    from dataclasses import replace
+
+    from .images import Preprocess
+
+    demo = (params.get("model") or {}).get("demo_weights")
+    # Only ever for random weights: trained BatchNorm statistics and heads are the model.
+    if demo and any(demo.get(k) for k in ("batchnorm", "redraw_zero_layers")) and not (spec.checkpoint or spec.weights):
+        spec = replace(spec, demo={**demo, "preprocess": Preprocess.from_params((params.get("data") or {}).get("preprocess")).to_params()})
     if not (params.get("export") or {}).get("fold_preprocess"):
         return spec
-    from .images import Preprocess
 
     preprocess = Preprocess.from_params((params.get("data") or {}).get("preprocess"))
     if len(spec.inputs) != 1 or preprocess.dtype != "float32" or tuple(spec.inputs[0].shape) != preprocess.sample_shape():
@@ -173,9 +207,7 @@ def engine_spec(params: Mapping[str, Any]) -> ModelSpec:
             f"export.fold_preprocess needs one float32 image input shaped like data.preprocess makes it "
             f"({list(preprocess.sample_shape())}); model.inputs is {[(i.name, list(i.shape), i.dtype) for i in spec.inputs]}"
         )
-    folded = InputSpec(spec.inputs[0].name, preprocess.folded().sample_shape(), "uint8")
-    from dataclasses import replace
-
+    folded = InputSpec(spec.inputs[0].name, preprocess.folded().sample_shape(), "uint8", (0, 255))
     return replace(spec, inputs=(folded,), fold=preprocess.to_params())
 
 

@@ -61,7 +61,7 @@ class Preprocess:
         return (c, s, s) if self.layout == "NCHW" else (s, s, c)
 
     def __call__(self, path: Path) -> np.ndarray:
-        arr = self.decode(path)
+        arr = self.decode(path)  # the same steps as from_image, for a file
         if self.dtype == "uint8":
             return np.ascontiguousarray(arr.transpose(2, 0, 1) if self.layout == "NCHW" else arr)
         return self.normalize(arr[None])[0]
@@ -81,17 +81,29 @@ class Preprocess:
 
         try:
             with Image.open(path) as im:
-                im = to_8bit(im, path).convert("RGB" if self.channels == 3 else "L")
-                w, h = im.size
-                scale = self.resize / min(w, h)
-                im = im.resize((max(self.resize, round(w * scale)), max(self.resize, round(h * scale))), Image.BILINEAR)
-                w, h = im.size
-                left, top = (w - self.crop) // 2, (h - self.crop) // 2
-                im = im.crop((left, top, left + self.crop, top + self.crop))
-                arr = np.asarray(im, dtype=np.uint8)
+                return self.resize_crop(to_8bit(im, path))
         except (UnidentifiedImageError, OSError) as e:
             raise KilnError(f"cannot read image {path}: {e}; remove it or replace it with a jpg/png") from e
+
+    def resize_crop(self, im: Any) -> np.ndarray:
+        """A PIL image -> uint8 [H, W, C]: resize the short side, centre-crop."""
+        from PIL import Image
+
+        im = im.convert("RGB" if self.channels == 3 else "L")
+        w, h = im.size
+        scale = self.resize / min(w, h)
+        im = im.resize((max(self.resize, round(w * scale)), max(self.resize, round(h * scale))), Image.BILINEAR)
+        w, h = im.size
+        left, top = (w - self.crop) // 2, (h - self.crop) // 2
+        arr = np.asarray(im.crop((left, top, left + self.crop, top + self.crop)), dtype=np.uint8)
         return arr[:, :, None] if arr.ndim == 2 else arr
+
+    def from_image(self, im: Any) -> np.ndarray:
+        """A PIL image, preprocessed like a file would be."""
+        arr = self.resize_crop(im)
+        if self.dtype == "uint8":
+            return np.ascontiguousarray(arr.transpose(2, 0, 1) if self.layout == "NCHW" else arr)
+        return self.normalize(arr[None])[0]
 
 
 def to_8bit(im: Any, path: Path) -> Any:
@@ -241,6 +253,19 @@ def check_user_folder(folder: str | Path, what: str) -> list[Path]:
             ", ..." if len(others) > 5 else "",
         )
     return images
+
+
+def photograph(name: str) -> np.ndarray:
+    """One of the photographs scikit-image and scikit-learn ship: kiln's offline sample images."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return np.asarray(load_sample_image(f"{name}.jpg"))
+    import skimage.data
+
+    if name == "motorcycle":
+        return np.asarray(skimage.data.stereo_motorcycle()[0])
+    return np.asarray(getattr(skimage.data, name)())
 
 
 def make_sample_images(out_dir: str | Path, sources: Sequence[np.ndarray], count: int, seed: int, size: int = 256) -> list[Path]:

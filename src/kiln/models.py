@@ -6,12 +6,12 @@ import importlib
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoints import apply_state_dict, first_line, load_state_dict_file
 from .config import ModelSpec
 from .errors import KilnError, close_matches
 
@@ -23,6 +23,14 @@ def _torchvision_model(name: str, weights: str | None, kwargs: dict[str, Any]) -
 
     if name not in torchvision.models.list_models():
         return None
+    import inspect
+
+    builder = torchvision.models.get_model_builder(name)
+    if "weights_backbone" in inspect.signature(builder).parameters and "weights_backbone" not in kwargs:
+        # Detection and segmentation builders fetch ImageNet backbone weights by default: a download,
+        # which fails offline. kiln asks for none unless model.kwargs.weights_backbone says otherwise.
+        kwargs = {**kwargs, "weights_backbone": None}
+        log.info("model '%s': weights_backbone=None (no download); set model.kwargs.weights_backbone to use pretrained ones", name)
     try:
         return torchvision.models.get_model(name, weights=weights, **kwargs)
     except Exception as e:  # bad weights enum, unknown kwarg, no network for weights
@@ -33,10 +41,26 @@ def _timm_model(name: str, weights: str | None, kwargs: dict[str, Any]) -> nn.Mo
     try:
         import timm
     except ImportError:
+        # Without timm a timm name would read as a typo: say what is missing instead.
+        raise KilnError(
+            f"unknown model.name '{name}'{close_matches(name, _known_names())}: it is not a torchvision model, and timm is not "
+            "installed to look it up; install it with `pip install timm` (kiln's setup installs it), or use model.entrypoint"
+        ) from None
+    # is_model accepts pretrained tags ('resnet50.a1_in1k'), which list_models() does not name; 'hf-hub:org/repo'
+    # and repo-like names are timm's to accept or refuse with its own advice.
+    if not (timm.is_model(name) or ":" in name or "/" in name):
         return None
-    if name not in timm.list_models():
-        return None
-    return timm.create_model(name, pretrained=bool(weights), **kwargs)
+    pretrained = bool(weights)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:  # no network for pretrained weights, an unknown kwarg, a bad hub id
+        hint = (
+            "; pretrained weights are downloaded from the Hugging Face Hub: check the network, or set model.weights to null for "
+            "random weights (and model.checkpoint for your own)"
+            if pretrained
+            else ""
+        )
+        raise KilnError(f"timm could not build model '{name}' (pretrained={pretrained}, kwargs={kwargs}): {first_line(e)}{hint}") from e
 
 
 def _known_names() -> list[str]:
@@ -46,7 +70,8 @@ def _known_names() -> list[str]:
     try:
         import timm
 
-        names += timm.list_models()
+        # With pretrained tags too, so a mistyped 'resnet50.a1_in1k' gets a suggestion.
+        names += timm.list_models() + timm.list_models(pretrained=True)
     except ImportError:
         pass
     return names
@@ -73,44 +98,7 @@ def _from_entrypoint(entrypoint: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    p = Path(path)
-    if not p.is_file():
-        raise KilnError(f"model.checkpoint '{p}' does not exist; set it to a state_dict file saved with torch.save, or to null")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KilnError(
-            f"model.checkpoint '{p}' is not a readable PyTorch checkpoint ({first}); save one with torch.save(model.state_dict(), path)"
-        ) from e
-    # Training scripts often wrap the weights: {"state_dict": ...} or {"model": ...}.
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise KilnError(f"model.checkpoint '{p}' holds a {type(obj).__name__}, not a state_dict of tensors")
-    return obj
-
-
-def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                more = f" and {len(items) - 3} more" if len(items) > 3 else ""
-                parts.append(f"{label}: {', '.join(items[:3])}{more}")
-        raise KilnError(f"{source} does not fit the model: {'; '.join(parts)}")
-    model.load_state_dict(state)
-
-
+# Keys training scripts keep the weights under, plain weights first: an EMA copy only when there is nothing else.
 class FoldedPreprocess(nn.Module):
     """uint8 [N, H, W, C] images -> scale, normalise, layout -> the model: preprocessing inside the graph."""
 
@@ -145,9 +133,28 @@ def build_model(spec: ModelSpec) -> nn.Module:
         apply_state_dict(model, load_state_dict_file(spec.checkpoint), f"model.checkpoint '{spec.checkpoint}'")
     if model.training:
         log.info("model put in eval mode (it was in training mode): dropout and batch-norm statistics are frozen for export")
+    model = model.eval()
+    from .export.detection import DetectionSettings, PaddedDetections, detector_family
+
+    if detector_family(model):
+        # One batched graph with NMS inside, for export and for every eager copy alike.
+        height, width = _image_size(spec)
+        model = PaddedDetections(model, height, width, DetectionSettings.from_params(spec.detection))
+    if spec.demo:
+        from .demo_weights import make_meaningful
+
+        make_meaningful(model, spec.demo, spec.seed)
     if spec.fold:
         model = FoldedPreprocess(model, spec.fold["mean"], spec.fold["std"], spec.fold["layout"])
     return model.eval()
+
+
+def _image_size(spec: ModelSpec) -> tuple[int, int]:
+    """(height, width) of a detector's one image input, [3, H, W]."""
+    if len(spec.inputs) != 1 or len(spec.inputs[0].shape) != 3 or spec.inputs[0].shape[0] != 3:
+        shapes = ", ".join(f"'{i.name}' {list(i.shape)}" for i in spec.inputs)
+        raise KilnError(f"a torchvision detector takes one image input shaped [3, height, width] (float, 0..1); model.inputs is {shapes}")
+    return spec.inputs[0].shape[1], spec.inputs[0].shape[2]
 
 
 def flatten_outputs(out: Any, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:

@@ -11,6 +11,26 @@ from .report_sections import compared_section, compiler_section, fmt, served_sec
 METRICS_DIR = Path("reports/metrics")
 RUNS_DIR = Path("reports/runs")
 SUMMARY_COLUMNS = ("target", "runtime", "precision", "batch", "ms_per_image", "images_per_s", "speedup", "top1_agreement")
+AGREEMENT_NAMES = {
+    "top1_agreement": "top-1 agreement",
+    "detection_f1": "detection F1",
+    "pixel_agreement": "pixel agreement",
+    "embedding_cosine_min": "min embedding cosine",
+    None: "cosine",
+}
+DEGENERATE_MARK = "†"
+LABELLED_NAMES = {"top1": "top-1", "map": "mAP@0.5:0.95", "miou": "mIoU"}
+
+
+def agreement_cell(acc: Mapping[str, Any], spec: str = ".3f") -> str:
+    """The task's agreement figure, marked when the reference it was measured against proves little."""
+    value = acc.get("agreement", acc.get("top1_agreement"))  # runs recorded before tasks had only top-1
+    return fmt(value, spec) + (DEGENERATE_MARK if acc.get("reference_degenerate") else "")
+
+
+def agreement_name(results: Mapping[str, Mapping[str, Any]]) -> str:
+    metrics = {(r["run"].get("accuracy") or {}).get("agreement_metric") for r in results.values() if r["run"].get("accuracy")}
+    return AGREEMENT_NAMES.get(next(iter(metrics)) if len(metrics) == 1 else None, "agreement")
 
 
 def load_results(target_names: list[str], metrics_dir: Path = METRICS_DIR, runs_dir: Path = RUNS_DIR) -> dict[str, dict[str, Any]]:
@@ -79,6 +99,8 @@ def render(
         machine = next((r["run"]["machine"] for r in results.values() if r["run"].get("machine")), "unknown")
         lines += [f"Machine: {machine}.", ""]
     if export:
+        path = export.get("export_path") or {}
+        wrapper = path.get("model_wrapper") or {}
         lines += [
             f"Model `{export.get('model')}` exported with the {export.get('exporter')} exporter at opset {export.get('opset')} "
             f"({export.get('nodes')} nodes, traced at batch {export.get('traced_batch')}, "
@@ -87,6 +109,27 @@ def render(
             + ".",
             "",
         ]
+        if export.get("task_reason"):
+            lines += [f"Outputs judged as {export['task_reason']}.", ""]
+        if path.get("why"):
+            lines += [
+                f"Export path: {path['why']}." + (f" Postprocessing: {wrapper['postprocess']}." if wrapper.get("postprocess") else ""),
+                "",
+            ]
+    degenerate = next(
+        (
+            r["run"]["accuracy"]["reference_degenerate"]
+            for r in results.values()
+            if (r["run"].get("accuracy") or {}).get("reference_degenerate")
+        ),
+        None,
+    )
+    if degenerate:
+        lines += [
+            f"{DEGENERATE_MARK} Figures marked {DEGENERATE_MARK} are measured against a reference that proves little: {degenerate}.",
+            "",
+        ]
+    agree = agreement_name(results)
     base = results.get(baseline, {}).get("run", {}).get("latency", {})
     skipped = {n: r["run"]["skipped"] for n, r in results.items() if r["run"].get("skipped")}
     built = {n: r for n, r in results.items() if n not in skipped}
@@ -95,14 +138,15 @@ def render(
         lines += [
             "## Summary at each target's main batch size (its profile's opt)",
             "",
-            "| target | precision | batch | ms/image | images/s | speed-up | top-1 agreement | served images/s |",
+            f"| target | precision | batch | ms/image | images/s | speed-up | {agree} | served images/s |",
             "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for row in summary:
             served = built[row["target"]]["run"].get("served") or {}
+            agreement = agreement_cell(built[row["target"]]["run"].get("accuracy") or {})
             lines.append(
                 f"| {row['target']} | {row['precision']} | {row['batch']} | {fmt(row['ms_per_image'])} | {fmt(row['images_per_s'], '.1f')} "
-                f"| {fmt(row['speedup'], '.2f')}{'x' if row['speedup'] else ''} | {fmt(row['top1_agreement'], '.3f')} "
+                f"| {fmt(row['speedup'], '.2f')}{'x' if row['speedup'] else ''} | {agreement} "
                 f"| {fmt(served.get('images_per_s'), '.1f')} |"
             )
         lines.append("")
@@ -115,7 +159,7 @@ def render(
         "min/opt/max mark the batch sizes of the target's profile.",
         "",
         "| target | runtime | precision (requested -> executed) | threads | batch | ms/batch p50 | ms/batch p99 | ms/image | images/s "
-        "| speed-up | max abs err | top-1 agreement |",
+        f"| speed-up | max abs err | {agree} |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     accuracy_rows = []
@@ -133,7 +177,7 @@ def render(
                 f"| {batch}{f' ({marks})' if marks else ''} "
                 f"| {fmt(stats['p50_ms'])} | {fmt(stats['p99_ms'])} | {fmt(stats['ms_per_image'])} | {fmt(stats['images_per_s'], '.1f')} "
                 f"| {fmt(speedup, '.2f')}{'x' if speedup else ''} | {fmt(acc.get('max_abs_err'), '.2e')} "
-                f"| {fmt(acc.get('top1_agreement'), '.3f')} |"
+                f"| {agreement_cell(acc)} |"
             )
         for note in run.get("notes", []):
             lines.append(f"| {name} | | | | | | | | | | | {note} |")
@@ -146,9 +190,14 @@ def render(
                 + "; ".join(violations)
                 + ("" if budget.get("enforced") else " (not enforced: random weights or fail_on_budget off)")
             )
+        labelled = next((k for k in ("top1", "map", "miou") if acc.get(k) is not None), None)
+        mark = DEGENERATE_MARK if acc.get("reference_degenerate") else ""
         accuracy_rows.append(
-            f"| {name} | {fmt(acc.get('top1_agreement'), '.4f')} | {fmt(acc.get('sqnr_db'), '.1f')} | {fmt(acc.get('cosine'), '.6f')} "
-            f"| {fmt(acc.get('max_abs_err'), '.2e')} | {fmt(acc.get('top1'), '.4f')} | {fmt(acc.get('top1_drop'), '.2f')} "
+            f"| {name} | {agreement_cell(acc, '.4f')} | {fmt(acc.get('sqnr_db'), '.1f')}{mark if acc.get('sqnr_db') is not None else ''} "
+            f"| {fmt(acc.get('cosine'), '.6f')}{mark if acc.get('cosine') is not None else ''} "
+            f"| {fmt(acc.get('max_abs_err'), '.2e')} "
+            f"| {LABELLED_NAMES.get(labelled, '')} {fmt(acc.get(labelled), '.4f') if labelled else ''} "
+            f"| {fmt(acc.get(f'{labelled}_drop'), '.2f') if labelled else 'n/a'} "
             f"| {verdict} |"
         )
     if skipped:
@@ -161,9 +210,11 @@ def render(
             "",
             f"## Accuracy against eager fp32, on {source}",
             "",
-            "SQNR n/a means the outputs are identical to the reference. Real top-1 needs labelled eval data (ImageFolder layout).",
+            "SQNR n/a means the outputs are identical to the reference (or, for detections, not measured: padded lists are "
+            "matched by class and IoU instead). Real accuracy needs labelled eval data: ImageFolder layout for top-1, "
+            "COCO JSON or YOLO txt for detection mAP.",
             "",
-            "| target | top-1 agreement | SQNR dB | cosine | max abs err | top-1 | top-1 drop (points) | budget |",
+            f"| target | {agree} | SQNR dB | cosine | max abs err | against labels | drop (points) | budget |",
             "|---|---:|---:|---:|---:|---:|---:|---|",
             *accuracy_rows,
         ]
@@ -223,7 +274,8 @@ def _validation_section(validate: Mapping[str, Any] | None) -> list[str]:
         "|---|---:|---:|---:|---:|---|",
     ]
     for name, o in validate.get("outputs", {}).items():
-        note = f"reference proves little: {o['degenerate']}" if o.get("degenerate") else ""
+        reason = o.get("degenerate") or validate.get("degenerate")
+        note = f"reference proves little: {reason}" if reason else ""
         lines.append(
             f"| {name} | {fmt(o['max_abs_err'], '.2e')} | {fmt(o['max_rel_err'], '.2e')} | {fmt(o['mean_abs_err'], '.2e')} "
             f"| {fmt(o.get('top1_agreement'), '.3f')} | {note} |"

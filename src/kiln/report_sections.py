@@ -76,7 +76,8 @@ def compiler_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
             continue
         rows.append(
             f"| {name} | {fmt(comp.get('build_seconds'), '.1f')} | {fmt(comp.get('compile_seconds'), '.1f')} "
-            f"| {fmt(graph.get('nodes_in'))} | {fmt(graph.get('nodes_out'))} | {_top(graph.get('fusions')) or '-'} "
+            f"| {fmt(graph.get('nodes_in'))} | {fmt(graph.get('nodes_out'))} | {_top(graph.get('fusions')) or '-'}"
+            f"{f'; attention {attention}' if (attention := graph.get('attention')) else ''} "
             f"| {_top(graph.get('layer_precisions')) or '-'} | {graph.get('source') or ''} |"
         )
     if not rows:

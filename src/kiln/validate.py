@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compare import OutputComparison, compare_output, degenerate_reason
+from .compare import OutputComparison
 from .config import ModelSpec
 from .errors import KilnError, ValidationFailed
 from .inputs import make_inputs
@@ -78,17 +78,23 @@ def validate_export(
     model: nn.Module, onnx_path: str | Path, spec: ModelSpec, settings: ValidateSettings, traced_batch: int
 ) -> dict[str, Any]:
     """Compare eager PyTorch with the ONNX graph; return the report or raise ValidationFailed with one clear line."""
+    from .tasks import output_infos, resolve_task
+
     model.eval()
     session = _ort_session(Path(onnx_path))
     names = [o.name for o in session.get_outputs()]
     per_batch: list[dict[str, Any]] = []
     worst: dict[str, OutputComparison] = {}
-    degenerate: dict[str, str] = {}
+    degenerate: str | None = None
+    task = None
     for batch in settings.batch_sizes:
         if batch == traced_batch:
             continue
         feeds = make_inputs(spec.inputs, batch, settings.seed + batch)
         ref = _eager(model, feeds, spec, names)
+        if task is None:
+            task, task_line = resolve_task(spec.task, output_infos(ref))
+            log.info("%s", task_line)
         try:
             got = dict(zip(names, session.run(names, feeds)))
         except Exception as e:
@@ -103,29 +109,28 @@ def validate_export(
                     f"output '{name}' at batch {batch}: the graph returns shape {list(got[name].shape)}, PyTorch {list(ref[name].shape)} "
                     f"(traced at batch {traced_batch}): the export froze a batch-dependent shape"
                 )
-            c = compare_output(name, ref[name], got[name], settings.atol, settings.rtol)
+        for c in task.validate(ref, {k: np.asarray(v, dtype=np.float32) for k, v in got.items()}, settings.atol, settings.rtol):
             per_batch.append({"batch": batch, **c.to_dict()})
             log.info(
                 "batch %d output %s: max abs %.3g, max rel %.3g, mean abs %.3g%s",
                 batch,
-                name,
+                c.name,
                 c.max_abs_err,
                 c.max_rel_err,
                 c.mean_abs_err,
                 f", top-1 agreement {c.top1_agreement:.3f}" if c.top1_agreement is not None else "",
             )
-            if name not in worst or c.excess > worst[name].excess:
-                worst[name] = c
-            reason = degenerate_reason(ref[name])
-            if reason and name not in degenerate:
-                degenerate[name] = reason
+            if c.name not in worst or c.excess > worst[c.name].excess:
+                worst[c.name] = c
             if not c.passed:
                 raise ValidationFailed(c.failure_line(f"at batch {batch}"))
+        degenerate = degenerate or task.gate_degenerate(ref)
+    assert task is not None
     if degenerate and not settings.allow_degenerate_reference:
-        name, reason = next(iter(degenerate.items()))
         raise ValidationFailed(
-            f"reference output '{name}' proves nothing: {reason}, so any graph would pass. Check the model "
-            "(zero-initialised head? wrong checkpoint?) or set validate.allow_degenerate_reference: true to accept it"
+            f"the reference proves nothing: {degenerate}, so any graph would pass. Check the model "
+            "(zero-initialised head? wrong checkpoint?), turn on model.demo_weights for a random-init demo "
+            "(README: 'References that prove something'), or set validate.allow_degenerate_reference: true to accept it"
         )
     outputs = {}
     for name, c in worst.items():
@@ -135,15 +140,17 @@ def validate_export(
             "max_rel_err": max(r["max_rel_err"] for r in per_batch if r["name"] == name),
             "mean_abs_err": max(r["mean_abs_err"] for r in per_batch if r["name"] == name),
             "top1_agreement": min(top1) if top1 else None,
-            "degenerate": degenerate.get(name),
         }
     return {
         "passed": True,
+        "task": task.name,
         "atol": settings.atol,
         "rtol": settings.rtol,
         "traced_batch": traced_batch,
         "batch_sizes": [b for b in settings.batch_sizes if b != traced_batch],
         "outputs": outputs,
+        "output_names": names,
+        "degenerate": degenerate,
         "per_batch": per_batch,
     }
 
@@ -169,16 +176,20 @@ def eager_outputs(
 
 def reference_set(model: nn.Module, spec: ModelSpec, names: list[str], data: dict[str, Any], settings: ValidateSettings) -> dict[str, Any]:
     """What every engine's accuracy is judged on: held-out images (data.eval_dir) through the shared
-    preprocessing when the model takes one image input and the folder has images, else seeded inputs.
-    Returns inputs, the eager fp32 outputs, labels (ImageFolder layout) and a description."""
-    from .calibration import check_image_input
+    preprocessing for the model's image input, when the folder has images (the other inputs from
+    data.samples or seeded), else seeded inputs. Returns inputs, the eager fp32 outputs, the task's labels,
+    the task, a description, and why the reference proves nothing when it does not."""
+    from .calibration import image_input
     from .images import ImageSet, preprocess_for
+    from .inputs import other_inputs
+    from .tasks import output_infos, resolve_task
 
     eval_dir = data.get("eval_dir")
-    if eval_dir and Path(eval_dir).is_dir():
-        preprocess = preprocess_for(spec, data)
-        check_image_input(spec, preprocess)
-        images = ImageSet.scan(eval_dir, "eval folder")
+    preprocess = preprocess_for(spec, data)
+    image = image_input(spec, preprocess)
+    images = ImageSet.scan(eval_dir, "eval folder") if eval_dir and Path(eval_dir).is_dir() and image is not None else None
+    labels = None
+    if images is not None:
         images.warn_small(preprocess, "eval folder")
         limit = int(data.get("eval_limit") or len(images))
         if limit < len(images):
@@ -190,11 +201,29 @@ def reference_set(model: nn.Module, spec: ModelSpec, names: list[str], data: dic
                 tuple(images.labels[i] for i in picks) if images.labels else None,
                 images.classes,
             )
-        feeds = {spec.inputs[0].name: images.load(preprocess)}
-        labels = images.target_indices()
-        source = f"{len(images)} images from {eval_dir}" + (" (labelled)" if labels is not None else "")
+        feeds = other_inputs([i for i in spec.inputs if i.name != image.name], len(images), settings.reference_seed, data)
+        feeds[image.name] = images.load(preprocess)
+        feeds = {i.name: feeds[i.name] for i in spec.inputs}
+        source = f"{len(images)} images from {eval_dir}"
     else:
+        if eval_dir and Path(eval_dir).is_dir() and image is None:
+            log.info("eval images not used: no model input takes what data.preprocess makes; judging on seeded inputs")
         feeds = make_inputs(spec.inputs, settings.reference_samples, settings.reference_seed)
-        labels = None
-        source = f"{settings.reference_samples} seeded random inputs (no eval images)"
-    return {"inputs": feeds, "outputs": eager_outputs(model, spec, feeds, names), "labels": labels, "source": source}
+        if data.get("samples"):
+            feeds = other_inputs(spec.inputs, settings.reference_samples, settings.reference_seed, data)
+        source = f"{settings.reference_samples} {'samples from ' + str(data['samples']) if data.get('samples') else 'seeded random inputs'}"
+        source += " (no eval images)"
+    outputs = eager_outputs(model, spec, feeds, names)
+    task, _ = resolve_task(spec.task, output_infos(outputs))
+    if images is not None:
+        labels = task.read_labels(images, preprocess)
+        if labels is not None:
+            source += " (labelled)"
+    return {
+        "inputs": feeds,
+        "outputs": outputs,
+        "labels": labels,
+        "source": source,
+        "task": task.name,
+        "degenerate": task.degenerate(outputs),
+    }

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import KilnError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -63,7 +66,15 @@ def quantize_qdq(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out_dir / PREPROCESSED
-    quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
+    try:
+        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
+    except Exception as e:  # noqa: BLE001 - ORT's symbolic shape inference fails on some graphs (detectors' NMS)
+        # ONNX's own shape inference is enough for quantize_static; the symbolic pass only adds shapes
+        # that some fusions want.
+        log.warning(
+            "ONNX Runtime's symbolic shape inference failed on %s (%s: %s); pre-processing without it", onnx_path.name, type(e).__name__, e
+        )
+        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
     if prepare is not None:
         prepare(pre)
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}

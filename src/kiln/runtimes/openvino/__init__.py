@@ -47,6 +47,9 @@ class OpenVinoCalibration:
     preset: Literal["performance", "mixed"] = "performance"  # symmetric, or asymmetric activations
     # {max_drop: 1.0}: NNCF returns layers to float until the top-1 drop on labelled data/eval is at most 1 point.
     accuracy_aware: dict[str, Any] | None = None
+    # NNCF's transformer scheme (SmoothQuant, attention's MatMuls quantized, LayerNorm/Softmax kept float);
+    # auto: on when the graph has attention (kiln.graphs.has_attention)
+    model_type: Literal["auto", "cnn", "transformer"] = "auto"
 
 
 def _config(target: Target) -> dict[str, Any]:
@@ -89,18 +92,22 @@ def float_layers(model: ov.Model) -> list[str]:
 def graph_info(model: ov.Model, compiled: ov.CompiledModel) -> dict[str, Any]:
     """What OpenVINO's CPU plugin made of the graph: its runtime model names, per node, the original
     operations fused into it (`originalLayersNames`) and the precision it runs in."""
+    from ...graphs import attention_summary
+
     skip = {"Parameter", "Result", "Constant"}
     original = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
     nodes_in = sum(op.get_type_name() not in skip for op in model.get_ordered_ops())
     fusions: Counter[str] = Counter()
     precisions: Counter[str] = Counter()
     nodes_out = 0
+    kinds: list[str] = []
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
         if kind in ("Input", "Output", "Parameter", "Result", "Constant"):
             continue
         nodes_out += 1
+        kinds.append(kind)
         if "runtimePrecision" in info:
             precisions[info["runtimePrecision"].astype(str).lower()] += 1
         names = [n for n in (info["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in info else []) if n]
@@ -111,6 +118,7 @@ def graph_info(model: ov.Model, compiled: ov.CompiledModel) -> dict[str, Any]:
         "nodes_in": nodes_in,
         "nodes_out": nodes_out,
         "fusions": dict(fusions),
+        "attention": attention_summary([op.get_type_name() for op in model.get_ordered_ops()], kinds),
         "layer_precisions": dict(precisions),
         "source": "OpenVINO runtime model (rt_info originalLayersNames, runtimePrecision)",
     }
@@ -177,7 +185,11 @@ class OpenVinoRuntime(RegisteredRuntime):
 
             advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.QUANTILE)
         samples = list(tqdm(calib.samples(), total=len(calib), desc="reading calibration images", unit="img", mininterval=2.0))
+        from ...graphs import has_attention
+
+        transformer = options.model_type == "transformer" or (options.model_type == "auto" and has_attention(onnx_path))
         common = {
+            "model_type": nncf.ModelType.TRANSFORMER if transformer else None,
             "preset": presets[options.preset],
             "subset_size": len(samples),
             "ignored_scope": nncf.IgnoredScope(names=ignored) if ignored else None,
@@ -213,6 +225,7 @@ class OpenVinoRuntime(RegisteredRuntime):
             "artifact": IR,
             "method": settings.method,
             "preset": options.preset,
+            "model_type": "transformer" if transformer else "default (cnn)",
             "quantizer": f"nncf {nncf.__version__}",
             "float_layers": float_layers(quantized),
             **extra,

@@ -13,13 +13,13 @@ from typing import Any, Literal, Mapping
 import torch
 from torch import nn
 
-from .atomic import atomic_path
-from .config import ModelSpec
-from .errors import KilnError, StorageError, chain, describe_os_error, find_os_error, strip_ansi
-from .hashing import sha256_file
-from .inputs import make_inputs
-from .models import flatten_outputs
-from .settings import parse
+from ..atomic import atomic_path
+from ..config import ModelSpec
+from ..errors import KilnError, StorageError, chain, describe_os_error, find_os_error, strip_ansi
+from ..hashing import sha256_file
+from ..inputs import make_inputs
+from ..models import flatten_outputs
+from ..settings import parse
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ class ExportSettings:
     batch: int = 2  # the traced batch size; validation uses others
     seed: int = 0
     fold_preprocess: bool = False  # data.preprocess's scaling and layout inside the graph (config.engine_spec)
+    # When dynamo cannot capture the model, try the TorchScript exporter (same opset, if it has it);
+    # the manifest says which exporter made the graph and why.
+    fallback: bool = True
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any] | None) -> "ExportSettings":
@@ -110,36 +113,37 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
     input_names = [i.name for i in spec.inputs]
     output_names = list(outputs)
 
+    from ..tasks import output_infos, resolve_task
+
+    task, task_line = resolve_task(spec.task, output_infos({k: v.detach().numpy() for k, v in outputs.items()}))
+    log.info("%s", task_line)
+    path: dict[str, Any] = {"exporter": settings.exporter, "why": f"export.exporter is {settings.exporter}"}
+    describe = getattr(model, "describe", None)
+    if callable(describe):
+        path["model_wrapper"] = describe()
+        path["why"] += "; the torchvision detector's postprocessing is replaced by kiln's fixed-shape NMS (kiln.export.detection)"
+
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        onnx_file = tmp
+        common = {"input_names": input_names, "output_names": output_names, "opset_version": settings.opset}
         try:
-            common = {"input_names": input_names, "output_names": output_names, "opset_version": settings.opset}
-            if settings.exporter == "dynamo":
-                batch = torch.export.Dim("batch")
-                torch.onnx.export(
-                    model, args, str(onnx_file), dynamo=True, external_data=False, dynamic_shapes=tuple({0: batch} for _ in args), **common
-                )
-            else:
-                torch.onnx.export(
-                    model, args, str(onnx_file), dynamo=False, dynamic_axes={n: {0: "batch"} for n in input_names + output_names}, **common
-                )
+            _run_exporter(settings.exporter, model, args, tmp, input_names, output_names, common)
         except Exception as e:
-            os_error = find_os_error(e)
-            if os_error is not None:
-                # Writing the graph failed, not exporting it: measured now, while the partial file still takes its space.
-                raise StorageError(describe_os_error(os_error, out_path)) from e
-            traceback.print_exc(file=sys.stderr)  # the full report stays in the stage's log
-            # Tracing advice fits a graph torch could not capture, not a file it could not read or write.
-            advice = (
-                ""
-                if any(isinstance(x, OSError) for x in chain(e))
-                else "; for a data-dependent branch, rewrite it with torch.where/torch.cond"
+            first_failure = e
+            fallback = (
+                settings.exporter == "dynamo" and settings.fallback and settings.opset <= MAX_TORCHSCRIPT_OPSET and find_os_error(e) is None
             )
-            raise KilnError(
-                f"torch.onnx.export ({settings.exporter}) failed: {_summarize_failure(e)} (full report above in the log{advice})"
-            ) from e
+            if fallback:
+                traceback.print_exc(file=sys.stderr)
+                log.warning("dynamo could not export the model (%s): trying the TorchScript exporter", _summarize_failure(e))
+                try:
+                    _run_exporter("torchscript", model, args, tmp, input_names, output_names, common)
+                    path = {**path, "exporter": "torchscript", "why": f"dynamo failed: {_summarize_failure(first_failure)}"}
+                except Exception as e2:
+                    _raise_export_failure(e2, out_path, "torchscript, after dynamo failed")
+            else:
+                _raise_export_failure(e, out_path, settings.exporter)
         manifest_warnings = [
             {"category": w.category.__name__, "message": str(w.message).strip(), "where": f"{w.filename}:{w.lineno}"} for w in caught
         ]
@@ -147,7 +151,10 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
             print(f"export warning: [{w['category']}] {w['message'].splitlines()[0]} ({w['where']})", file=sys.stderr)
         info = check_exported_graph(tmp, spec, settings)
     return {
-        "exporter": settings.exporter,
+        "exporter": path["exporter"],
+        "export_path": path,
+        "task": task.name,
+        "task_reason": task_line,
         "opset": settings.opset,
         "traced_batch": settings.batch,
         "torch": torch.__version__,
@@ -158,6 +165,33 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
         "sha256": sha256_file(out_path),
         "warnings": manifest_warnings,
     }
+
+
+def _run_exporter(
+    exporter: str, model: nn.Module, args: tuple[Any, ...], onnx_file: Path, input_names: list[str], output_names: list[str], common: dict
+) -> None:
+    if exporter == "dynamo":
+        batch = torch.export.Dim("batch")
+        torch.onnx.export(
+            model, args, str(onnx_file), dynamo=True, external_data=False, dynamic_shapes=tuple({0: batch} for _ in args), **common
+        )
+    else:
+        torch.onnx.export(
+            model, args, str(onnx_file), dynamo=False, dynamic_axes={n: {0: "batch"} for n in input_names + output_names}, **common
+        )
+
+
+def _raise_export_failure(e: BaseException, out_path: Path, exporter: str) -> None:
+    os_error = find_os_error(e)
+    if os_error is not None:
+        # Writing the graph failed, not exporting it: measured now, while the partial file still takes its space.
+        raise StorageError(describe_os_error(os_error, out_path)) from e
+    traceback.print_exc(file=sys.stderr)  # the full report stays in the stage's log
+    # Tracing advice fits a graph torch could not capture, not a file it could not read or write.
+    advice = (
+        "" if any(isinstance(x, OSError) for x in chain(e)) else "; for a data-dependent branch, rewrite it with torch.where/torch.cond"
+    )
+    raise KilnError(f"torch.onnx.export ({exporter}) failed: {_summarize_failure(e)} (full report above in the log{advice})") from e
 
 
 def check_exported_graph(path: Path, spec: ModelSpec, settings: ExportSettings) -> dict[str, Any]:

@@ -1,0 +1,103 @@
+"""Make a random-init network's fp32 reference prove something, offline and reproducibly.
+
+A network built with `weights=None` keeps BatchNorm's initial statistics (mean 0, variance 1), which
+fit no real activations: deep networks then answer the same class for every image, and a
+zero-initialised head (torchvision's ViT) answers exactly zero. Agreement with such a reference is not
+evidence. `model.demo_weights` fixes the two, the same way before export and in every eager reference
+(kiln.models.build_model applies it, seeded, to every copy of the model):
+- `batchnorm`: re-estimate every BatchNorm's running mean and variance on kiln's sample photographs
+  (the scikit-image/scikit-learn photographs sample-data uses, cropped in memory: no dependency on your
+  folders), through data.preprocess;
+- `redraw_zero_layers`: re-draw, with PyTorch's default init and the model's seed, every Conv/Linear
+  layer whose weights are all zero.
+The weights stay random: speed figures are real, accuracy against labels is not. Trained weights
+(model.checkpoint or model.weights) never need it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PHOTOGRAPHS = ("astronaut", "chelsea", "rocket", "coffee", "china", "flower")
+
+
+def sample_batch(preprocess_params: Mapping[str, Any], count: int, seed: int) -> np.ndarray:
+    """`count` random crops of the sample photographs, preprocessed like data.preprocess does."""
+    from PIL import Image
+
+    from .images import Preprocess, photograph
+
+    preprocess = Preprocess.from_params(preprocess_params)
+    rng = np.random.default_rng(seed)
+    sources = [photograph(n) for n in PHOTOGRAPHS]
+    images = []
+    for i in range(count):
+        src = sources[i % len(sources)]
+        if src.ndim == 2:
+            src = np.stack([src] * 3, axis=-1)
+        h, w = src.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.35, 1.0))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(np.ascontiguousarray(src[top : top + side, left : left + side, :3]))
+        images.append(preprocess.from_image(crop))
+    return np.stack(images)
+
+
+def redraw_zero_layers(model: nn.Module, seed: int) -> list[str]:
+    torch.manual_seed(seed)
+    redrawn = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not torch.any(module.weight != 0):
+            module.reset_parameters()
+            redrawn.append(name)
+    return redrawn
+
+
+def reestimate_batchnorm(model: nn.Module, batch: np.ndarray, chunk: int = 8) -> int:
+    """Running statistics from `batch` (a cumulative average over its chunks); returns how many layers."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    saved = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative: every chunk counts the same
+        m.train()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(batch), chunk):
+                model(torch.from_numpy(batch[start : start + chunk]))
+    finally:
+        for m in norms:
+            m.momentum = saved[m]
+            m.eval()
+    return len(norms)
+
+
+def make_meaningful(model: nn.Module, demo: Mapping[str, Any], seed: int) -> list[str]:
+    """Apply `model.demo_weights` to `model` (in place); returns lines for the log and the manifest."""
+    notes = []
+    if demo.get("redraw_zero_layers"):
+        redrawn = redraw_zero_layers(model, seed)
+        if redrawn:
+            more = f" and {len(redrawn) - 5} more" if len(redrawn) > 5 else ""
+            notes.append(
+                f"re-drew {len(redrawn)} all-zero layer(s) with PyTorch's default init, seed {seed}: {', '.join(redrawn[:5])}{more}"
+            )
+    if demo.get("batchnorm"):
+        count = int(demo.get("images", 32))
+        batch = sample_batch(demo["preprocess"], count, seed)
+        layers = reestimate_batchnorm(model, batch)
+        if layers:
+            notes.append(f"re-estimated {layers} BatchNorm layer(s) on {count} crops of kiln's sample photographs")
+    model.eval()
+    for line in notes:
+        log.info("model.demo_weights: %s", line)
+    return notes

@@ -1,0 +1,217 @@
+"""torchvision's single-stage detectors (SSD, SSDlite, RetinaNet, FCOS) as one batched graph, NMS included.
+
+torchvision's own postprocessing filters each image to a data-dependent number of boxes and runs
+`batched_nms`, which torch.export cannot capture (every per-image filter is an unbacked size) and which
+the TorchScript exporter captures only for a batch of one. `PaddedDetections` keeps the model's
+backbone, head and anchors and replaces the postprocessing with fixed-shape tensor code: the top
+`candidates` class scores per image, class-aware Cluster-NMS (Zheng et al., 2021: iterated Fast-NMS,
+which reaches greedy NMS's answer when it stops changing), and the best `max_detections` kept. Every
+runtime then runs the whole detector, NMS included, at any batch size.
+
+Input: images [B, 3, H, W] normalised as data.preprocess does (the detector's own mean/std, recorded
+in the manifest, must match it). Outputs: boxes [B, K, 4] (x1, y1, x2, y2 in input pixels), scores [B, K], labels [B, K] (int64, -1 in
+padding), num_detections [B] (int64): the first num_detections rows of each image are its detections,
+best first.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import KilnError
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """`model.detection`: how kiln's in-graph postprocessing is sized."""
+
+    candidates: int = 300  # class scores per image that enter NMS (torchvision: per class or per level)
+    max_detections: int | None = None  # detections kept per image; None: the model's detections_per_img
+    nms_iterations: int = 12  # Cluster-NMS rounds; kiln checks on the reference that they were enough
+
+    @classmethod
+    def from_params(cls, raw: Mapping[str, Any] | None) -> "DetectionSettings":
+        from ..settings import parse
+
+        s = parse(cls, raw, "model.detection")
+        if s.candidates < 1 or s.nms_iterations < 1 or (s.max_detections is not None and s.max_detections < 1):
+            raise KilnError("model.detection.candidates, nms_iterations and max_detections must be positive integers")
+        return s
+
+
+def detector_family(model: nn.Module) -> str | None:
+    from torchvision.models.detection.fcos import FCOS
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+    from torchvision.models.detection.retinanet import RetinaNet
+    from torchvision.models.detection.ssd import SSD
+
+    for cls, family in ((SSD, "ssd"), (RetinaNet, "retinanet"), (FCOS, "fcos")):
+        if isinstance(model, cls):
+            return family
+    if isinstance(model, GeneralizedRCNN):
+        return "rcnn"
+    return None
+
+
+class PaddedDetections(nn.Module):
+    def __init__(self, model: nn.Module, height: int, width: int, settings: DetectionSettings):
+        super().__init__()
+        family = detector_family(model)
+        if family == "rcnn":
+            raise KilnError(
+                f"{type(model).__name__} is a two-stage detector (region proposals, then RoI pooling per proposal): kiln exports "
+                "single-stage detectors (SSD, SSDlite, RetinaNet, FCOS) as one batched graph with NMS, and does not export "
+                "Faster/Mask/Keypoint R-CNN yet; use one of those, or an entrypoint that returns padded boxes/scores/labels tensors"
+            )
+        if family is None:
+            raise KilnError(f"{type(model).__name__} is not a torchvision SSD, RetinaNet or FCOS detector")
+        self.family = family
+        self.model = model.eval()
+        self.height, self.width = height, width
+        transform = model.transform
+        with torch.no_grad():
+            images, _ = transform([torch.zeros(3, height, width)])
+            self.resized = tuple(int(s) for s in images.image_sizes[0])
+            self.padded = tuple(int(s) for s in images.tensors.shape[-2:])
+            features = self._features(images.tensors)
+            anchors = model.anchor_generator(images, features)[0]
+        self.register_buffer("anchors", anchors.detach().clone(), persistent=False)
+        self.register_buffer("mean", torch.tensor(transform.image_mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(transform.image_std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.score_thresh = float(model.score_thresh)
+        self.nms_thresh = float(model.nms_thresh)
+        self.max_detections = int(settings.max_detections or model.detections_per_img)
+        self.candidates = int(settings.candidates)
+        self.nms_iterations = int(settings.nms_iterations)
+        self.label_offset = 1 if family == "ssd" else 0  # SSD's class 0 is the background
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "postprocess": f"kiln: top-{self.candidates} class scores, class-aware Cluster-NMS ({self.nms_iterations} rounds), "
+            f"best {self.max_detections} kept, padded with num_detections",
+            "score_thresh": self.score_thresh,
+            "nms_thresh": self.nms_thresh,
+            "input": [self.height, self.width],
+            "resized_to": list(self.resized),
+            "anchors": int(self.anchors.shape[0]),
+            "image_mean": [round(float(v), 6) for v in self.mean.flatten()],
+            "image_std": [round(float(v), 6) for v in self.std.flatten()],
+        }
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = self.model.backbone(x)
+        return [features] if isinstance(features, torch.Tensor) else list(features.values())
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """torchvision's GeneralizedRCNNTransform for a fixed input size, after normalisation: resize, pad.
+
+        The input is already normalised, by data.preprocess (ImageNet's mean/std by default, which every
+        torchvision detector uses) or by the graph with export.fold_preprocess: one place normalises,
+        and a detector named on the command line gets the same input as any classifier."""
+        x = images
+        if self.resized != (self.height, self.width):
+            x = nn.functional.interpolate(x, size=self.resized, mode="bilinear", align_corners=False)
+        pad_h, pad_w = self.padded[0] - self.resized[0], self.padded[1] - self.resized[1]
+        if pad_h or pad_w:
+            x = nn.functional.pad(x, (0, pad_w, 0, pad_h))
+        return x
+
+    def scores_and_boxes(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-anchor class scores [B, A, C] and decoded boxes [B, A, 4] in input pixels."""
+        head = self.model.head(self._features(self._prepare(images)))
+        cls, reg = head["cls_logits"], head["bbox_regression"]
+        batch, count = reg.shape[0], reg.shape[1]
+        anchors = self.anchors.unsqueeze(0).expand(batch, -1, -1).reshape(-1, 4)
+        if self.family == "ssd":
+            scores = torch.softmax(cls, dim=-1)[..., 1:]
+            boxes = self.model.box_coder.decode_single(reg.reshape(-1, 4), anchors)
+        elif self.family == "retinanet":
+            scores = torch.sigmoid(cls)
+            boxes = self.model.box_coder.decode_single(reg.reshape(-1, 4), anchors)
+        else:
+            scores = torch.sqrt(torch.sigmoid(cls) * torch.sigmoid(head["bbox_ctrness"]))
+            boxes = self.model.box_coder.decode(reg.reshape(-1, 4), anchors)
+        boxes = boxes.reshape(batch, count, 4)
+        rh, rw = self.resized
+        x = boxes[..., 0::2].clamp(0, rw) * (self.width / rw)
+        y = boxes[..., 1::2].clamp(0, rh) * (self.height / rh)
+        return scores, torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        scores, boxes = self.scores_and_boxes(images)
+        classes = scores.shape[-1]
+        flat = scores.reshape(scores.shape[0], -1)
+        flat = torch.where(flat > self.score_thresh, flat, torch.zeros_like(flat))
+        top, index = flat.topk(min(self.candidates, flat.shape[1]), dim=1)
+        anchor = torch.div(index, classes, rounding_mode="floor")
+        labels = index % classes + self.label_offset
+        cand = torch.gather(boxes, 1, anchor.unsqueeze(-1).expand(-1, -1, 4))
+        keep = cluster_nms(cand, labels, top, self.nms_thresh, self.nms_iterations, float(max(self.height, self.width)) + 1.0)
+        kept = top * keep
+        final, order = kept.topk(min(self.max_detections, kept.shape[1]), dim=1)
+        valid = final > 0
+        out_boxes = torch.gather(cand, 1, order.unsqueeze(-1).expand(-1, -1, 4)) * valid.unsqueeze(-1)
+        out_labels = torch.where(valid, torch.gather(labels, 1, order), torch.full_like(order, -1))
+        return dict(zip(OUTPUT_NAMES, (out_boxes, final, out_labels, valid.sum(dim=1))))
+
+
+def pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
+    """[B, K, 4] -> [B, K, K] IoU."""
+    area = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    lt = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])
+    rb = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-9)
+
+
+def cluster_nms(
+    boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, iou_thresh: float, iterations: int, offset: float
+) -> torch.Tensor:
+    """Which of the score-sorted candidates survive class-aware NMS, as 0/1 floats [B, K].
+
+    Boxes of different classes are moved apart (torchvision's batched_nms does the same), so they never
+    overlap. A box is suppressed when a kept, higher-scoring box overlaps it by more than `iou_thresh`;
+    iterating from "all kept" converges to greedy NMS's answer."""
+    shifted = boxes + (labels.to(boxes.dtype) * offset).unsqueeze(-1)
+    upper = torch.triu(pairwise_iou(shifted), diagonal=1)  # [b, j, i]: j scores higher than i
+    valid = (scores > 0).to(boxes.dtype)
+    keep = valid
+    for _ in range(iterations):
+        suppressed = (upper * keep.unsqueeze(-1)).amax(dim=1)
+        keep = valid * (suppressed <= iou_thresh).to(boxes.dtype)
+    return keep
+
+
+def nms_converged(model: PaddedDetections, images: torch.Tensor) -> bool:
+    """True when one more Cluster-NMS round changes nothing on `images`: the graph's NMS is greedy NMS there."""
+    with torch.no_grad():
+        scores, boxes = model.scores_and_boxes(images)
+        classes = scores.shape[-1]
+        flat = scores.reshape(scores.shape[0], -1)
+        flat = torch.where(flat > model.score_thresh, flat, torch.zeros_like(flat))
+        top, index = flat.topk(min(model.candidates, flat.shape[1]), dim=1)
+        labels = index % classes
+        cand = torch.gather(boxes, 1, torch.div(index, classes, rounding_mode="floor").unsqueeze(-1).expand(-1, -1, 4))
+        offset = float(max(model.height, model.width)) + 1.0
+        a = cluster_nms(cand, labels, top, model.nms_thresh, model.nms_iterations, offset)
+        b = cluster_nms(cand, labels, top, model.nms_thresh, model.nms_iterations + 1, offset)
+    return bool(torch.equal(a, b))
+
+
+def torchvision_detections(model: PaddedDetections, images: torch.Tensor) -> list[dict[str, Any]]:
+    """The wrapped detector's own eager answer (torchvision's postprocessing) on normalised `images`, for the
+    fidelity check: torchvision's detectors take 0..1 images and normalise inside."""
+    with torch.no_grad():
+        out = model.model(list((images * model.std + model.mean).unbind(0)))
+    return [{k: v.numpy() for k, v in d.items() if k in ("boxes", "scores", "labels")} for d in out]

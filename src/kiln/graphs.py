@@ -1,0 +1,35 @@
+"""Facts about an ONNX graph that choose how it is quantized and what the report says the compiler did."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+
+def op_counts(onnx_path: str | Path) -> Counter[str]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def has_attention(onnx_path: str | Path) -> bool:
+    """Softmax between MatMuls: scaled dot-product attention as exporters write it (or a fused Attention op)."""
+    ops = op_counts(onnx_path)
+    return ops.get("Attention", 0) + ops.get("MultiHeadAttention", 0) > 0 or (ops.get("Softmax", 0) > 0 and ops.get("MatMul", 0) >= 2)
+
+
+# Fused attention as each runtime names it: ONNX Runtime's contrib ops, OpenVINO's CPU plugin nodes.
+FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "ScaledDotProductAttention", "MHA", "ScaledAttn", "SDPA")
+
+
+def attention_summary(given_ops: list[str], run_ops: list[str]) -> str | None:
+    """Whether a runtime fused the graph's attention: None for a graph without attention (no Softmax)."""
+    fused = sum(1 for op in run_ops if op in FUSED_ATTENTION)
+    softmax_in = sum(1 for op in given_ops if op == "Softmax")
+    if fused:
+        return f"fused x{fused}"
+    if softmax_in and given_ops.count("MatMul") >= 2:
+        left = sum(1 for op in run_ops if op == "Softmax")
+        return f"not fused ({left} Softmax between MatMuls run as separate kernels)"
+    return None
