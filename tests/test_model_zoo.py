@@ -110,14 +110,23 @@ def segmentation(tmp_path_factory):
     params["data"]["preprocess"].update(resize=64, crop=64)
     # Bilinear upsampling of the logits differs between PyTorch and ONNX Runtime by ~2e-4 at this size.
     params["validate"]["atol"] = 1e-3
-    return _prepared_with_images(params, tmp_path_factory.mktemp("segmentation"), inductor=False)
+    return _prepared_with_images(params, tmp_path_factory.mktemp("segmentation"), inductor=False, masks=True)
 
 
-def _prepared_with_images(params: dict, root, inductor: bool = True):
+def _prepared_with_images(params: dict, root, inductor: bool = True, masks: bool = False):
+    from PIL import Image
+
     from kiln.images import make_sample_images, photograph
 
     make_sample_images(root / "calibration", [photograph(n) for n in ("astronaut", "chelsea", "rocket")], 32, 1, 96)
-    make_sample_images(root / "eval", [photograph(n) for n in ("coffee", "china")], 16, 2, 96)
+    written = make_sample_images(root / "eval", [photograph(n) for n in ("coffee", "china")], 16, 2, 96)
+    if masks:  # class-index masks (255: ignore), blocks of classes; the random network's mIoU means nothing, its plumbing does
+        (root / "eval" / "masks").mkdir()
+        rng = np.random.default_rng(0)
+        for path in written:
+            blocks = rng.integers(0, 21, size=(4, 4)).astype(np.uint8)
+            blocks[0, 0] = 255
+            Image.fromarray(np.kron(blocks, np.ones((24, 24), np.uint8))).save(root / "eval" / "masks" / f"{path.stem}.png")
     params["data"].update(calibration_dir=str(root / "calibration"), eval_dir=str(root / "eval"))
     prepared = prepare(params, root / "work")
     return prepared, run_targets(prepared, every_target(params, inductor), iterations=3)
@@ -127,12 +136,14 @@ def test_segmentation_is_judged_per_pixel(segmentation):
     prepared, results = segmentation
     assert prepared["export"]["task"] == "segmentation" and "out" in prepared["export"]["outputs"]
     assert prepared["reference"]["degenerate"] is None  # demo_weights: the map is not one class everywhere
+    assert prepared["reference"]["labels"].shape == (16, 64, 64) and "(labelled)" in prepared["reference"]["source"]
     for name, r in results.items():
         if r.get("skipped"):
             continue
         acc = r["accuracy"]
         assert acc["task"] == "segmentation" and acc["segmentation_output"] == "out"
         assert 0.0 <= acc["pixel_agreement"] <= 1.0 and acc["miou_agreement"] is not None
+        assert 0.0 <= acc["miou"] <= 1.0 and np.isfinite(acc["miou_drop"])  # real mIoU against eval/masks/*.png
         if fp32(name):
             assert acc["pixel_agreement"] > 0.99, (name, acc)
 

@@ -33,3 +33,25 @@ def attention_summary(given_ops: list[str], run_ops: list[str]) -> str | None:
         left = sum(1 for op in run_ops if op == "Softmax")
         return f"not fused ({left} Softmax between MatMuls run as separate kernels)"
     return None
+
+
+HEAVY_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "MultiHeadAttention")
+
+
+def tail_nodes(onnx_path: str | Path) -> list[str]:
+    """Nodes after the last convolution or matrix product on every path to an output: a detector's box
+    decoding and NMS, a segmenter's final upsampling. Quantizing them saves no compute and moves boxes and
+    IoUs (an int8 IoU flips which boxes NMS keeps), so kiln's int8 targets keep them in float."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    heavy_below = [False] * len(graph.node)
+    for i in range(len(graph.node) - 1, -1, -1):  # ONNX graphs are topologically sorted
+        heavy_below[i] = any(
+            graph.node[j].op_type in HEAVY_OPS or heavy_below[j] for out in graph.node[i].output for j in consumers.get(out, [])
+        )
+    return [n.name for i, n in enumerate(graph.node) if n.name and n.op_type not in HEAVY_OPS and not heavy_below[i]]

@@ -18,6 +18,8 @@ from .errors import KilnError
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
+# Folders at the top of an eval folder that hold labels, not images: kiln.tasks reads them.
+LABEL_FOLDERS = ("masks", "labels")
 # An image whose short side is below this share of the crop is upscaled so much that it is mostly blur.
 SMALL_IMAGE_SHARE = 0.5
 
@@ -146,7 +148,10 @@ class ImageSet:
         root = Path(root)
         if not root.is_dir():
             raise KilnError(f"{what} '{root}' does not exist; put jpg/png images in it (any depth)")
-        paths = tuple(sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p)))
+        # Label folders next to the images (segmentation masks, YOLO txt) are not images to run.
+        paths = tuple(
+            sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p) and p.relative_to(root).parts[0] not in LABEL_FOLDERS)
+        )
         if not paths:
             raise KilnError(f"{what} '{root}' holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))} at any depth)")
         # ImageFolder layout: every image exactly one directory below the root.

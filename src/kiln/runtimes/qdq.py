@@ -77,6 +77,11 @@ def quantize_qdq(
         quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
     if prepare is not None:
         prepare(pre)
+    from ..graphs import tail_nodes
+
+    tail = tail_nodes(pre)
+    if tail:
+        log.info("%d node(s) after the last Conv/MatMul kept in float (box decoding, NMS, upsampling)", len(tail))
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
     quantize_static(
         str(pre),
@@ -84,7 +89,7 @@ def quantize_qdq(
         CalibrationReader(calib, runtime),
         quant_format=QuantFormat.QDQ,
         calibrate_method=methods[settings.method],
-        nodes_to_exclude=list(settings.ignored_scope) or None,
+        nodes_to_exclude=sorted({*settings.ignored_scope, *tail}) or None,
         **quantizer,
     )
     return out_dir / QDQ

@@ -22,6 +22,17 @@ def mean_iou(ref_map: np.ndarray, got_map: np.ndarray, classes: int, ignore: int
     return float(np.mean(ious)) if ious else None
 
 
+def _resize_crop_nearest(im: Any, preprocess: Any) -> np.ndarray:
+    from PIL import Image
+
+    w, h = im.size
+    scale = preprocess.resize / min(w, h)
+    im = im.resize((max(preprocess.resize, round(w * scale)), max(preprocess.resize, round(h * scale))), Image.NEAREST)
+    w, h = im.size
+    left, top = (w - preprocess.crop) // 2, (h - preprocess.crop) // 2
+    return np.asarray(im.crop((left, top, left + preprocess.crop, top + preprocess.crop))).astype(np.int64)
+
+
 class Segmentation(Task):
     name = "segmentation"
     budget_keys = {
@@ -51,6 +62,25 @@ class Segmentation(Task):
         result["miou_agreement"] = mean_iou(r, g, ref[name].shape[1])
         result["segmentation_output"] = name
         return result
+
+    def read_labels(self, images: Any, preprocess: Any) -> np.ndarray | None:
+        """Class-index masks: `masks/<image stem>.png` in the eval folder (255 = ignore, as in VOC), resized and
+        centre-cropped like the images (nearest neighbour). All or nothing: a missing mask is an error."""
+        from PIL import Image
+
+        folder = images.root / "masks"
+        if not folder.is_dir():
+            return None
+        masks = []
+        for path in images.paths:
+            mask_path = folder / f"{path.stem}.png"
+            if not mask_path.is_file():
+                raise KilnError(f"eval folder {images.root} has masks/ but no {mask_path.name} for {path.name}: add it or remove masks/")
+            with Image.open(mask_path) as im:
+                if im.mode not in ("L", "P", "I;16", "I"):
+                    raise KilnError(f"mask {mask_path} is {im.mode}: a mask holds one class index per pixel (mode L or P)")
+                masks.append(_resize_crop_nearest(im, preprocess))
+        return np.stack(masks)
 
     def against_labels(self, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], labels: Any) -> dict[str, Any]:
         if labels is None or np.asarray(labels).ndim != 3:

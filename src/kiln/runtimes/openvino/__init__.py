@@ -178,6 +178,11 @@ class OpenVinoRuntime(RegisteredRuntime):
         if unknown:
             raise KilnError(f"targets.{target.name}: ignored_scope names no layer of the model: {', '.join(unknown)}")
         ignored = sorted({f for found in matched.values() for f in found})
+        from ...graphs import tail_nodes
+
+        # The tail after the last Conv/MatMul (box decoding, NMS) stays float: see kiln.graphs.tail_nodes.
+        tail = set(tail_nodes(onnx_path))
+        tail_ops = sorted({f for f in names for n in tail if f == n or f.startswith(n + "/")})
         advanced = None
         if settings.method == "percentile":
             from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
@@ -192,7 +197,7 @@ class OpenVinoRuntime(RegisteredRuntime):
             "model_type": nncf.ModelType.TRANSFORMER if transformer else None,
             "preset": presets[options.preset],
             "subset_size": len(samples),
-            "ignored_scope": nncf.IgnoredScope(names=ignored) if ignored else None,
+            "ignored_scope": nncf.IgnoredScope(names=sorted({*ignored, *tail_ops}), validate=False) if ignored or tail_ops else None,
         }
         accuracy_aware = options.accuracy_aware
         extra: dict[str, Any] = {}
@@ -226,6 +231,7 @@ class OpenVinoRuntime(RegisteredRuntime):
             "method": settings.method,
             "preset": options.preset,
             "model_type": "transformer" if transformer else "default (cnn)",
+            "float_tail": len(tail_ops),
             "quantizer": f"nncf {nncf.__version__}",
             "float_layers": float_layers(quantized),
             **extra,
