@@ -21,7 +21,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-MODELS = ["ssdlite320", "fcos", "retinanet", "deeplabv3", "lraspp", "vit_b_16", "timm_vit_small", "mobilenet_v3_small", "efficientnet_b0"]
+# A conf/model file, optionally with overrides after commas: "ssdlite320,model.name=fasterrcnn_mobilenet_v3_large_320_fpn".
+MODELS = [
+    "ssdlite320",
+    "ssdlite320,model.name=fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fcos",
+    "retinanet",
+    "deeplabv3",
+    "lraspp",
+    "vit_b_16",
+    "timm_vit_small",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+]
 TARGETS = ["torch-eager", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8"]
 
 
@@ -44,15 +56,19 @@ def main() -> None:
         root = Path(tmp)
         make_sample_images(root / "calibration", [photograph(n) for n in ("astronaut", "chelsea", "rocket")], 32, 1, 400)
         make_sample_images(root / "eval", [photograph(n) for n in ("coffee", "china")], 16, 2, 400)
-        for model in args.models:
-            params = compose([f"model={model}"], config_dir=ROOT / "conf")
+        for entry in args.models:
+            file, *overrides = entry.split(",")
+            model = overrides[-1].split("=", 1)[1] if overrides else file
+            params = compose([f"model={file}", *overrides], config_dir=ROOT / "conf")
             params["data"].update(calibration_dir=str(root / "calibration"), eval_dir=str(root / "eval"), eval_limit=16)
             params["calibration"].update(subset_size=32)
             params["targets"] = {k: v for k, v in params["targets"].items() if k in args.targets}
+            (root / model).mkdir()
             start = time.perf_counter()
             try:
                 prepared = prepare(params, root / model)
             except Exception as e:  # a model that cannot be exported is a row too
+                print(f"{model}: {e}", flush=True)
                 rows.append(f"| {model} | all | failed: {str(e).splitlines()[0][:160]} | | | | |")
                 continue
             exp, val = prepared["export"], prepared["validate"]

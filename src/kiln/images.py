@@ -87,16 +87,20 @@ class Preprocess:
         except (UnidentifiedImageError, OSError) as e:
             raise KilnError(f"cannot read image {path}: {e}; remove it or replace it with a jpg/png") from e
 
+    def geometry(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(resized width, resized height, crop left, crop top) for an image of that size: what labels
+        (boxes, masks) go through to line up with the image the model sees."""
+        scale = self.resize / min(width, height)
+        rw, rh = max(self.resize, round(width * scale)), max(self.resize, round(height * scale))
+        return rw, rh, (rw - self.crop) // 2, (rh - self.crop) // 2
+
     def resize_crop(self, im: Any) -> np.ndarray:
         """A PIL image -> uint8 [H, W, C]: resize the short side, centre-crop."""
         from PIL import Image
 
         im = im.convert("RGB" if self.channels == 3 else "L")
-        w, h = im.size
-        scale = self.resize / min(w, h)
-        im = im.resize((max(self.resize, round(w * scale)), max(self.resize, round(h * scale))), Image.BILINEAR)
-        w, h = im.size
-        left, top = (w - self.crop) // 2, (h - self.crop) // 2
+        rw, rh, left, top = self.geometry(*im.size)
+        im = im.resize((rw, rh), Image.BILINEAR)
         arr = np.asarray(im.crop((left, top, left + self.crop, top + self.crop)), dtype=np.uint8)
         return arr[:, :, None] if arr.ndim == 2 else arr
 

@@ -33,9 +33,7 @@ def to_crop(gt: Mapping[str, np.ndarray], size: tuple[int, int], preprocess: Any
     """Ground-truth boxes of an original (width, height) image moved into the resized, centre-cropped image
     the model sees (kiln.images.Preprocess); boxes cropped away entirely are dropped."""
     w, h = size
-    scale = preprocess.resize / min(w, h)
-    rw, rh = max(preprocess.resize, round(w * scale)), max(preprocess.resize, round(h * scale))
-    left, top = (rw - preprocess.crop) // 2, (rh - preprocess.crop) // 2
+    rw, rh, left, top = preprocess.geometry(w, h)
     boxes = np.asarray(gt["boxes"], np.float64).reshape(-1, 4) * [rw / w, rh / h, rw / w, rh / h] - [left, top, left, top]
     boxes = np.clip(boxes, 0, preprocess.crop)
     keep = (boxes[:, 2] - boxes[:, 0] > 1) & (boxes[:, 3] - boxes[:, 1] > 1)
@@ -150,7 +148,10 @@ class Detection(Task):
     def degenerate(self, ref: Mapping[str, np.ndarray]) -> str | None:
         images = unpad(ref)
         if not any(len(d["scores"]) for d in images):
-            return "the reference detects nothing on any input (random weights? a score threshold too high for them?)"
+            return (
+                "the reference detects nothing on any input (random weights? then model.demo_weights, and a lower "
+                "model.kwargs.score_thresh: a random head's scores sit near its prior)"
+            )
         scores = np.concatenate([d["scores"] for d in images])
         if scores.size > 1 and float(np.ptp(scores)) <= 1e-6 * max(1.0, float(np.max(np.abs(scores)))):
             return f"every reference detection has the same score ({float(scores[0]):.4g}): which boxes survive NMS is a tie-break"

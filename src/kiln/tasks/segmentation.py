@@ -25,11 +25,8 @@ def mean_iou(ref_map: np.ndarray, got_map: np.ndarray, classes: int, ignore: int
 def _resize_crop_nearest(im: Any, preprocess: Any) -> np.ndarray:
     from PIL import Image
 
-    w, h = im.size
-    scale = preprocess.resize / min(w, h)
-    im = im.resize((max(preprocess.resize, round(w * scale)), max(preprocess.resize, round(h * scale))), Image.NEAREST)
-    w, h = im.size
-    left, top = (w - preprocess.crop) // 2, (h - preprocess.crop) // 2
+    rw, rh, left, top = preprocess.geometry(*im.size)
+    im = im.resize((rw, rh), Image.NEAREST)
     return np.asarray(im.crop((left, top, left + preprocess.crop, top + preprocess.crop))).astype(np.int64)
 
 
