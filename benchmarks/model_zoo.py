@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT / "src"))
 MODELS = [
     "ssdlite320",
     "ssdlite320,model.name=fasterrcnn_mobilenet_v3_large_320_fpn",
-    "fcos",
     "retinanet",
     "deeplabv3",
     "lraspp",
