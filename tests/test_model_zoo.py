@@ -8,6 +8,7 @@ here on coloured shapes, tests/detection_data.py), so its mAP and int8's drop me
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -174,6 +175,10 @@ def test_vit_reference_is_made_meaningful_and_int8_uses_the_transformer_scheme(v
             assert r["accuracy"]["top1_agreement"] > 0.9, (name, r["accuracy"])
     calibration = (prepared["workdir"] / "calibration-openvino-int8" / "calibration.json").read_text()
     assert '"model_type": "transformer"' in calibration
+    # What the compiler did with attention, per runtime ("fused", "partly fused" or "not fused"): measured, not assumed.
+    for target in ("onnxruntime", "openvino"):
+        manifest = json.loads((prepared["workdir"] / f"engine-{target}" / "manifest.json").read_text())
+        assert "fused" in manifest["graph"]["attention"], (target, manifest["graph"])
 
 
 @pytest.fixture(scope="module")

@@ -81,3 +81,13 @@ def test_mean_iou_counts_classes_present_in_either_map():
     assert mean_iou(a, a, 3) == 1.0
     assert mean_iou(a, np.array([[0, 1, 1, 1]]), 3) == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert mean_iou(np.array([[255, 0]]), np.array([[1, 0]]), 3, ignore=255) == 1.0
+
+
+def test_attention_fusion_is_read_from_what_the_runtime_runs():
+    from kiln.graphs import attention_summary
+
+    given = ["MatMul", "Softmax", "MatMul", "Add"]
+    assert attention_summary(["Conv", "Relu"], ["Conv"]) is None
+    assert attention_summary(given, ["MultiHeadAttention"]) == "fused into one kernel x1"
+    assert attention_summary(given, ["MatMul", "MatMul"], {"MatMul+Softmax": 2}).startswith("partly fused")
+    assert attention_summary(given, given).startswith("not fused")

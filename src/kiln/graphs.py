@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Mapping
 
 
 def op_counts(onnx_path: str | Path) -> Counter[str]:
@@ -23,16 +24,17 @@ def has_attention(onnx_path: str | Path) -> bool:
 FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "ScaledDotProductAttention", "MHA", "ScaledAttn", "SDPA")
 
 
-def attention_summary(given_ops: list[str], run_ops: list[str]) -> str | None:
-    """Whether a runtime fused the graph's attention: None for a graph without attention (no Softmax)."""
+def attention_summary(given_ops: list[str], run_ops: list[str], fusions: Mapping[str, int] | None = None) -> str | None:
+    """Whether a runtime fused the graph's attention; None for a graph without attention (Softmax between MatMuls)."""
+    if not (given_ops.count("Softmax") and given_ops.count("MatMul") >= 2):
+        return None
     fused = sum(1 for op in run_ops if op in FUSED_ATTENTION)
-    softmax_in = sum(1 for op in given_ops if op == "Softmax")
     if fused:
-        return f"fused x{fused}"
-    if softmax_in and given_ops.count("MatMul") >= 2:
-        left = sum(1 for op in run_ops if op == "Softmax")
-        return f"not fused ({left} Softmax between MatMuls run as separate kernels)"
-    return None
+        return f"fused into one kernel x{fused}"
+    partial = {k: v for k, v in (fusions or {}).items() if "MatMul" in k and "Softmax" in k}
+    if partial:
+        return "partly fused (no single attention kernel): " + ", ".join(f"{k} x{v}" for k, v in partial.items())
+    return "not fused: MatMul, Softmax and MatMul run as separate kernels"
 
 
 HEAVY_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "MultiHeadAttention")

@@ -103,7 +103,7 @@ def graph_info(given: Path, optimized: Path) -> dict[str, Any]:
         "nodes_in": len(given_nodes),
         "nodes_out": len(out_nodes),
         "fusions": dict(fusions),
-        "attention": attention_summary([n.op_type for n in given_nodes], [n.op_type for n in out_nodes]),
+        "attention": attention_summary([n.op_type for n in given_nodes], [n.op_type for n in out_nodes], fusions),
         "layer_precisions": layer_precisions(out_nodes),
         "source": "ONNX graph vs ONNX Runtime's optimised graph (compute layers for precisions)",
     }

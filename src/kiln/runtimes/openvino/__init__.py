@@ -118,7 +118,7 @@ def graph_info(model: ov.Model, compiled: ov.CompiledModel) -> dict[str, Any]:
         "nodes_in": nodes_in,
         "nodes_out": nodes_out,
         "fusions": dict(fusions),
-        "attention": attention_summary([op.get_type_name() for op in model.get_ordered_ops()], kinds),
+        "attention": attention_summary([op.get_type_name() for op in model.get_ordered_ops()], kinds, fusions),
         "layer_precisions": dict(precisions),
         "source": "OpenVINO runtime model (rt_info originalLayersNames, runtimePrecision)",
     }
