@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import KilnError, strip_ansi
+from .errors import KilnError, first_line, strip_ansi
 
 log = logging.getLogger("kiln.models")
 
@@ -29,11 +29,6 @@ _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHOR
 # Why a checkpoint's keys carry a prefix the model's do not, for the log line that says it was stripped.
 _PREFIX_REASONS = {"module": "added by DataParallel/DistributedDataParallel", "_orig_mod": "added by torch.compile"}
 _ATTRIBUTE_REASON = "the attribute of the LightningModule or other wrapper that held the network"
-
-
-def first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in strip_ansi(str(e)).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def _py_str(text: Any) -> str:

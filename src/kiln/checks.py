@@ -57,19 +57,9 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
 
 
 def check_model_extras(model: Mapping[str, Any], spec: Any) -> None:
-    """model.task, model.detection and model.demo_weights: known values and keys."""
-    from .errors import KilnError
+    """model.task and model.detection (engine_spec has parsed model.demo_weights)."""
     from .export.detection import DetectionSettings
-    from .tasks import task_classes
+    from .tasks import check_task_name
 
-    if spec.task not in ("auto", *task_classes()):
-        raise KilnError(f"model.task '{spec.task}' is not a kiln task; tasks: auto, {', '.join(task_classes())}")
+    check_task_name(spec.task)
     DetectionSettings.from_params(model.get("detection"))
-    demo = model.get("demo_weights") or {}
-    if not isinstance(demo, Mapping) or set(demo) - {"batchnorm", "redraw_zero_layers", "images"}:
-        raise KilnError(
-            f"model.demo_weights takes batchnorm, redraw_zero_layers and images; got {dict(demo) if isinstance(demo, Mapping) else demo!r}"
-        )
-    images = demo.get("images", 32)
-    if not isinstance(images, int) or isinstance(images, bool) or images < 2:
-        raise KilnError(f"model.demo_weights.images must be an integer >= 2 (BatchNorm needs a batch), got {images!r}")

@@ -192,16 +192,16 @@ def engine_spec(params: Mapping[str, Any]) -> ModelSpec:
     spec = ModelSpec.from_params(params.get("model") or {})
     from dataclasses import replace
 
+    from .demo_weights import DemoWeights
     from .images import Preprocess
 
-    demo = (params.get("model") or {}).get("demo_weights")
+    preprocess = Preprocess.from_params((params.get("data") or {}).get("preprocess"))
+    demo = DemoWeights.from_params((params.get("model") or {}).get("demo_weights"))
     # Only ever for random weights: trained BatchNorm statistics and heads are the model.
-    if demo and any(demo.get(k) for k in ("batchnorm", "redraw_zero_layers")) and not (spec.checkpoint or spec.weights):
-        spec = replace(spec, demo={**demo, "preprocess": Preprocess.from_params((params.get("data") or {}).get("preprocess")).to_params()})
+    if demo.enabled and not (spec.checkpoint or spec.weights):
+        spec = replace(spec, demo={**demo.to_params(), "preprocess": preprocess.to_params()})
     if not (params.get("export") or {}).get("fold_preprocess"):
         return spec
-
-    preprocess = Preprocess.from_params((params.get("data") or {}).get("preprocess"))
     if len(spec.inputs) != 1 or preprocess.dtype != "float32" or tuple(spec.inputs[0].shape) != preprocess.sample_shape():
         raise KilnError(
             f"export.fold_preprocess needs one float32 image input shaped like data.preprocess makes it "

@@ -17,13 +17,46 @@ The weights stay random: speed figures are real, accuracy against labels is not.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
-import torch
-from torch import nn
+
+from .errors import KilnError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoWeights:
+    """`model.demo_weights` (read by config.engine_spec, which imports no framework: torch stays in the functions below)."""
+
+    batchnorm: bool = False
+    redraw_zero_layers: bool = False
+    images: int = 32
+
+    @classmethod
+    def from_params(cls, raw: Mapping[str, Any] | None) -> "DemoWeights":
+        from .settings import parse
+
+        return parse(cls, raw, "model.demo_weights")
+
+    def check(self, where: str) -> None:
+        if self.images < 2:
+            raise KilnError(f"{where}.images must be an integer >= 2 (BatchNorm needs a batch), got {self.images!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.batchnorm or self.redraw_zero_layers
+
+    def to_params(self) -> dict[str, Any]:
+        from .settings import to_params
+
+        return to_params(self)
+
 
 PHOTOGRAPHS = ("astronaut", "chelsea", "rocket", "coffee", "china", "flower")
 
@@ -32,7 +65,7 @@ def sample_batch(preprocess_params: Mapping[str, Any], count: int, seed: int) ->
     """`count` random crops of the sample photographs, preprocessed like data.preprocess does."""
     from PIL import Image
 
-    from .images import Preprocess, photograph
+    from .images import Preprocess, photograph, random_square_crop
 
     preprocess = Preprocess.from_params(preprocess_params)
     rng = np.random.default_rng(seed)
@@ -42,15 +75,15 @@ def sample_batch(preprocess_params: Mapping[str, Any], count: int, seed: int) ->
         src = sources[i % len(sources)]
         if src.ndim == 2:
             src = np.stack([src] * 3, axis=-1)
-        h, w = src.shape[:2]
-        side = int(min(h, w) * rng.uniform(0.35, 1.0))
-        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = Image.fromarray(np.ascontiguousarray(src[top : top + side, left : left + side, :3]))
+        crop = Image.fromarray(np.ascontiguousarray(random_square_crop(src, rng)[..., :3]))
         images.append(preprocess.from_image(crop))
     return np.stack(images)
 
 
 def redraw_zero_layers(model: nn.Module, seed: int) -> list[str]:
+    import torch
+    from torch import nn
+
     torch.manual_seed(seed)
     redrawn = []
     for name, module in model.named_modules():
@@ -62,6 +95,9 @@ def redraw_zero_layers(model: nn.Module, seed: int) -> list[str]:
 
 def reestimate_batchnorm(model: nn.Module, batch: np.ndarray, chunk: int = 8) -> int:
     """Running statistics from `batch` (a cumulative average over its chunks); returns how many layers."""
+    import torch
+    from torch import nn
+
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
@@ -83,16 +119,17 @@ def reestimate_batchnorm(model: nn.Module, batch: np.ndarray, chunk: int = 8) ->
 
 def make_meaningful(model: nn.Module, demo: Mapping[str, Any], seed: int) -> list[str]:
     """Apply `model.demo_weights` to `model` (in place); returns lines for the log and the manifest."""
+    settings = DemoWeights.from_params({k: v for k, v in demo.items() if k != "preprocess"})
     notes = []
-    if demo.get("redraw_zero_layers"):
+    if settings.redraw_zero_layers:
         redrawn = redraw_zero_layers(model, seed)
         if redrawn:
             more = f" and {len(redrawn) - 5} more" if len(redrawn) > 5 else ""
             notes.append(
                 f"re-drew {len(redrawn)} all-zero layer(s) with PyTorch's default init, seed {seed}: {', '.join(redrawn[:5])}{more}"
             )
-    if demo.get("batchnorm"):
-        count = int(demo.get("images", 32))
+    if settings.batchnorm:
+        count = settings.images
         batch = sample_batch(demo["preprocess"], count, seed)
         layers = reestimate_batchnorm(model, batch)
         if layers:

@@ -166,6 +166,12 @@ def storage_message(e: BaseException) -> str | None:
     return None
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of a library's message, without colour codes (the exception's type if it has none)."""
+    lines = [ln.strip() for ln in strip_ansi(str(e)).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def summarize(e: BaseException, limit: int = 400) -> str:
     """A library's message on one line, without colour codes or source locations (OpenVINO's
     'Exception from src/...cpp:132:' lines say where in OpenVINO, not what went wrong)."""

@@ -277,6 +277,14 @@ def photograph(name: str) -> np.ndarray:
     return np.asarray(getattr(skimage.data, name)())
 
 
+def random_square_crop(src: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A square crop of a photograph, 35-100% of its short side, anywhere in it: kiln's sample-image recipe."""
+    h, w = src.shape[:2]
+    side = int(min(h, w) * rng.uniform(0.35, 1.0))
+    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    return src[top : top + side, left : left + side]
+
+
 def make_sample_images(out_dir: str | Path, sources: Sequence[np.ndarray], count: int, seed: int, size: int = 256) -> list[Path]:
     """Random crops (scale, position, flip) of photographs, saved as JPEG: a reproducible offline image set."""
     from PIL import Image
@@ -286,11 +294,7 @@ def make_sample_images(out_dir: str | Path, sources: Sequence[np.ndarray], count
     rng = np.random.default_rng(seed)
     written = []
     for i in range(count):
-        src = sources[i % len(sources)]
-        h, w = src.shape[:2]
-        side = int(min(h, w) * rng.uniform(0.35, 1.0))
-        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = Image.fromarray(src[top : top + side, left : left + side]).resize((size, size), Image.BILINEAR)
+        crop = Image.fromarray(random_square_crop(sources[i % len(sources)], rng)).resize((size, size), Image.BILINEAR)
         if rng.random() < 0.5:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         path = out / f"{i:04d}.jpg"

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import apply_state_dict, first_line, load_state_dict_file
+from .checkpoints import apply_state_dict, load_state_dict_file
 from .config import ModelSpec
-from .errors import KilnError, close_matches
+from .errors import KilnError, close_matches, first_line
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,10 @@ def _image_size(spec: ModelSpec) -> tuple[int, int]:
     """(height, width) of a detector's one image input, [3, H, W]."""
     if len(spec.inputs) != 1 or len(spec.inputs[0].shape) != 3 or spec.inputs[0].shape[0] != 3:
         shapes = ", ".join(f"'{i.name}' {list(i.shape)}" for i in spec.inputs)
-        raise KilnError(f"a torchvision detector takes one image input shaped [3, height, width] (float, 0..1); model.inputs is {shapes}")
+        raise KilnError(
+            "a torchvision detector takes one image input shaped [3, height, width] (float, normalised by data.preprocess); "
+            f"model.inputs is {shapes}"
+        )
     return spec.inputs[0].shape[1], spec.inputs[0].shape[2]
 
 

@@ -53,6 +53,7 @@ def prepare(params: Mapping[str, Any], workdir: str | Path) -> dict[str, Any]:
 def run_target(prepared: Mapping[str, Any], name: str, batch: int | None = None, iterations: int = 10) -> dict[str, Any]:
     """Calibrate (if the precision needs it), build, judge and time one target of the prepared model."""
     from .accuracy import accuracy_against_reference
+    from .benchmark import BenchmarkSettings, time_infer
     from .calibration import calibrate_target
     from .engine import build_engine, load_engine
     from .inputs import make_inputs
@@ -72,14 +73,9 @@ def run_target(prepared: Mapping[str, Any], name: str, batch: int | None = None,
     session, _ = load_engine(workdir / f"engine-{name}", target)
     accuracy = accuracy_against_reference(session, prepared["reference"], chunk=target.profile.opt)
     batch = batch or target.main_batch
-    feeds = make_inputs(spec.inputs, batch, 7)
-    session.infer(feeds)
-    times = []
-    for _ in range(iterations):
-        t0 = time.perf_counter()
-        session.infer(feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
-    p50 = float(np.median(times))
+    # The benchmark's own timer (device events where the session has them), one warm-up, exactly `iterations`.
+    quick = BenchmarkSettings(warmup_iters=1, min_iters=iterations, max_iters=iterations, min_time_s=0.0)
+    p50 = float(np.median(time_infer(session, make_inputs(spec.inputs, batch, quick.seed), quick)))
     return {
         "target": name,
         "precision": manifest["precision"],

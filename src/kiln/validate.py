@@ -17,7 +17,7 @@ from torch import nn
 
 from .compare import OutputComparison
 from .config import ModelSpec
-from .errors import KilnError, ValidationFailed
+from .errors import KilnError, ValidationFailed, first_line
 from .inputs import make_inputs
 from .models import FoldedPreprocess, flatten_outputs
 
@@ -98,7 +98,7 @@ def validate_export(
         try:
             got = dict(zip(names, session.run(names, feeds)))
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ValidationFailed(
                 f"the exported graph fails at batch {batch} (traced at {traced_batch}): {first[:300]}; "
                 "the export froze a batch-dependent shape"
@@ -208,9 +208,7 @@ def reference_set(model: nn.Module, spec: ModelSpec, names: list[str], data: dic
     else:
         if eval_dir and Path(eval_dir).is_dir() and image is None:
             log.info("eval images not used: no model input takes what data.preprocess makes; judging on seeded inputs")
-        feeds = make_inputs(spec.inputs, settings.reference_samples, settings.reference_seed)
-        if data.get("samples"):
-            feeds = other_inputs(spec.inputs, settings.reference_samples, settings.reference_seed, data)
+        feeds = other_inputs(spec.inputs, settings.reference_samples, settings.reference_seed, data)
         source = f"{settings.reference_samples} {'samples from ' + str(data['samples']) if data.get('samples') else 'seeded random inputs'}"
         source += " (no eval images)"
     outputs = eager_outputs(model, spec, feeds, names)

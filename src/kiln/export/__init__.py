@@ -128,18 +128,18 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
         warnings.simplefilter("always")
         common = {"input_names": input_names, "output_names": output_names, "opset_version": settings.opset}
         try:
-            _run_exporter(settings.exporter, model, args, tmp, input_names, output_names, common)
+            _run_exporter(settings.exporter, model, args, tmp, common)
         except Exception as e:
-            first_failure = e
             fallback = (
                 settings.exporter == "dynamo" and settings.fallback and settings.opset <= MAX_TORCHSCRIPT_OPSET and find_os_error(e) is None
             )
             if fallback:
                 traceback.print_exc(file=sys.stderr)
-                log.warning("dynamo could not export the model (%s): trying the TorchScript exporter", _summarize_failure(e))
+                dynamo_failure = _summarize_failure(e)
+                log.warning("dynamo could not export the model (%s): trying the TorchScript exporter", dynamo_failure)
                 try:
-                    _run_exporter("torchscript", model, args, tmp, input_names, output_names, common)
-                    path = {**path, "exporter": "torchscript", "why": f"dynamo failed: {_summarize_failure(first_failure)}"}
+                    _run_exporter("torchscript", model, args, tmp, common)
+                    path = {**path, "exporter": "torchscript", "why": f"dynamo failed: {dynamo_failure}"}
                 except Exception as e2:
                     _raise_export_failure(e2, out_path, "torchscript, after dynamo failed")
             else:
@@ -167,18 +167,16 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
     }
 
 
-def _run_exporter(
-    exporter: str, model: nn.Module, args: tuple[Any, ...], onnx_file: Path, input_names: list[str], output_names: list[str], common: dict
-) -> None:
+def _run_exporter(exporter: str, model: nn.Module, args: tuple[Any, ...], onnx_file: Path, common: dict[str, Any]) -> None:
+    """torch.onnx.export with the batch axis of every input (and, for TorchScript, every output) dynamic."""
     if exporter == "dynamo":
         batch = torch.export.Dim("batch")
         torch.onnx.export(
             model, args, str(onnx_file), dynamo=True, external_data=False, dynamic_shapes=tuple({0: batch} for _ in args), **common
         )
     else:
-        torch.onnx.export(
-            model, args, str(onnx_file), dynamo=False, dynamic_axes={n: {0: "batch"} for n in input_names + output_names}, **common
-        )
+        names = common["input_names"] + common["output_names"]
+        torch.onnx.export(model, args, str(onnx_file), dynamo=False, dynamic_axes={n: {0: "batch"} for n in names}, **common)
 
 
 def _raise_export_failure(e: BaseException, out_path: Path, exporter: str) -> None:

@@ -16,7 +16,6 @@ best first.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -24,8 +23,6 @@ import torch
 from torch import nn
 
 from ..errors import KilnError
-
-log = logging.getLogger(__name__)
 
 OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
 
@@ -36,16 +33,19 @@ class DetectionSettings:
 
     candidates: int = 300  # class scores per image that enter NMS (torchvision: per class or per level)
     max_detections: int | None = None  # detections kept per image; None: the model's detections_per_img
-    nms_iterations: int = 12  # Cluster-NMS rounds; kiln checks on the reference that they were enough
+    # Cluster-NMS rounds: it equals greedy NMS once a round changes nothing; a fixed count keeps the graph
+    # static, and clusters of more overlapping boxes than rounds are not checked for (left to the gate)
+    nms_iterations: int = 12
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any] | None) -> "DetectionSettings":
         from ..settings import parse
 
-        s = parse(cls, raw, "model.detection")
-        if s.candidates < 1 or s.nms_iterations < 1 or (s.max_detections is not None and s.max_detections < 1):
-            raise KilnError("model.detection.candidates, nms_iterations and max_detections must be positive integers")
-        return s
+        return parse(cls, raw, "model.detection")
+
+    def check(self, where: str) -> None:
+        if self.candidates < 1 or self.nms_iterations < 1 or (self.max_detections is not None and self.max_detections < 1):
+            raise KilnError(f"{where}.candidates, nms_iterations and max_detections must be positive integers")
 
 
 def detector_family(model: nn.Module) -> str | None:
@@ -191,27 +191,3 @@ def cluster_nms(
         suppressed = (upper * keep.unsqueeze(-1)).amax(dim=1)
         keep = valid * (suppressed <= iou_thresh).to(boxes.dtype)
     return keep
-
-
-def nms_converged(model: PaddedDetections, images: torch.Tensor) -> bool:
-    """True when one more Cluster-NMS round changes nothing on `images`: the graph's NMS is greedy NMS there."""
-    with torch.no_grad():
-        scores, boxes = model.scores_and_boxes(images)
-        classes = scores.shape[-1]
-        flat = scores.reshape(scores.shape[0], -1)
-        flat = torch.where(flat > model.score_thresh, flat, torch.zeros_like(flat))
-        top, index = flat.topk(min(model.candidates, flat.shape[1]), dim=1)
-        labels = index % classes
-        cand = torch.gather(boxes, 1, torch.div(index, classes, rounding_mode="floor").unsqueeze(-1).expand(-1, -1, 4))
-        offset = float(max(model.height, model.width)) + 1.0
-        a = cluster_nms(cand, labels, top, model.nms_thresh, model.nms_iterations, offset)
-        b = cluster_nms(cand, labels, top, model.nms_thresh, model.nms_iterations + 1, offset)
-    return bool(torch.equal(a, b))
-
-
-def torchvision_detections(model: PaddedDetections, images: torch.Tensor) -> list[dict[str, Any]]:
-    """The wrapped detector's own eager answer (torchvision's postprocessing) on normalised `images`, for the
-    fidelity check: torchvision's detectors take 0..1 images and normalise inside."""
-    with torch.no_grad():
-        out = model.model(list((images * model.std + model.mean).unbind(0)))
-    return [{k: v.numpy() for k, v in d.items() if k in ("boxes", "scores", "labels")} for d in out]

@@ -8,8 +8,6 @@ task by name. `kiln.compare` stays the element-wise numerics every task shares.
 
 from __future__ import annotations
 
-import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -17,10 +15,6 @@ import numpy as np
 
 from ..compare import compare_outputs, degenerate_reason, summarize
 from ..errors import KilnError, close_matches
-
-log = logging.getLogger(__name__)
-
-TASK_NAMES = ("classification", "detection", "segmentation", "embedding", "raw")
 
 # Keys every task judges where the element-wise figures were measured: an output no task reads still
 # has a budget, so nothing passes silently.
@@ -106,6 +100,15 @@ def task_classes() -> dict[str, type[Task]]:
     return {"classification": Classification, "detection": Detection, "segmentation": Segmentation, "embedding": Embedding, "raw": Task}
 
 
+def check_task_name(declared: Any) -> None:
+    """model.task must be auto or a kiln task: checked by configure before anything runs, and again here."""
+    classes = task_classes()
+    if declared not in ("auto", *classes):
+        raise KilnError(
+            f"model.task '{declared}' is not a kiln task{close_matches(str(declared), classes)}; tasks: auto, {', '.join(classes)}"
+        )
+
+
 def infer_task(outputs: list[OutputInfo]) -> tuple[str, str]:
     """(task, why) from the outputs' names and shapes, for `model.task: auto`. Ambiguous outputs are raw."""
     names = {o.name.lower() for o in outputs}
@@ -128,24 +131,16 @@ def infer_task(outputs: list[OutputInfo]) -> tuple[str, str]:
 
 def resolve_task(declared: str | None, outputs: list[OutputInfo]) -> tuple[Task, str]:
     """The model's task: `model.task` when set, else inferred. Returns the task and the line the log and report show."""
-    classes = task_classes()
     if declared in (None, "", "auto"):
         name, why = infer_task(outputs)
         line = f"task {name} (inferred: {why})"
     else:
-        if declared not in classes:
-            raise KilnError(
-                f"model.task '{declared}' is not a kiln task{close_matches(str(declared), classes)}; tasks: auto, {', '.join(classes)}"
-            )
+        check_task_name(declared)
         name, line = declared, f"task {declared} (model.task)"
-    task = classes[name](outputs)
+    task = task_classes()[name](outputs)
     task.check()
     return task, line
 
 
 def output_infos(outputs: Mapping[str, np.ndarray]) -> list[OutputInfo]:
     return [OutputInfo(k, tuple(int(d) for d in v.shape), str(v.dtype)) for k, v in outputs.items()]
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

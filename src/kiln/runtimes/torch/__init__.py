@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from ...config import ModelSpec, ShapeProfile, Target
-from ...errors import KilnError
+from ...errors import KilnError, first_line
 from ...models import apply_state_dict, build_model
 from .. import BuildSource, RegisteredRuntime, runtime_options
 from .compile import (
@@ -263,7 +263,9 @@ class TorchRuntime(RegisteredRuntime):
         settings = runtime_options(self, target)
         device = _device(target)
         model = build_model(source.model)
-        spec = {**source.model.to_params(), "checkpoint": None, "weights": None}
+        # The engine's saved weights already hold the checkpoint and any demo_weights: loading rebuilds the
+        # architecture only, instead of re-estimating BatchNorm on every load.
+        spec = {**source.model.to_params(), "checkpoint": None, "weights": None, "demo": None}
         # The ONNX graph's output names are the names every runtime answers with.
         outputs = [o.name for o in onnx.load(str(source.onnx_path), load_external_data=False).graph.output]
         (engine_dir / SPEC).write_text(json.dumps({"model": spec, "outputs": outputs}, indent=2) + "\n", encoding="utf-8")
@@ -317,7 +319,7 @@ class TorchRuntime(RegisteredRuntime):
         try:
             exported = torch.export.export(served, tuple(example), dynamic_shapes=dynamic_shapes)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise KilnError(f"targets.{target.name}: torch.export could not export the model with batch {p.min}..{p.max}: {first}") from e
         export_seconds = time.perf_counter() - start
         before = inductor_counters()

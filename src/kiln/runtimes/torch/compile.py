@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from ...config import ModelSpec, ShapeProfile, Target
-from ...errors import KilnError
+from ...errors import KilnError, first_line
 from ...models import flatten_outputs
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ def compile_engine(
     except KilnError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise KilnError(
             f"targets.{target.name}: torch.compile failed ({settings.compile_mode_or_default}, freezing={settings.freeze}): {first}"
         ) from e
