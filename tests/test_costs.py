@@ -1,0 +1,106 @@
+"""What an engine costs: peak memory over a span, size on disk, cold start."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from kiln import costs
+from kiln.costs import MemoryWatch, cold_start, engine_size_bytes
+
+
+def clear_refs_works() -> bool:
+    with MemoryWatch() as watch:
+        pass
+    return watch.result()["span_peak"]
+
+
+def test_memory_watch_sees_an_allocation():
+    with MemoryWatch() as watch:
+        block = np.ones(200 * 2**20 // 8)  # 200 MiB, every page touched
+        del block
+    result = watch.result()
+    assert result["added_mb"] >= 180 and result["peak_rss_mb"] >= result["added_mb"]
+    assert set(result) == {"rss_before_mb", "peak_rss_mb", "added_mb", "span_peak", "method"}
+    assert result["method"] == (costs.SPAN_METHOD if result["span_peak"] else costs.LIFETIME_METHOD)
+
+
+def test_memory_watch_counts_other_threads():
+    import threading
+
+    def allocate():
+        block = np.ones(120 * 2**20 // 8)
+        del block
+
+    with MemoryWatch() as watch:
+        worker = threading.Thread(target=allocate)
+        worker.start()
+        worker.join()
+    assert watch.result()["added_mb"] >= 100
+
+
+@pytest.mark.skipif(not clear_refs_works(), reason="/proc/self/clear_refs cannot reset VmHWM here (not Linux >= 4.0, or forbidden)")
+def test_a_later_watch_does_not_report_an_earlier_peak():
+    with MemoryWatch():
+        block = np.ones(200 * 2**20 // 8)
+        del block
+    with MemoryWatch() as watch:
+        small = np.ones(2**20 // 8)  # 1 MiB
+        del small
+    result = watch.result()
+    assert result["span_peak"] and result["method"] == costs.SPAN_METHOD
+    assert result["added_mb"] < 50 and result["peak_rss_mb"] - result["rss_before_mb"] < 50
+
+
+@pytest.mark.skipif(not clear_refs_works(), reason="/proc/self/clear_refs cannot reset VmHWM here (not Linux >= 4.0, or forbidden)")
+def test_a_nested_watch_does_not_hide_the_outer_peak():
+    with MemoryWatch() as outer:
+        block = np.ones(200 * 2**20 // 8)
+        del block
+        with MemoryWatch() as inner:  # resets the high-water mark the outer watch reads
+            pass
+    assert outer.result()["added_mb"] >= 180 and inner.result()["added_mb"] < 50
+
+
+def test_fallback_without_clear_refs(monkeypatch, tmp_path):
+    monkeypatch.setattr(costs, "CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    with MemoryWatch() as watch:
+        pass
+    result = watch.result()
+    assert result["span_peak"] is False and result["method"] == costs.LIFETIME_METHOD
+    assert result["peak_rss_mb"] > 0 and result["added_mb"] >= 0
+
+
+def test_result_before_the_block_ends_is_refused():
+    with MemoryWatch() as watch:
+        with pytest.raises(RuntimeError, match="after the `with` block"):
+            watch.result()
+
+
+def test_engine_size_bytes(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"x" * 1000)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "w.bin").write_bytes(b"y" * 234)
+    (tmp_path / "manifest.json").write_text("{}" * 100)
+    assert engine_size_bytes(tmp_path) == 1234
+    assert engine_size_bytes(tmp_path, exclude=()) == 1434
+    assert engine_size_bytes(tmp_path, exclude=("weights/w.bin", "manifest.json")) == 1000
+
+
+def test_cold_start_times_load_and_first_call_apart():
+    calls = []
+
+    def load():
+        time.sleep(0.05)
+        return "session"
+
+    def first(session):
+        calls.append(session)
+        time.sleep(0.02)
+
+    loaded, timing = cold_start(load, first)
+    assert loaded == "session" and calls == ["session"]
+    assert set(timing) == {"load_s", "first_infer_ms"}
+    assert 0.05 <= timing["load_s"] < 0.5 and 20 <= timing["first_infer_ms"] < 500
