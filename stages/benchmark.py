@@ -1,16 +1,31 @@
 """benchmark@<target>: latency per batch size and accuracy against the eager fp32 reference, for one engine."""
 
+import json
 import logging
 import sys
 
 from kiln import fingerprint, paths
 from kiln.accuracy import accuracy_against_reference, enforce_budget, judge_budget
 from kiln.atomic import write_json, write_text
-from kiln.benchmark import BenchmarkSettings, benchmark_latency, benchmark_served, headline_metrics, run_record, skipped_record
+from kiln.benchmark import (
+    BenchmarkSettings,
+    benchmark_latency,
+    benchmark_served,
+    benchmark_throughput,
+    headline_metrics,
+    run_record,
+    significant,
+    skipped_record,
+)
 from kiln.config import Target, engine_spec, load_stage_params
+from kiln.costs import MemoryWatch, cold_start, engine_size_bytes
 from kiln.engine import load_engine, read_manifest
+from kiln.errors import KilnError
+from kiln.inputs import make_inputs
 from kiln.reference import load_reference
+from kiln.roofline import roofline_inputs
 from kiln.stage import run_stage
+from kiln.tuning import tuned_target
 
 log = logging.getLogger("kiln.benchmark")
 
@@ -26,7 +41,12 @@ def main() -> None:
         log.warning("%s skipped on this machine: %s", name, skipped)
         write_outputs(name, skipped_record(target, skipped), {}, {})
         return
-    session, manifest = load_engine(paths.ENGINES / name, target, machine)
+    main_feeds = make_inputs(spec.inputs, target.main_batch, settings.seed)
+    # Costs: this process is the target's alone (one stage per target), so its memory is the engine's plus
+    # Python's and the libraries'; MemoryWatch resets the high-water mark so each span is measured alone.
+    with MemoryWatch() as load_watch:
+        (session, manifest), cold = cold_start(lambda: load_engine(paths.ENGINES / name, target, machine), lambda s: s[0].infer(main_feeds))
+    target = tuned_target(target, manifest)  # the settings the engine runs with: its tuning's winner
 
     # Accuracy first: an engine over its budget fails before minutes of timing.
     accuracy = accuracy_against_reference(session, load_reference(paths.REFERENCE), chunk=target.profile.opt)
@@ -37,8 +57,17 @@ def main() -> None:
         log.warning("%s over its accuracy budget (%s); not enforced: %s", name, "; ".join(verdict.violations), verdict.why_not_enforced)
     enforce_budget(verdict, name, accuracy["source"])
 
-    stats, raw, notes = benchmark_latency(session, spec.inputs, target.profile, settings)
-    served, requests = benchmark_served(session, spec.inputs, target.serve, settings) if target.serve else (None, [])
+    with MemoryWatch() as run_watch:
+        stats, raw, notes = benchmark_latency(session, spec.inputs, target.profile, settings)
+        served, requests = benchmark_served(session, spec.inputs, target.serve, settings) if target.serve else (None, [])
+    with MemoryWatch() as throughput_watch:  # its extra sessions or streams are not what one request costs
+        throughput = benchmark_throughput(session, spec.inputs, target.main_batch, settings)
+    costs = engine_costs(manifest, cold, load_watch.result(), run_watch.result(), throughput_watch.result())
+    try:
+        roofline = roofline_inputs(paths.ONNX, json.loads(paths.PEAK.read_text()))
+    except KilnError as e:  # e.g. a symbolic input dimension other than the batch: no roofline, said why
+        log.warning("no roofline for this model: %s", e)
+        roofline = None
     if served:
         log.info(
             "served %s: p50 %.3f ms, p99 %.3f ms per request, %.1f images/s over %d requests",
@@ -60,8 +89,31 @@ def main() -> None:
         accuracy,
         verdict.to_dict(),
         notes,
+        throughput,
+        costs,
     )
-    write_outputs(name, run, stats, headline_metrics(target.main_batch, stats[f"b{target.main_batch}"], accuracy, served))
+    run["roofline"] = roofline
+    metrics = headline_metrics(target.main_batch, stats[f"b{target.main_batch}"], accuracy, served, throughput, costs)
+    if roofline:  # GMAC/s achieved at the main batch: comparable across runs; the percent of peak is in the report
+        metrics["gmac_per_s"] = significant(roofline["macs_per_image"] * stats[f"b{target.main_batch}"]["images_per_s"] / 1e9)
+    write_outputs(name, run, stats, metrics)
+
+
+def engine_costs(manifest: dict, cold: dict, load: dict, run: dict, throughput: dict) -> dict:
+    """Memory, disk, cold start and build time of one engine, for the run record and the metrics file."""
+    tuning = manifest.get("tuning") or {}
+    return {
+        "peak_rss_mb": round(max(load["peak_rss_mb"], run["peak_rss_mb"]), 1),
+        "added_mb": round(max(load["peak_rss_mb"], run["peak_rss_mb"]) - (load["rss_before_mb"] or 0.0), 1),
+        "rss_before_load_mb": load["rss_before_mb"],
+        "throughput_peak_rss_mb": round(throughput["peak_rss_mb"], 1),
+        "memory_method": load["method"],
+        "engine_mb": round(engine_size_bytes(paths.ENGINES / manifest["target"]) / 1e6, 3),
+        "load_s": round(cold["load_s"], 3),
+        "first_infer_ms": round(cold["first_infer_ms"], 2),
+        "build_s": manifest.get("build_seconds"),
+        "tuning_s": tuning.get("seconds"),
+    }
 
 
 def write_outputs(name: str, run: dict, stats: dict, metrics: dict) -> None:

@@ -9,6 +9,7 @@ from kiln.config import Target, engine_spec, load_stage_params
 from kiln.engine import build_engine
 from kiln.runtimes import BuildSource
 from kiln.stage import run_stage
+from kiln.tuning import TuningSettings
 
 
 def main() -> None:
@@ -17,7 +18,13 @@ def main() -> None:
     target = Target.from_params(name, params)
     spec = engine_spec(params)
     machine = json.loads(paths.FINGERPRINT.read_text())
-    manifest = build_engine(target, BuildSource(paths.ONNX, spec, paths.CALIBRATION / name), paths.ENGINES / name, machine)
+    manifest = build_engine(
+        target,
+        BuildSource(paths.ONNX, spec, paths.CALIBRATION / name),
+        paths.ENGINES / name,
+        machine,
+        TuningSettings.from_params(params.get("tuning")),
+    )
     log = logging.getLogger("kiln.build")
     if manifest.get("skipped"):
         log.warning("%s skipped on this machine: %s", name, manifest["skipped"])

@@ -55,7 +55,10 @@ def make_project(tmp_path: Path, *overrides: str) -> Path:
     data.write_text(data.read_text().replace("resize: 256", "resize: 16").replace("crop: 224", "crop: 16"))
     config = project / "conf" / "config.yaml"
     config.write_text(
-        config.read_text().replace("- model: resnet18", "- model: tiny").replace("- benchmark: default", "- benchmark: quick")
+        config.read_text()
+        .replace("- model: resnet18", "- model: tiny")
+        .replace("- benchmark: default", "- benchmark: quick")
+        .replace("- tuning: default", "- tuning: quick")
     )
     (project / ".gitignore").write_text("/artifacts/\n__pycache__/\n")
     run(["git", "init", "-q"], project)
@@ -80,7 +83,7 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     from_export = (
         {"export", "validate", "report"} | {f"calibrate@{t}" for t in int8} | {f"{s}@{t}" for s in ("build", "benchmark") for t in targets}
     )
-    every_stage = {"probe", "sample-data", "configure"} | from_export
+    every_stage = {"probe", "peak", "sample-data", "configure"} | from_export
 
     first = run(["dvc", "repro"], project)
     assert stages_run(first.stdout) == every_stage
@@ -94,9 +97,28 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
         assert manifest["target"] == t and manifest["hardware"] and manifest["source_onnx_sha256"]
         # The metrics file holds the few headline figures `dvc exp show` should show; details are in runs/.
         metrics = json.loads((project / "reports" / "metrics" / f"{t}.json").read_text())
-        assert set(metrics) == {"batch", "ms_per_image", "images_per_s", "top1_agreement", "served_images_per_s", "served_p99_ms"}
+        headline = {"batch", "ms_per_image", "images_per_s", "top1_agreement", "served_images_per_s", "served_p99_ms"}
+        costs = {"peak_rss_mb", "engine_mb", "load_s", "first_infer_ms", "build_s", "gmac_per_s"}
+        concurrent = {"throughput_images_per_s"} if manifest["runtime"] != "torch" else set()
+        assert set(metrics) == headline | costs | concurrent, (t, set(metrics))
         assert metrics["batch"] == 8 and metrics["ms_per_image"] > 0
         run_ = json.loads((project / "reports" / "runs" / f"{t}.json").read_text())
+        # What it costs: measured in this target's own process (its stage).
+        assert 50 < metrics["peak_rss_mb"] < 8000 and metrics["engine_mb"] > 0 and metrics["load_s"] > 0
+        assert run_["costs"]["added_mb"] >= 0 and run_["costs"]["memory_method"]
+        assert run_["roofline"]["macs_per_image"] > 0 and run_["roofline"]["machine"]["peaks"]["fp32"]["macs_per_s"] > 0
+        assert {"cv", "p99_over_p50", "noisy"} <= set(run_["latency"]["b8"])
+        if concurrent:
+            assert run_["throughput"]["images_per_s"] > 0 and run_["throughput"]["requests_in_flight"] >= 1
+        else:
+            assert run_["throughput"]["images_per_s"] is None and "no concurrent mode" in run_["throughput"]["why"]
+        # The default set tunes the int8 and bf16 targets (conf/targets/cpu.yaml); the quick tuning budget is 4 s.
+        if manifest.get("tuning"):
+            assert t in int8 | {"openvino-bf16", "torch-bf16"}
+            assert manifest["tuning"]["trials"] and manifest["tuning"]["seconds"] < 15
+            assert run_["tuning"] == manifest["tuning"]
+        else:
+            assert t not in int8
         for b in ("b1", "b4", "b8", "b32"):  # the quick batch sizes and the profile's min/opt/max
             assert 0 < run_["latency"][b]["p50_ms"] <= run_["latency"][b]["p99_ms"]
         if manifest["precision"]["requested"] == "fp32":
@@ -112,6 +134,13 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     assert "| torch-eager | torch | fp32 -> fp32 |" in report and "1.00x" in report
     assert "| onnxruntime-int8 | onnxruntime | int8 -> int8 |" in report
     assert "## Served traffic" in report and "## What each compiler did" in report
+    for section in ("## Throughput mode", "## Tuning: default against tuned settings", "## Roofline", "## What each engine costs"):
+        assert section in report, section
+    facts = json.loads((project / "artifacts" / "peak.json").read_text())
+    assert facts["peaks"]["fp32"]["macs_per_s"] > 1e9 and facts["clock"]["hz"] > 0
+    summary = (project / "reports" / "summary.csv").read_text().splitlines()
+    assert summary[0].endswith("throughput_images_per_s,peak_rss_mb,pct_of_peak")
+    assert all(row.split(",")[-1] for row in summary[1:]), summary  # every engine's percent of peak
     assert (project / "reports" / "summary.csv").read_text().startswith("target,runtime,precision,batch,ms_per_image")
     assert "Accuracy against eager fp32, on 64 images from data/eval" in report
     assert len(list((project / "data" / "calibration").glob("*.jpg"))) == 300
@@ -194,7 +223,7 @@ def test_validation_gate_stops_the_pipeline(tmp_path):
     result = run(["dvc", "repro"], project, check=False)
     assert result.returncode != 0
     ran = stages_run(result.stdout)
-    assert {"export", "validate"} <= ran <= {"probe", "sample-data", "configure", "export", "validate"}, ran
+    assert {"export", "validate"} <= ran <= {"probe", "peak", "sample-data", "configure", "export", "validate"}, ran
     error = [ln for ln in result.stderr.splitlines() if ln.startswith("kiln: error:")]
     assert len(error) == 1 and "froze a batch-dependent shape" in error[0]
     assert not (project / "artifacts" / "engines").exists()

@@ -72,6 +72,14 @@ plots:
         reports/summary.csv: top1_agreement
       x_label: images/s at the main batch size (higher is better)
       y_label: top-1 agreement with eager fp32
+  - speed_vs_memory:
+      template: plots/templates/speed_memory.json
+      title: speed against peak memory (grey line - the Pareto front)
+      x: peak_rss_mb
+      y:
+        reports/summary.csv: images_per_s
+      x_label: peak resident memory of the benchmark process, MB (lower is better)
+      y_label: images/s at the main batch size (higher is better)
 """)["plots"]
 
 LATENCY = {  # target -> rows of reports/plots/<target>.csv (batch, ms_per_image, images_per_s, p50_ms, p99_ms)
@@ -81,11 +89,11 @@ LATENCY = {  # target -> rows of reports/plots/<target>.csv (batch, ms_per_image
     "onnxruntime-int8": [(1, 12.26, 81.56, 12.26, 15.82), (8, 12.51, 79.96, 100.05, 109.69), (32, 11.05, 90.49, 353.64, 405.43)],
     "torch-bf16": [],  # skipped on this CPU: header only
 }
-SUMMARY = """target,runtime,precision,batch,ms_per_image,images_per_s,speedup,top1_agreement
-torch-eager,torch,fp32,8,39.31,25.44,1.0,1.0
-onnxruntime,onnxruntime,fp32,8,24.32,41.11,1.616,1.0
-onnxruntime-int8,onnxruntime,int8,8,12.51,79.96,3.143,0.984
-openvino-int8,openvino,int8,8,10.31,96.97,3.812,0.969
+SUMMARY = """target,runtime,precision,batch,ms_per_image,images_per_s,speedup,top1_agreement,throughput_images_per_s,peak_rss_mb,pct_of_peak
+torch-eager,torch,fp32,8,39.31,25.44,1.0,1.0,,812.4,
+onnxruntime,onnxruntime,fp32,8,24.32,41.11,1.616,1.0,44.2,402.1,31.0
+onnxruntime-int8,onnxruntime,int8,8,12.51,79.96,3.143,0.984,85.0,355.7,52.5
+openvino-int8,openvino,int8,8,10.31,96.97,3.812,0.969,101.3,468.9,63.7
 """
 
 

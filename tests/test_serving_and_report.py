@@ -179,9 +179,9 @@ def test_report_sections():
     assert "| base |" not in md.split("Compared with")[1]  # unchanged metrics are not listed
     rows = summary_rows(results, "base")
     assert summary_csv(rows).splitlines() == [
-        "target,runtime,precision,batch,ms_per_image,images_per_s,speedup,top1_agreement",
-        "base,onnxruntime,fp32,8,10.0,100.0,1.0,1.0",
-        "fast,onnxruntime,fp32,8,2.5,400.0,4.0,0.98",
+        "target,runtime,precision,batch,ms_per_image,images_per_s,speedup,top1_agreement,throughput_images_per_s,peak_rss_mb,pct_of_peak",
+        "base,onnxruntime,fp32,8,10.0,100.0,1.0,1.0,,,",
+        "fast,onnxruntime,fp32,8,2.5,400.0,4.0,0.98,,,",
     ]
     assert "Compared with" not in render(results, None, "base", previous=None)
 

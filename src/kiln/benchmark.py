@@ -10,16 +10,25 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .config import InputSpec, ShapeProfile
 from .errors import KilnError
 from .inputs import make_inputs
-from .runtimes import DeviceTimedSession, Session
+from .runtimes import DeviceTimedSession, Session, ThroughputSession
 
 log = logging.getLogger(__name__)
+
+
+DEFAULT_MAX_CV = 0.1
+# Iterations the keep-going decision looks back on: enough for quartiles to mean something, few
+# enough that a machine that has quietened down is noticed within a fraction of a second.
+NOISE_WINDOW = 30
+# The interquartile range of a normal distribution is 1.349 standard deviations: scaled by it,
+# robust_cv reads like std/mean on Gaussian noise, so one max_cv serves both.
+IQR_PER_SIGMA = 1.349
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,11 @@ class BenchmarkSettings:
     min_iters: int = 20
     min_time_s: float = 2.0
     max_iters: int = 10000
+    # Noise: a batch size whose iteration times spread more than this (std/mean; robust_cv for the
+    # keep-going decision) is timed longer, and its stats say `noisy`.
+    max_cv: float = DEFAULT_MAX_CV
+    # ...but never past this many seconds of timing in all for the batch size (min_time_s included).
+    noisy_max_time_s: float = 6.0
     seed: int = 7
     accuracy_budget: dict[str, Any] = field(default_factory=dict)
     fail_on_budget: bool = True
@@ -52,6 +66,16 @@ class BenchmarkSettings:
             or self.max_iters < self.min_iters
         ):
             raise KilnError(f"{where}.min_iters and served_requests must be >= 1, warmup_iters and min_time_s >= 0, max_iters >= min_iters")
+        if not self.max_cv > 0:  # NaN too
+            raise KilnError(
+                f"{where}.max_cv must be > 0 (the largest spread of iteration times, std/mean, that counts as steady; "
+                f"e.g. 0.1), got {self.max_cv}"
+            )
+        if not self.noisy_max_time_s >= self.min_time_s:
+            raise KilnError(
+                f"{where}.noisy_max_time_s ({self.noisy_max_time_s}) must be >= min_time_s ({self.min_time_s}): "
+                f"it caps the whole timing of a batch size, min_time_s included"
+            )
 
     def to_params(self) -> dict[str, Any]:
         from .settings import to_params
@@ -74,7 +98,12 @@ def _timer(session: Session) -> Callable[[Mapping[str, np.ndarray]], float]:
 
 
 def time_infer(session: Session, feeds: Mapping[str, np.ndarray], settings: BenchmarkSettings) -> list[float]:
-    """Per-iteration times in ms, after warm-up."""
+    """Per-iteration times in ms, after warm-up.
+
+    At least `min_iters` iterations and `min_time_s` seconds; then, if the times so far are noisy
+    (robust_cv above `max_cv`), more iterations until the last NOISE_WINDOW of them are steady, or
+    `noisy_max_time_s` seconds of timing in all, or `max_iters`. Every time is kept: the extra samples
+    are what makes the median of a noisy run trustworthy, and the stats still report the spread."""
     for _ in range(settings.warmup_iters):
         session.infer(feeds)
     timed = _timer(session)
@@ -84,7 +113,31 @@ def time_infer(session: Session, feeds: Mapping[str, np.ndarray], settings: Benc
         times.append(timed(feeds))
         if len(times) >= settings.min_iters and time.perf_counter() - start >= settings.min_time_s:
             break
+    noisy = robust_cv(times) > settings.max_cv
+    while noisy and len(times) < settings.max_iters and time.perf_counter() - start < settings.noisy_max_time_s:
+        times.append(timed(feeds))
+        noisy = robust_cv(times[-NOISE_WINDOW:]) > settings.max_cv
+    if noisy:
+        log.debug(
+            "still noisy after %d iterations (robust cv %.3f > max_cv %s)", len(times), robust_cv(times[-NOISE_WINDOW:]), settings.max_cv
+        )
     return times
+
+
+def robust_cv(times_ms: Sequence[float]) -> float:
+    """Spread of the middle half of the times relative to their median: (p75 - p25) / (1.349 * p50).
+
+    This, not std/mean, decides whether to keep timing. std/mean is dragged up by a single slow
+    iteration (a GC pause, a page fault): one in a window would send the run on to the cap, although
+    it does not move the median. The quartiles ignore up to a quarter of the window on either side,
+    yet a second mode holding more than a quarter of the iterations (contention, frequency changes,
+    alternating fast and slow calls) moves them: that is the noise that can carry the median from one
+    mode to the other between runs, and more iterations are the cure. (The MAD would ignore even a 40%
+    slow mode; p90 - p10 would react to a few outliers.)"""
+    if len(times_ms) < 2:
+        return 0.0
+    p25, p50, p75 = np.percentile(np.asarray(times_ms, dtype=float), [25, 50, 75])
+    return float((p75 - p25) / (IQR_PER_SIGMA * p50)) if p50 > 0 else 0.0
 
 
 def benchmark_served(
@@ -142,17 +195,29 @@ def profile_mismatch(profile: ShapeProfile, serve: Mapping[int, float]) -> str |
     )
 
 
-def latency_stats(times_ms: list[float], batch: int) -> dict[str, float]:
-    arr = np.asarray(times_ms)
+def latency_stats(times_ms: list[float], batch: int, max_cv: float = DEFAULT_MAX_CV) -> dict[str, float]:
+    """Percentiles, per-image figures and the spread of one batch size's iteration times.
+
+    cv is std/mean (population std: defined for one iteration too), p99_over_p50 the tail; `noisy` is the
+    same rule time_infer keeps timing by (robust_cv above max_cv): a few outliers show in cv and the tail,
+    but only a spread in the bulk of the times makes the median itself uncertain."""
+    arr = np.asarray(times_ms, dtype=float)
     p50 = float(np.percentile(arr, 50))
+    p99 = float(np.percentile(arr, 99))
+    mean = float(arr.mean())
+    cv = float(arr.std() / mean)
     return {
         "p50_ms": p50,
         "p90_ms": float(np.percentile(arr, 90)),
-        "p99_ms": float(np.percentile(arr, 99)),
-        "mean_ms": float(arr.mean()),
+        "p99_ms": p99,
+        "mean_ms": mean,
         "ms_per_image": p50 / batch,
         "images_per_s": 1e3 * batch / p50,
         "iterations": int(arr.size),
+        "cv": cv,
+        "p99_over_p50": p99 / p50,
+        "robust_cv": robust_cv(times_ms),
+        "noisy": robust_cv(times_ms) > max_cv,
     }
 
 
@@ -171,20 +236,33 @@ def benchmark_latency(
         feeds = make_inputs(inputs, batch, settings.seed + batch)
         times = time_infer(session, feeds, settings)
         key = f"b{batch}"
-        stats[key] = latency_stats(times, batch)
+        stats[key] = latency_stats(times, batch, settings.max_cv)
         raw[key] = [round(t, 4) for t in times]
         if progress:
             s = stats[key]
             log.info(
-                "batch %3d: p50 %.3f ms, p99 %.3f ms, %.3f ms/image, %.1f images/s (%d iterations)",
+                "batch %3d: p50 %.3f ms, p99 %.3f ms, %.3f ms/image, %.1f images/s (%d iterations)%s",
                 batch,
                 s["p50_ms"],
                 s["p99_ms"],
                 s["ms_per_image"],
                 s["images_per_s"],
                 s["iterations"],
+                f", noisy: cv {s['cv']:.2f}" if s["noisy"] else "",
             )
     return stats, raw, notes
+
+
+def benchmark_throughput(session: Session, inputs: tuple[InputSpec, ...], batch: int, settings: BenchmarkSettings) -> dict[str, Any]:
+    """images/s with several requests in flight, through the session's own concurrent API (ThroughputSession),
+    at `batch` for min_time_s (at least min_iters runs): MLPerf's Offline scenario. A session without one says so."""
+    if not isinstance(session, ThroughputSession):
+        return {"batch": batch, "images_per_s": None, "why": "the runtime offers no concurrent mode: synchronous latency only"}
+    result = session.throughput(make_inputs(inputs, batch, settings.seed + batch), max(settings.min_time_s, 0.2), settings.min_iters)
+    log.info(
+        "throughput mode at batch %d: %.1f images/s with %s requests in flight", batch, result["images_per_s"], result["requests_in_flight"]
+    )
+    return {"batch": batch, **result}
 
 
 # The metrics file holds the few figures `dvc exp show` and `dvc metrics diff` should show per target;
@@ -206,7 +284,12 @@ def significant(value: float, digits: int = 4) -> float:
 
 
 def headline_metrics(
-    batch: int, main_stats: Mapping[str, float], accuracy: Mapping[str, Any], served: Mapping[str, float] | None
+    batch: int,
+    main_stats: Mapping[str, float],
+    accuracy: Mapping[str, Any],
+    served: Mapping[str, float] | None,
+    throughput: Mapping[str, Any] | None = None,
+    costs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The metrics file of one target: latency and throughput at the main batch, accuracy, served traffic,
     rounded so that `dvc metrics diff` shows differences that mean something."""
@@ -220,7 +303,16 @@ def headline_metrics(
         metrics["reference_degenerate"] = True  # the accuracy figures above prove little
     if served:
         metrics.update(served_images_per_s=significant(served["images_per_s"]), served_p99_ms=significant(served["p99_ms"]))
+    if throughput and throughput.get("images_per_s"):
+        metrics["throughput_images_per_s"] = significant(throughput["images_per_s"])
+    for key in COST_METRICS:
+        if (costs or {}).get(key) is not None:
+            metrics[key] = significant(costs[key], 3)  # type: ignore[index]
     return metrics
+
+
+# What an engine costs, in the metrics file: memory, disk, cold start, build (kiln.costs; the run record says how).
+COST_METRICS = ("peak_rss_mb", "engine_mb", "load_s", "first_infer_ms", "build_s")
 
 
 def run_record(
@@ -235,6 +327,8 @@ def run_record(
     accuracy: Mapping[str, Any],
     budget: Mapping[str, Any],
     notes: list[str],
+    throughput: Mapping[str, Any] | None = None,
+    costs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything one benchmark measured, for reports/runs/<target>.json and the report."""
     return {
@@ -259,6 +353,9 @@ def run_record(
         if served and target.serve
         else None,
         "compiler": {k: manifest[k] for k in ("build_seconds", "compile_seconds", "graph", "mode") if k in manifest},
+        "tuning": manifest.get("tuning"),
+        "throughput": throughput,
+        "costs": costs,
         "accuracy": accuracy,
         "budget": budget,
         "calibration": manifest.get("calibration"),

@@ -11,6 +11,7 @@ import logging
 from typing import Any, Mapping
 
 from .config import Target, check_target_names, default_threads, engine_spec
+from .errors import KilnError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,8 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
     from .calibration import CalibrationSettings
     from .export import ExportSettings
     from .images import Preprocess
-    from .runtimes import CalibratingRuntime, check_precision, get_runtime, needs_calibration, runtime_options
+    from .runtimes import CalibratingRuntime, TunableRuntime, check_precision, get_runtime, needs_calibration, runtime_options
+    from .tuning import TuningSettings
     from .validate import ValidateSettings
 
     check_target_names(params)
@@ -32,6 +34,7 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
     ValidateSettings.from_params(params.get("validate"), export.batch)
     benchmark = BenchmarkSettings.from_params(params.get("benchmark"))
     Preprocess.from_params((params.get("data") or {}).get("preprocess"))
+    TuningSettings.from_params(params.get("tuning"))
     cores = default_threads()
     targets = []
     for name in params.get("targets") or {}:
@@ -39,6 +42,8 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
         check_precision(target)
         runtime = get_runtime(target.runtime)
         runtime_options(runtime, target)
+        if target.tune and not isinstance(runtime, TunableRuntime):
+            raise KilnError(f"targets.{name}.tune: runtime '{target.runtime}' declares no knobs to tune; set tune: false")
         if needs_calibration(target):
             assert isinstance(runtime, CalibratingRuntime)
             CalibrationSettings.for_target(params.get("calibration"), target, runtime.calibration_options_type)

@@ -30,6 +30,7 @@ STAGES = {
     "configure": "stages/configure.py",
     "export": "stages/export.py",
     "validate": "stages/validate.py",
+    "peak": "stages/peak.py",
     "report": "stages/report.py",
 }
 PER_TARGET = {"calibrate": "stages/calibrate.py", "build": "stages/build.py", "benchmark": "stages/benchmark.py"}

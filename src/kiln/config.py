@@ -257,6 +257,7 @@ class Target:
     accuracy_budget: dict[str, Any] = field(default_factory=dict)  # per-target overrides of benchmark.accuracy_budget
     required: bool = True  # false: skipped (and reported) on machines that cannot run it, instead of failing
     serve: dict[int, float] | None = None  # batch size -> share of requests, for serve-shaped benchmarks
+    tune: bool = False  # search the runtime's knobs on this machine at build time (kiln.tuning)
 
     @property
     def main_batch(self) -> int:
@@ -287,6 +288,9 @@ class Target:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise KilnError(f"{where}.threads must be a positive integer or null (all cores), got {threads!r}")
         profile = ShapeProfile.from_params(raw.get("profile"), where)
+        tune = raw.get("tune", False)
+        if not isinstance(tune, bool):
+            raise KilnError(f"{where}.tune must be true or false, got {tune!r}")
         serve_raw = raw["serve"] if "serve" in raw else (params.get("benchmark") or {}).get("serve")
         serve_where = f"{where}.serve" if "serve" in raw else "benchmark.serve"
         return cls(
@@ -301,6 +305,7 @@ class Target:
             accuracy_budget=dict(raw.get("accuracy_budget") or {}),
             required=bool(raw.get("required", True)),
             serve=served_distribution(serve_raw, profile, serve_where),
+            tune=tune,
         )
 
     @property
@@ -321,6 +326,7 @@ class Target:
             "accuracy_budget": self.accuracy_budget,
             "required": self.required,
             "serve": dict(self.serve) if self.serve else None,
+            "tune": self.tune,
         }
 
 

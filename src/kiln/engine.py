@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,8 +51,11 @@ def library_versions(runtime: Runtime, machine: Mapping[str, Any]) -> dict[str, 
     return {lib: str(version) for lib, version in versions.items()}
 
 
-def build_engine(target: Target, source: BuildSource, engine_dir: str | Path, machine: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Build `target` into `engine_dir` (atomically) and return its manifest.
+def build_engine(
+    target: Target, source: BuildSource, engine_dir: str | Path, machine: Mapping[str, Any] | None = None, tuning: Any = None
+) -> dict[str, Any]:
+    """Build `target` into `engine_dir` (atomically) and return its manifest; a target with `tune: true` is then
+    tuned (kiln.tuning, with `tuning`: TuningSettings, default when None) and its manifest records the winner.
 
     An optional target this machine cannot run gets a manifest that says it was skipped, and why."""
     skipped = skip_reason(target)
@@ -74,14 +78,13 @@ def build_engine(target: Target, source: BuildSource, engine_dir: str | Path, ma
         start = time.perf_counter()
         extra = runtime.build(target, source, tmp)
         seconds = time.perf_counter() - start
+        if target.tune:
+            extra = _tune(runtime, target, source, tmp, extra, seconds, tuning)
         manifest = {
             "kiln": __version__,
-            "target": target.name,
-            "runtime": target.runtime,
+            **_load_fields(target),
             "device": target.device,
             "precision": {"requested": target.precision, "executed": extra.pop("executed_precision", target.precision)},
-            "profile": target.profile.to_params(),
-            "options": target.options,
             "versions": library_versions(runtime, machine),
             "hardware": machine["hardware"],
             "source_onnx_sha256": sha256_file(source.onnx_path),
@@ -93,6 +96,42 @@ def build_engine(target: Target, source: BuildSource, engine_dir: str | Path, ma
         manifest[FILES] = sha256_tree(tmp, exclude=(MANIFEST,))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def _load_fields(target: Target) -> dict[str, Any]:
+    return {"target": target.name, "runtime": target.runtime, "profile": target.profile.to_params(), "options": target.options}
+
+
+def _tune(
+    runtime: Runtime, target: Target, source: BuildSource, folder: Path, extra: dict[str, Any], seconds: float, tuning: Any
+) -> dict[str, Any]:
+    """Search the runtime's knobs on the engine just built in `folder`; a winner that needed a build of its own
+    replaces the folder's files. Returns the build fields of the engine kept, with the tuning record."""
+    from .tuning import TuningSettings, tune_engine
+
+    settings = tuning if tuning is not None else TuningSettings()
+    log.info("%s: tuning %s's knobs for up to %g s", target.name, runtime.name, settings.budget_s)
+    record, rebuilt, winner_extra = tune_engine(
+        runtime, target, source, folder, {**extra, "_build_s": seconds}, settings, lambda t, e: {**_load_fields(t), **e}
+    )
+    if rebuilt is not None:
+        for child in folder.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        for child in rebuilt.iterdir():
+            shutil.move(str(child), folder / child.name)
+        rebuilt.rmdir()
+        extra = dict(winner_extra or {})
+    log.info(
+        "%s: tuned in %.1f s: %s (%.3f -> %.3f ms/image at batch %d)%s",
+        target.name,
+        record["seconds"],
+        record["changed"] or "the default settings stay",
+        record["default_ms_per_image"] or float("nan"),
+        record["tuned_ms_per_image"] or float("nan"),
+        record["batch"],
+        f"; {record['stopped']}" if record.get("stopped") else "",
+    )
+    return {**extra, "tuning": record}
 
 
 def _calibration_info(source: BuildSource) -> dict[str, Any]:
@@ -159,8 +198,10 @@ def load_engine(engine_dir: str | Path, target: Target, machine: Mapping[str, An
     check_compatible(manifest, machine or fingerprint.collect())
     check_files(engine_dir, manifest)
     runtime = get_runtime(manifest["runtime"])
+    from .tuning import tuned_target
+
     try:
-        return runtime.load(Path(engine_dir), manifest, target), manifest
+        return runtime.load(Path(engine_dir), manifest, tuned_target(target, manifest)), manifest
     except KilnError:
         raise
     except Exception as e:

@@ -314,7 +314,7 @@ def save_overrides(overrides: Sequence[str], config_dir: str | Path = CONFIG_DIR
 # these slices to artifacts/targets/<name>/<stage>.json, and each stage depends on its own file.
 SLICES = {
     "calibrate": ("model", "export", "calibration", "data"),
-    "build": ("model", "export", "data.preprocess"),
+    "build": ("model", "export", "data.preprocess", "tuning"),
     "benchmark": ("model", "export", "data.preprocess", "benchmark"),
 }
 
@@ -325,6 +325,8 @@ def stage_slices(params: Mapping[str, Any], name: str) -> dict[str, dict[str, An
     for stage, keys in SLICES.items():
         sliced: dict[str, Any] = {"targets": {name: params["targets"][name]}}
         for key in keys:
+            if key == "tuning" and not (params["targets"][name] or {}).get("tune"):
+                continue  # a target that is not tuned must not re-build when the tuning settings change
             top, _, sub = key.partition(".")
             value = params.get(top)
             if sub:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 ARTIFACTS = Path("artifacts")
 FINGERPRINT = ARTIFACTS / "fingerprint.json"
+PEAK = ARTIFACTS / "peak.json"  # this machine's measured peak MAC/s per precision (the peak stage)
 CODE = ARTIFACTS / "code"  # one digest per stage of the kiln code it reaches (kiln.codedeps)
 ONNX = ARTIFACTS / "model.onnx"
 EXPORT_MANIFEST = ARTIFACTS / "export.json"

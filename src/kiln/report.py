@@ -7,10 +7,23 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .report_sections import compared_section, compiler_section, fmt, served_section
+from .report_tuning import NOISY_MARK, costs_section, roofline, roofline_section, throughput_section, tuning_section
 
 METRICS_DIR = Path("reports/metrics")
 RUNS_DIR = Path("reports/runs")
-SUMMARY_COLUMNS = ("target", "runtime", "precision", "batch", "ms_per_image", "images_per_s", "speedup", "top1_agreement")
+SUMMARY_COLUMNS = (
+    "target",
+    "runtime",
+    "precision",
+    "batch",
+    "ms_per_image",
+    "images_per_s",
+    "speedup",
+    "top1_agreement",
+    "throughput_images_per_s",
+    "peak_rss_mb",
+    "pct_of_peak",
+)
 AGREEMENT_NAMES = {
     "top1_agreement": "top-1 agreement",
     "detection_f1": "detection F1",
@@ -54,8 +67,11 @@ def _speedup(base: Mapping[str, Any], stats: Mapping[str, Any], key: str) -> flo
     return base_stats["ms_per_image"] / stats["ms_per_image"] if base_stats else None
 
 
-def summary_rows(results: Mapping[str, Mapping[str, Any]], baseline: str) -> list[dict[str, Any]]:
-    """One row per built target at its main batch size: what the plots and the summary table show."""
+def summary_rows(
+    results: Mapping[str, Mapping[str, Any]], baseline: str, achieved: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """One row per built target at its main batch size: what the plots and the summary table show
+    (`achieved`: kiln.report_tuning.roofline's per-target figures, for the percent of peak)."""
     base = results.get(baseline, {}).get("run", {}).get("latency", {})
     rows = []
     for name, res in results.items():
@@ -74,9 +90,16 @@ def summary_rows(results: Mapping[str, Mapping[str, Any]], baseline: str) -> lis
                 "images_per_s": round(stats["images_per_s"], 2),
                 "speedup": round(s, 3) if (s := _speedup(base, stats, key)) else None,
                 "top1_agreement": (run.get("accuracy") or {}).get("top1_agreement"),
+                "throughput_images_per_s": _round((run.get("throughput") or {}).get("images_per_s"), 2),
+                "peak_rss_mb": (run.get("costs") or {}).get("peak_rss_mb"),
+                "pct_of_peak": _round(((achieved or {}).get(name) or {}).get("pct_of_peak"), 1),
             }
         )
     return rows
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def summary_csv(rows: list[dict[str, Any]]) -> str:
@@ -133,7 +156,7 @@ def render(
     base = results.get(baseline, {}).get("run", {}).get("latency", {})
     skipped = {n: r["run"]["skipped"] for n, r in results.items() if r["run"].get("skipped")}
     built = {n: r for n, r in results.items() if n not in skipped}
-    summary = summary_rows(results, baseline)
+    summary = summary_rows(results, baseline, roofline(built))
     if summary:
         lines += [
             "## Summary at each target's main batch size (its profile's opt)",
@@ -175,7 +198,8 @@ def render(
             lines.append(
                 f"| {name} | {run.get('runtime')} | {prec.get('requested')} -> {prec.get('executed')} | {run.get('threads')} "
                 f"| {batch}{f' ({marks})' if marks else ''} "
-                f"| {fmt(stats['p50_ms'])} | {fmt(stats['p99_ms'])} | {fmt(stats['ms_per_image'])} | {fmt(stats['images_per_s'], '.1f')} "
+                f"| {fmt(stats['p50_ms'])}{NOISY_MARK if stats.get('noisy') else ''} | {fmt(stats['p99_ms'])} "
+                f"| {fmt(stats['ms_per_image'])} | {fmt(stats['images_per_s'], '.1f')} "
                 f"| {fmt(speedup, '.2f')}{'x' if speedup else ''} | {fmt(acc.get('max_abs_err'), '.2e')} "
                 f"| {agreement_cell(acc)} |"
             )
@@ -204,6 +228,8 @@ def render(
         lines += ["", "Skipped on this machine (targets marked `required: false`):", ""]
         lines += [f"- `{n}`: {reason}" for n, reason in skipped.items()]
     lines += served_section(built)
+    lines += throughput_section(built)
+    lines += tuning_section(built)
     if accuracy_rows:
         source = next((r["run"]["accuracy"]["source"] for r in built.values() if r["run"].get("accuracy")), "the reference inputs")
         lines += [
@@ -219,6 +245,8 @@ def render(
             *accuracy_rows,
         ]
     lines += compiler_section(built)
+    lines += roofline_section(built)
+    lines += costs_section(built)
     lines += _calibration_section(built)
     lines += _validation_section(validate)
     lines += compared_section({n: r["metrics"] for n, r in built.items()}, previous, previous_label)

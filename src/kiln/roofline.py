@@ -262,3 +262,16 @@ def count_macs(onnx_path: str | Path, batch: int = 1, dims: Mapping[str, int] | 
         uncounted=tuple(uncounted),
         batch=images,
     )
+
+
+def roofline_inputs(onnx_path: str | Path, machine_facts: Mapping[str, Any]) -> dict[str, Any]:
+    """What a benchmark records for the report's roofline: the graph's MACs per image, and the measured peaks of
+    the machine it runs on (the peak stage's `artifacts/peak.json`), so that results from several machines each
+    carry their own roof."""
+    count = count_macs(onnx_path)
+    return {
+        "macs_per_image": count.per_image,
+        "by_op": count.by_op,
+        "uncounted": list(count.uncounted),
+        "machine": {k: machine_facts.get(k) for k in ("peaks", "clock", "cores", "preflight")},
+    }

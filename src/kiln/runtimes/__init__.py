@@ -24,7 +24,11 @@ Optional capabilities, each a protocol of its own that callers test with isinsta
 - `LayerInspectingRuntime`: `layer_activations(...)`, per-layer outputs of the fp32 and the quantized
   model, for the quantization sensitivity ranking;
 - `DeviceTimedSession`: a session's `time_ms(feeds)`, one inference timed on the device (CUDA events),
-  which the benchmark then uses instead of the host clock.
+  which the benchmark then uses instead of the host clock;
+- `TunableRuntime`: `knobs(target) -> tuple[Knob, ...]`, the options (and thread counts) kiln.tuning may
+  search on this machine, declared next to the runtime's options dataclass;
+- `ThroughputSession`: a session's `throughput(feeds, seconds, min_runs)`, images/s with several requests
+  in flight (the runtime's own asynchronous or parallel API), for the benchmark's throughput mode.
 
 Stages and the benchmark only talk to these protocols. Importing this package imports no framework
 (the probe reads RUNTIMES on every `dvc repro`).
@@ -120,6 +124,29 @@ class CalibratingRuntime(Protocol):
     def calibrate(
         self, target: Target, onnx_path: Path, calib: CalibrationSet, settings: CalibrationSettings, out_dir: Path
     ) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting kiln.tuning may change: a field of the runtime's options dataclass, or `threads` (the target's).
+
+    `values` are the candidates besides the target's own value; `rebuild` says a value takes effect only in a
+    new build (a compiler setting), where the others take effect when the engine is loaded."""
+
+    name: str
+    values: tuple[Any, ...]
+    rebuild: bool = False
+    doc: str = ""
+
+
+@runtime_checkable
+class TunableRuntime(Protocol):
+    def knobs(self, target: Target) -> tuple[Knob, ...]: ...
+
+
+@runtime_checkable
+class ThroughputSession(Protocol):
+    def throughput(self, feeds: Mapping[str, np.ndarray], seconds: float, min_runs: int) -> dict[str, Any]: ...
 
 
 @runtime_checkable

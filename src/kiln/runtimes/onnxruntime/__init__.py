@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import numpy as np
 import onnxruntime as ort
 
-from ...config import Target
-from .. import BuildSource, RegisteredRuntime, runtime_options
+from ...config import Target, default_threads
+from ...errors import KilnError
+from .. import BuildSource, Knob, RegisteredRuntime, runtime_options
 from ..qdq import PREPROCESSED, QDQ, check_ignored_scope, quantize_qdq
 
 if TYPE_CHECKING:
@@ -32,6 +34,27 @@ class OnnxRuntimeOptions:
     """`targets.<name>.options` of an onnxruntime target."""
 
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    execution_mode: Literal["sequential", "parallel"] = field(
+        default="sequential", metadata={"doc": "parallel: independent branches of the graph run at once (inter-op threads)"}
+    )
+    allow_spinning: bool = field(default=True, metadata={"doc": "intra-op threads spin-wait for work instead of sleeping"})
+    parallel_runs: int | None = field(default=None, metadata={"doc": "throughput mode's sessions in flight; null: one per core"})
+
+    def check(self, where: str) -> None:
+        if self.parallel_runs is not None and self.parallel_runs < 1:
+            raise KilnError(f"{where}.parallel_runs must be a positive integer or null, got {self.parallel_runs}")
+
+
+def knobs(target: Target) -> tuple[Knob, ...]:
+    """What kiln.tuning may try for an onnxruntime target: session options, and the level of the graph
+    optimisers (which rewrite the saved graph, so a new level is a new build)."""
+    cores = default_threads()
+    return (
+        Knob("allow_spinning", (False,)),
+        Knob("execution_mode", ("parallel",)),
+        Knob("graph_optimization_level", ("extended",), rebuild=True),
+        Knob("threads", tuple(sorted({cores, max(1, cores // 2)})), doc="intra-op threads"),
+    )
 
 
 @dataclass(frozen=True)
@@ -42,23 +65,64 @@ class OnnxRuntimeCalibration:
     reduce_range: bool | Literal["auto"] = "auto"
 
 
-def _options(target: Target, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+def _options(target: Target, level: ort.GraphOptimizationLevel, threads: int | None = None) -> ort.SessionOptions:
+    options: OnnxRuntimeOptions = runtime_options(RUNTIME, target)
     so = ort.SessionOptions()
     so.graph_optimization_level = level
-    so.intra_op_num_threads = target.effective_threads
-    so.inter_op_num_threads = 1
+    so.intra_op_num_threads = threads or target.effective_threads
+    if options.execution_mode == "parallel":
+        so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+        so.inter_op_num_threads = min(2, target.effective_threads)
+    else:
+        so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.allow_spinning else "0")
     so.log_severity_level = 3
     return so
 
 
 class OrtSession:
-    def __init__(self, session: ort.InferenceSession):
+    def __init__(self, session: ort.InferenceSession, parallel: Callable[[int], ort.InferenceSession] | None = None, runs: int = 1):
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        self._parallel = parallel
+        self._runs = runs
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, dict(feeds))))
+
+    def throughput(self, feeds: Mapping[str, np.ndarray], seconds: float, min_runs: int) -> dict[str, Any]:
+        """Several sessions of the engine, the cores split between them, each run in a loop by its own thread
+        (ONNX Runtime releases the GIL while it runs): the requests in flight of a CPU server."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = self._runs
+        sessions = [self._parallel(n) for _ in range(n)] if self._parallel and n > 1 else [self.session]
+        inputs = dict(feeds)
+        for s in sessions:
+            s.run(self.output_names, inputs)
+        deadline = time.perf_counter() + seconds
+        each = max(1, -(-min_runs // len(sessions)))
+
+        def loop(s: ort.InferenceSession) -> int:
+            runs = 0
+            while runs < each or time.perf_counter() < deadline:
+                s.run(self.output_names, inputs)
+                runs += 1
+            return runs
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(sessions)) as pool:
+            runs = sum(pool.map(loop, sessions))
+        elapsed = time.perf_counter() - start
+        batch = next(iter(inputs.values())).shape[0]
+        return {
+            "images_per_s": runs * batch / elapsed,
+            "runs": runs,
+            "requests_in_flight": len(sessions),
+            "threads_per_request": sessions[0].get_session_options().intra_op_num_threads,
+            "method": "ONNX Runtime: one session per request in flight, cores split between them, a thread each",
+        }
 
 
 def layer_precisions(nodes: Any) -> dict[str, int]:
@@ -213,10 +277,19 @@ class OnnxRuntimeRuntime(RegisteredRuntime):
             "graph": graph,
         }
 
+    def knobs(self, target: Target) -> tuple[Knob, ...]:
+        return knobs(target)
+
     def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> OrtSession:
         # The saved graph is already optimised (with layouts for this CPU): optimising it again is wasted work.
-        so = _options(target, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        return OrtSession(ort.InferenceSession(str(engine_dir / OPTIMIZED), so, providers=["CPUExecutionProvider"]))
+        path, off = str(engine_dir / OPTIMIZED), ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        cores = target.effective_threads
+        runs = runtime_options(self, target).parallel_runs or cores
+
+        def parallel(n: int) -> ort.InferenceSession:
+            return ort.InferenceSession(path, _options(target, off, max(1, cores // n)), providers=["CPUExecutionProvider"])
+
+        return OrtSession(ort.InferenceSession(path, _options(target, off), providers=["CPUExecutionProvider"]), parallel, runs)
 
 
 RUNTIME = OnnxRuntimeRuntime()

@@ -7,16 +7,17 @@ precision the compiled model really executes is read back and recorded.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import numpy as np
 import openvino as ov
 
-from ...config import Target
-from .. import BuildSource, RegisteredRuntime, runtime_options
+from ...config import Target, default_threads
+from .. import BuildSource, Knob, RegisteredRuntime, runtime_options
 
 if TYPE_CHECKING:
     from ...calibration import CalibrationSet, CalibrationSettings
@@ -35,9 +36,35 @@ def _device(target: Target) -> str:
 
 @dataclass(frozen=True)
 class OpenVinoOptions:
-    """`targets.<name>.options` of an openvino target."""
+    """`targets.<name>.options` of an openvino target. The benchmark's latency is one synchronous request;
+    its throughput mode compiles the engine once more with the THROUGHPUT hint (and these streams, pinning
+    and threads) and keeps `num_requests` requests in flight."""
 
     performance_hint: Literal["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"] = "LATENCY"
+    num_streams: int | None = field(default=None, metadata={"doc": "CPU streams; null: what the hint picks"})
+    enable_cpu_pinning: bool | None = field(default=None, metadata={"doc": "pin inference threads to cores; null: OpenVINO's default"})
+    num_requests: int | None = field(default=None, metadata={"doc": "throughput mode's requests in flight; null: the optimal number"})
+
+    def check(self, where: str) -> None:
+        for key in ("num_streams", "num_requests"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise KilnError(f"{where}.{key} must be a positive integer or null, got {value}")
+
+
+def knobs(target: Target) -> tuple[Knob, ...]:
+    """What kiln.tuning may try for an openvino target (its `tune: true`): the CPU plugin's scheduling settings.
+    The precision hint is never tuned: a faster but lower precision is a different target."""
+    hint = (Knob("performance_hint", ("LATENCY", "THROUGHPUT"), doc="LATENCY: one stream of all cores; THROUGHPUT: several"),)
+    if _device(target) != "CPU":
+        return hint
+    cores = default_threads()
+    return (
+        *hint,
+        Knob("num_streams", tuple(sorted({1, cores})), doc="1..cores streams, each with cores/streams threads"),
+        Knob("enable_cpu_pinning", (True, False)),
+        Knob("threads", tuple(sorted({cores, max(1, cores // 2)})), doc="INFERENCE_NUM_THREADS"),
+    )
 
 
 @dataclass(frozen=True)
@@ -52,13 +79,18 @@ class OpenVinoCalibration:
     model_type: Literal["auto", "cnn", "transformer"] = "auto"
 
 
-def _config(target: Target) -> dict[str, Any]:
+def _config(target: Target, hint: str | None = None) -> dict[str, Any]:
+    options: OpenVinoOptions = runtime_options(RUNTIME, target)
     config: dict[str, Any] = {
         "INFERENCE_PRECISION_HINT": HINTS[target.precision],
-        "PERFORMANCE_HINT": runtime_options(RUNTIME, target).performance_hint,
+        "PERFORMANCE_HINT": hint or options.performance_hint,
     }
+    if options.num_streams is not None:
+        config["NUM_STREAMS"] = options.num_streams
     if _device(target) == "CPU":
         config["INFERENCE_NUM_THREADS"] = target.effective_threads
+        if options.enable_cpu_pinning is not None:
+            config["ENABLE_CPU_PINNING"] = options.enable_cpu_pinning
     return config
 
 
@@ -125,15 +157,47 @@ def graph_info(model: ov.Model, compiled: ov.CompiledModel) -> dict[str, Any]:
 
 
 class OpenVinoSession:
-    def __init__(self, compiled: ov.CompiledModel):
+    def __init__(
+        self, compiled: ov.CompiledModel, throughput_model: Callable[[], ov.CompiledModel] | None = None, requests: int | None = None
+    ):
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.input_names = [i.get_any_name() for i in compiled.inputs]
         self.output_names = [o.get_any_name() for o in compiled.outputs]
+        self._throughput_model = throughput_model
+        self._requests = requests
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         result = self.request.infer(dict(feeds))
         return {name: result[i] for i, name in enumerate(self.output_names)}
+
+    def throughput(self, feeds: Mapping[str, np.ndarray], seconds: float, min_runs: int) -> dict[str, Any]:
+        """benchmark_app's throughput method: the engine compiled with the THROUGHPUT hint, an AsyncInferQueue of
+        the compiled model's optimal number of requests (or `num_requests`), kept full for `seconds`."""
+        compiled = self._throughput_model() if self._throughput_model else self.compiled
+        jobs = self._requests or int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        queue = ov.AsyncInferQueue(compiled, jobs)
+        inputs = dict(feeds)
+        for _ in range(2 * jobs):  # warm-up: every request runs at least once
+            queue.start_async(inputs)
+        queue.wait_all()
+        runs, start = 0, time.perf_counter()
+        while runs < min_runs or time.perf_counter() - start < seconds:
+            queue.start_async(inputs)  # blocks while every request is busy: the queue stays full
+            runs += 1
+        queue.wait_all()
+        elapsed = time.perf_counter() - start
+        batch = next(iter(inputs.values())).shape[0]
+        return {
+            "images_per_s": runs * batch / elapsed,
+            "runs": runs,
+            "requests_in_flight": jobs,
+            "streams": int(compiled.get_property("NUM_STREAMS")),
+            "threads": int(compiled.get_property("INFERENCE_NUM_THREADS"))
+            if "CPU" in str(compiled.get_property("EXECUTION_DEVICES"))
+            else None,
+            "method": "OpenVINO AsyncInferQueue, THROUGHPUT hint",
+        }
 
 
 class OpenVinoRuntime(RegisteredRuntime):
@@ -285,9 +349,21 @@ class OpenVinoRuntime(RegisteredRuntime):
             "graph": graph_info(model, compiled),
         }
 
+    def knobs(self, target: Target) -> tuple[Knob, ...]:
+        return knobs(target)
+
     def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> OpenVinoSession:
         # A failure here reaches the user through engine.load_engine, with OpenVINO's whole message.
-        return OpenVinoSession(ov.Core().compile_model(str(engine_dir / IR), _device(target), _config(target)))
+        core = ov.Core()
+        path, device = str(engine_dir / IR), _device(target)
+        options: OpenVinoOptions = runtime_options(self, target)
+        # The throughput mode's model: the THROUGHPUT hint picks streams unless the target sets them.
+        throughput_hint = options.performance_hint if options.performance_hint != "LATENCY" else "THROUGHPUT"
+        return OpenVinoSession(
+            core.compile_model(path, device, _config(target)),
+            lambda: core.compile_model(path, device, _config(target, throughput_hint)),
+            options.num_requests,
+        )
 
 
 RUNTIME = OpenVinoRuntime()

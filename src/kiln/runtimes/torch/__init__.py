@@ -51,10 +51,10 @@ from typing import Any, Callable, Literal, Mapping
 import numpy as np
 import torch
 
-from ...config import ModelSpec, ShapeProfile, Target
+from ...config import ModelSpec, ShapeProfile, Target, default_threads
 from ...errors import KilnError, first_line
 from ...models import apply_state_dict, build_model
-from .. import BuildSource, RegisteredRuntime, runtime_options
+from .. import BuildSource, Knob, RegisteredRuntime, runtime_options
 from .compile import (
     EngineModule,
     aten_ops,
@@ -86,8 +86,13 @@ class TorchOptions:
         default=None, metadata={"doc": "mode compile only; null: torch.compile's default"}
     )
     freezing: bool | None = field(default=None, metadata={"doc": "modes compile and aoti; null: true"})
+    channels_last: bool | None = field(
+        default=None, metadata={"doc": "mode eager: NHWC weights and inputs; null: on for bf16 on the CPU (oneDNN's bf16 layout)"}
+    )
 
     def check(self, where: str) -> None:
+        if self.channels_last is not None and self.mode != "eager":
+            raise KilnError(f"{where}.channels_last applies to mode eager only (this target's mode is {self.mode})")
         if self.compile_mode is not None and self.mode != "compile":
             raise KilnError(f"{where}.compile_mode applies to mode compile only (this target's mode is {self.mode})")
         if self.freezing is not None and self.mode == "eager":
@@ -100,6 +105,26 @@ class TorchOptions:
     @property
     def freeze(self) -> bool:
         return self.freezing is not False
+
+
+def knobs(target: Target) -> tuple[Knob, ...]:
+    """What kiln.tuning may try for a torch target. Compiler settings are new builds, each a full compile:
+    the tuning budget decides whether there is time for them."""
+    cores = default_threads()
+    threads = Knob("threads", tuple(sorted({cores, max(1, cores // 2)})), doc="torch.set_num_threads")
+    settings = runtime_options(RUNTIME, target)
+    mode = settings.mode
+    if mode == "eager":
+        return (Knob("channels_last", (not _channels_last(settings, target),)), threads)
+    if mode == "compile":
+        return (Knob("compile_mode", ("max-autotune-no-cudagraphs",), rebuild=True), Knob("freezing", (False,), rebuild=True), threads)
+    return (Knob("freezing", (False,), rebuild=True), threads)
+
+
+def _channels_last(settings: TorchOptions, target: Target) -> bool:
+    if settings.channels_last is not None:
+        return settings.channels_last
+    return _device(target).type == "cpu" and target.precision == "bf16"
 
 
 def _device(target: Target) -> torch.device:
@@ -140,6 +165,9 @@ class TorchSession:
         # Compiled engines were compiled for the profile's batch sizes; eager runs any batch.
         self.profile: ShapeProfile | None = None if mode == "eager" else target.profile
         self.channels_last = channels_last
+        # torch's thread count is per process: a session sets its own before each call, so two sessions
+        # with different threads (kiln.tuning compares them in turns) each run with theirs.
+        self.threads = target.effective_threads if device.type == "cpu" else None
         self.load_seconds: float | None = None  # set by load: rebuild + (re)compile or package load + warm-up
 
     def _tensors(self, feeds: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
@@ -171,6 +199,8 @@ class TorchSession:
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Inputs are made inside inference mode too, like the compile's warm-up batches: dynamo
         # guards on a tensor's dispatch keys, and a plain tensor after inference ones recompiles.
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             out = self.fn(*self._tensors(feeds))
         if isinstance(out, torch.Tensor):
@@ -348,6 +378,9 @@ class TorchRuntime(RegisteredRuntime):
 
     # ---- load ----------------------------------------------------------------------------------
 
+    def knobs(self, target: Target) -> tuple[Knob, ...]:
+        return knobs(target)
+
     def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> TorchSession:
         start = time.perf_counter()
         settings = runtime_options(self, target)
@@ -380,7 +413,7 @@ class TorchRuntime(RegisteredRuntime):
         dtype = DTYPES[target.precision]
         if settings.mode == "eager":
             # bf16 on CPU: autocast on channels-last tensors, the layout oneDNN's bf16 kernels want.
-            channels_last = device.type == "cpu" and dtype is torch.bfloat16
+            channels_last = _channels_last(settings, target)
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
             served = EngineModule(model, saved["outputs"], device.type, dtype).to(device).eval()
