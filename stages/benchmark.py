@@ -21,9 +21,11 @@ from kiln.config import Target, engine_spec, load_stage_params
 from kiln.costs import MemoryWatch, cold_start, engine_size_bytes
 from kiln.engine import load_engine, read_manifest
 from kiln.errors import KilnError
+from kiln.images import preprocess_for
 from kiln.inputs import make_inputs
 from kiln.reference import load_reference
 from kiln.roofline import roofline_inputs
+from kiln.serving.run import ServingSettings, contention_slowdown, preprocessing_cost, serve_under_load
 from kiln.stage import run_stage
 from kiln.tuning import tuned_target
 
@@ -62,6 +64,14 @@ def main() -> None:
         served, requests = benchmark_served(session, spec.inputs, target.serve, settings) if target.serve else (None, [])
     with MemoryWatch() as throughput_watch:  # its extra sessions or streams are not what one request costs
         throughput = benchmark_throughput(session, spec.inputs, target.main_batch, settings)
+    serving = ServingSettings.from_params(params.get("serving"))
+    open_loop = serve_under_load(session, spec.inputs, target, stats, serving) if serving.enabled and target.serve else None
+    if open_loop is not None:
+        open_loop["preprocessing"] = preprocessing_cost(preprocess_for(spec, params.get("data") or {}))
+        if serving.contention:  # opt-in: a second copy of the engine beside it, for as long again
+            second, _ = load_engine(paths.ENGINES / name, target, machine)
+            open_loop["contention"] = contention_slowdown(session, second, main_feeds, max(settings.min_time_s, 1.0))
+            del second
     costs = engine_costs(manifest, cold, load_watch.result(), run_watch.result(), throughput_watch.result())
     try:
         roofline = roofline_inputs(paths.ONNX, json.loads(paths.PEAK.read_text()))
@@ -93,7 +103,12 @@ def main() -> None:
         costs,
     )
     run["roofline"] = roofline
+    run["open_loop"] = open_loop
     metrics = headline_metrics(target.main_batch, stats[f"b{target.main_batch}"], accuracy, served, throughput, costs)
+    if open_loop:
+        metrics["max_rate_at_slo"] = significant(open_loop["max_rate_at_slo"]) if open_loop["max_rate_at_slo"] else 0.0
+        if open_loop.get("cost_per_million") is not None:
+            metrics["cost_per_million"] = significant(open_loop["cost_per_million"])
     if roofline:  # GMAC/s achieved at the main batch: comparable across runs; the percent of peak is in the report
         metrics["gmac_per_s"] = significant(roofline["macs_per_image"] * stats[f"b{target.main_batch}"]["images_per_s"] / 1e9)
     write_outputs(name, run, stats, metrics)

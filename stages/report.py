@@ -10,6 +10,7 @@ from kiln.plots import render_latency_png, write_latency_csv
 from kiln.plots_page import HTML_TEMPLATE, PlotsSetupError, ensure_html_template
 from kiln.report import load_results, render, stale_result_files, summary_csv, summary_rows
 from kiln.report_sections import committed_metrics
+from kiln.report_serving import curve_csv, curve_rows
 from kiln.report_tuning import roofline
 from kiln.stage import run_stage
 
@@ -31,6 +32,7 @@ def main() -> None:
     previous = committed_metrics(names, paths.METRICS)
     rows = summary_rows(results, baseline, roofline({n: r for n, r in results.items() if not r["run"].get("skipped")}))
     write_text(paths.SUMMARY_CSV, summary_csv(rows))
+    write_text(paths.SERVING_CSV, curve_csv(curve_rows({n: r for n, r in results.items() if not r["run"].get("skipped")})))
     plot_csvs = {n: paths.PLOTS / f"{n}.csv" for n in names}  # missing files count as "not measured"
     write_latency_csv(plot_csvs, paths.LATENCY_CSV)
     render_latency_png(plot_csvs, paths.LATENCY_PNG)

@@ -86,6 +86,7 @@ def test_queued_sweep_show_and_metrics_diff(tmp_path):
         assert set(metrics) == {
             *("batch", "ms_per_image", "images_per_s", "top1_agreement", "served_images_per_s", "served_p99_ms"),
             *("throughput_images_per_s", "gmac_per_s", "peak_rss_mb", "engine_mb", "load_s", "first_infer_ms", "build_s"),
+            *("max_rate_at_slo", "cost_per_million"),
         }
         precisions[openvino] = metrics
     assert set(precisions) == {"fp32", "int8"}

@@ -59,6 +59,7 @@ def make_project(tmp_path: Path, *overrides: str) -> Path:
         .replace("- model: resnet18", "- model: tiny")
         .replace("- benchmark: default", "- benchmark: quick")
         .replace("- tuning: default", "- tuning: quick")
+        .replace("- serving: default", "- serving: quick")
     )
     (project / ".gitignore").write_text("/artifacts/\n__pycache__/\n")
     run(["git", "init", "-q"], project)
@@ -98,7 +99,7 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
         # The metrics file holds the few headline figures `dvc exp show` should show; details are in runs/.
         metrics = json.loads((project / "reports" / "metrics" / f"{t}.json").read_text())
         headline = {"batch", "ms_per_image", "images_per_s", "top1_agreement", "served_images_per_s", "served_p99_ms"}
-        costs = {"peak_rss_mb", "engine_mb", "load_s", "first_infer_ms", "build_s", "gmac_per_s"}
+        costs = {"peak_rss_mb", "engine_mb", "load_s", "first_infer_ms", "build_s", "gmac_per_s", "max_rate_at_slo", "cost_per_million"}
         concurrent = {"throughput_images_per_s"} if manifest["runtime"] != "torch" else set()
         assert set(metrics) == headline | costs | concurrent, (t, set(metrics))
         assert metrics["batch"] == 8 and metrics["ms_per_image"] > 0
@@ -108,6 +109,10 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
         assert run_["costs"]["added_mb"] >= 0 and run_["costs"]["memory_method"]
         assert run_["roofline"]["macs_per_image"] > 0 and run_["roofline"]["machine"]["peaks"]["fp32"]["macs_per_s"] > 0
         assert {"cv", "p99_over_p50", "noisy"} <= set(run_["latency"]["b8"])
+        # Open loop (conf/serving/quick.yaml): a rate within the 250 ms p99 objective and a recommended profile.
+        open_loop = run_["open_loop"]
+        assert metrics["max_rate_at_slo"] == pytest.approx(open_loop["max_rate_at_slo"], rel=1e-3) and open_loop["recommended"]["override"]
+        assert open_loop["preprocessing"]["ms_per_image"] > 0
         if concurrent:
             assert run_["throughput"]["images_per_s"] > 0 and run_["throughput"]["requests_in_flight"] >= 1
         else:
@@ -134,10 +139,18 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     assert "| torch-eager | torch | fp32 -> fp32 |" in report and "1.00x" in report
     assert "| onnxruntime-int8 | onnxruntime | int8 -> int8 |" in report
     assert "## Served traffic" in report and "## What each compiler did" in report
-    for section in ("## Throughput mode", "## Tuning: default against tuned settings", "## Roofline", "## What each engine costs"):
+    for section in (
+        "## Served under open-loop load",
+        "## Why production can be slower",
+        "## Throughput mode",
+        "## Tuning: default against tuned settings",
+        "## Roofline",
+        "## What each engine costs",
+    ):
         assert section in report, section
     facts = json.loads((project / "artifacts" / "peak.json").read_text())
     assert facts["peaks"]["fp32"]["macs_per_s"] > 1e9 and facts["clock"]["hz"] > 0
+    assert (project / "reports" / "serving.csv").read_text().startswith("target,offered_rate,p99_ms,within_slo\n")
     summary = (project / "reports" / "summary.csv").read_text().splitlines()
     assert summary[0].endswith("throughput_images_per_s,peak_rss_mb,pct_of_peak")
     assert all(row.split(",")[-1] for row in summary[1:]), summary  # every engine's percent of peak

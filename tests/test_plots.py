@@ -72,6 +72,14 @@ plots:
         reports/summary.csv: top1_agreement
       x_label: images/s at the main batch size (higher is better)
       y_label: top-1 agreement with eager fp32
+  - serving:
+      template: plots/templates/serving.json
+      title: p99 latency against offered request rate, open loop, per target
+      x: offered_rate
+      y:
+        reports/serving.csv: p99_ms
+      x_label: offered requests/s
+      y_label: p99 end-to-end ms (queueing included; lower is better)
   - speed_vs_memory:
       template: plots/templates/speed_memory.json
       title: speed against peak memory (grey line - the Pareto front)
@@ -94,6 +102,18 @@ torch-eager,torch,fp32,8,39.31,25.44,1.0,1.0,,812.4,
 onnxruntime,onnxruntime,fp32,8,24.32,41.11,1.616,1.0,44.2,402.1,31.0
 onnxruntime-int8,onnxruntime,int8,8,12.51,79.96,3.143,0.984,85.0,355.7,52.5
 openvino-int8,openvino,int8,8,10.31,96.97,3.812,0.969,101.3,468.9,63.7
+"""
+
+
+SERVING = """target,offered_rate,p99_ms,within_slo
+onnxruntime,2.0,30.1,True
+onnxruntime,20.0,41.5,True
+onnxruntime,35.0,180.2,True
+onnxruntime,40.0,900.0,False
+openvino-int8,4.0,12.0,True
+openvino-int8,40.0,20.3,True
+openvino-int8,80.0,95.0,True
+openvino-int8,100.0,700.0,False
 """
 
 
@@ -255,6 +275,7 @@ def dvc_repo(tmp_path_factory) -> Path:
     reports = repo / "reports"
     plots.write_latency_csv(write_plot_csvs(repo / "reports" / "plots"), reports / "latency.csv")
     (reports / "summary.csv").write_text(SUMMARY)
+    (reports / "serving.csv").write_text(SERVING)
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "first run"], repo)
     # A second run: openvino-int8 got faster and more accurate, eager got faster at batch 32.

@@ -24,6 +24,7 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
     from .export import ExportSettings
     from .images import Preprocess
     from .runtimes import CalibratingRuntime, TunableRuntime, check_precision, get_runtime, needs_calibration, runtime_options
+    from .serving.run import ServingSettings, check_serving
     from .tuning import TuningSettings
     from .validate import ValidateSettings
 
@@ -35,6 +36,7 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
     benchmark = BenchmarkSettings.from_params(params.get("benchmark"))
     Preprocess.from_params((params.get("data") or {}).get("preprocess"))
     TuningSettings.from_params(params.get("tuning"))
+    serving = ServingSettings.from_params(params.get("serving"))
     cores = default_threads()
     targets = []
     for name in params.get("targets") or {}:
@@ -44,6 +46,7 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
         runtime_options(runtime, target)
         if target.tune and not isinstance(runtime, TunableRuntime):
             raise KilnError(f"targets.{name}.tune: runtime '{target.runtime}' declares no knobs to tune; set tune: false")
+        check_serving(serving, target)
         if needs_calibration(target):
             assert isinstance(runtime, CalibratingRuntime)
             CalibrationSettings.for_target(params.get("calibration"), target, runtime.calibration_options_type)

@@ -315,7 +315,7 @@ def save_overrides(overrides: Sequence[str], config_dir: str | Path = CONFIG_DIR
 SLICES = {
     "calibrate": ("model", "export", "calibration", "data"),
     "build": ("model", "export", "data.preprocess", "tuning"),
-    "benchmark": ("model", "export", "data.preprocess", "benchmark"),
+    "benchmark": ("model", "export", "data.preprocess", "benchmark", "serving"),
 }
 
 

@@ -24,3 +24,4 @@ CALIBRATION_DIGEST = ARTIFACTS / "data-calibration.json"  # digests of the image
 EVAL_DIGEST = ARTIFACTS / "data-eval.json"
 LATENCY_CSV = REPORTS / "latency.csv"  # every target's latency per batch size, for the plots
 LATENCY_PNG = REPORTS / "latency.png"
+SERVING_CSV = REPORTS / "serving.csv"  # open-loop p99 per offered rate and target, for the plots

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .report_sections import compared_section, compiler_section, fmt, served_section
+from .report_serving import diagnosis_section, open_loop_section
 from .report_tuning import NOISY_MARK, costs_section, roofline, roofline_section, throughput_section, tuning_section
 
 METRICS_DIR = Path("reports/metrics")
@@ -228,6 +229,8 @@ def render(
         lines += ["", "Skipped on this machine (targets marked `required: false`):", ""]
         lines += [f"- `{n}`: {reason}" for n, reason in skipped.items()]
     lines += served_section(built)
+    lines += open_loop_section(built)
+    lines += diagnosis_section(built)
     lines += throughput_section(built)
     lines += tuning_section(built)
     if accuracy_rows:

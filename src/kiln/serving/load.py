@@ -1,0 +1,226 @@
+"""Open-loop load on a Session: arrivals released on schedule into the batcher, worker threads running inferences.
+
+Open loop means a request arrives at its time whether or not earlier ones finished, as users of a server do;
+the closed-loop benchmark (one request after another) never sees a queue, so it cannot say what latency a
+given request rate gets. Latency counts from the request's *scheduled* arrival, so a late load generator
+cannot hide queueing (coordinated omission); how late it released requests is reported as generator lag.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from ..config import InputSpec
+from ..errors import KilnError
+from ..inputs import make_inputs
+from ..runtimes import Session
+from .arrivals import Request
+from .batcher import BatcherSettings, DynamicBatcher, Queued
+
+FeedsFor = Callable[[int], Mapping[str, np.ndarray]]
+
+
+def feeds_cache(inputs: Iterable[InputSpec], seed: int) -> FeedsFor:
+    """`feeds_for` for run_load: one seeded feeds dict per batch size, made once (workers share it)."""
+    specs, lock = tuple(inputs), threading.Lock()
+    cache: dict[int, Mapping[str, np.ndarray]] = {}
+
+    def feeds_for(batch: int) -> Mapping[str, np.ndarray]:
+        with lock:
+            if batch not in cache:
+                cache[batch] = make_inputs(specs, batch, seed + batch)
+            return cache[batch]
+
+    return feeds_for
+
+
+def warm_up(session: Session, feeds_for: FeedsFor, max_batch: int) -> None:
+    """One inference at every batch size the batcher can form: a first call at a new shape may re-plan or re-compile."""
+    for batch in range(1, max_batch + 1):
+        session.infer(feeds_for(batch))
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+@dataclass
+class LoadResult:
+    """One run's requests (completed ones, in arrival order) and its rates. Times are seconds after the run started."""
+
+    offered_rate: float  # requests/s the released arrivals planned
+    achieved_rate: float  # completed requests / (last completion - first arrival)
+    images_per_s: float
+    wall_s: float
+    index: np.ndarray  # Request.index of each completed request
+    size: np.ndarray
+    arrival_s: np.ndarray
+    start_s: np.ndarray  # start of the inference of the batch the request rode in
+    end_s: np.ndarray
+    batch: np.ndarray  # images in that batch
+    inferences: int
+    not_sent: int  # arrivals after max_seconds, never released
+    abandoned: int  # released but still queued when max_drain_s ran out
+    lag_ms: np.ndarray  # how late the generator released each sent request
+
+    @property
+    def queue_ms(self) -> np.ndarray:
+        return (self.start_s - self.arrival_s) * 1e3
+
+    @property
+    def compute_ms(self) -> np.ndarray:
+        return (self.end_s - self.start_s) * 1e3
+
+    @property
+    def e2e_ms(self) -> np.ndarray:
+        return (self.end_s - self.arrival_s) * 1e3
+
+    def saturation(self) -> str | None:
+        """Why the engine could not keep up with the offered rate, or None."""
+        if self.abandoned:
+            return f"{self.abandoned} requests were still queued when the drain time ran out"
+        if not len(self.e2e_ms):
+            return "no request completed"
+        if self.achieved_rate < 0.95 * self.offered_rate:
+            return f"achieved {self.achieved_rate:.4g} requests/s of the {self.offered_rate:.4g} offered"
+        queue, quarter = self.queue_ms, max(1, len(self.queue_ms) // 4)
+        first, last = float(queue[:quarter].mean()), float(queue[-quarter:].mean())
+        # The floor (one median service time) keeps sub-millisecond noise at low load from reading as growth.
+        if last > 3 * first and last > float(np.median(self.compute_ms)):
+            return f"the queue kept growing: {first:.3g} ms wait in the first quarter of requests, {last:.3g} ms in the last"
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        e2e, queue, compute = self.e2e_ms, self.queue_ms, self.compute_ms
+        out: dict[str, Any] = {}
+        for name, values in (("e2e", e2e), ("queue", queue), ("compute", compute)):
+            for q in (50, 90, 99):
+                out[f"{name}_p{q}_ms"] = _pct(values, q)
+        tail = e2e >= out["e2e_p99_ms"] if len(e2e) else np.zeros(0, bool)
+        reason = self.saturation()
+        out.update(
+            offered_rate=self.offered_rate,
+            achieved_rate=self.achieved_rate,
+            images_per_s=self.images_per_s,
+            mean_batch=float(self.size.sum()) / self.inferences if self.inferences else 0.0,
+            requests_completed=int(len(e2e)),
+            inferences=self.inferences,
+            not_sent=self.not_sent,
+            abandoned=self.abandoned,
+            # How much of the worst latency is waiting rather than computing: near 1 means add capacity or lower the rate.
+            p99_queue_share=float(queue[tail].mean() / e2e[tail].mean()) if tail.any() and e2e[tail].mean() > 0 else float("nan"),
+            generator_lag_p99_ms=_pct(self.lag_ms, 99),
+            saturated=reason is not None,
+            saturated_why=reason,
+        )
+        return out
+
+
+def run_load(
+    session: Session,
+    feeds_for: FeedsFor,
+    arrivals: list[Request],
+    batcher: BatcherSettings,
+    max_seconds: float,
+    max_drain_s: float | None = None,
+) -> LoadResult:
+    """Release `arrivals` on schedule for up to `max_seconds`, let `batcher.workers` threads serve them, drain, join.
+
+    `max_drain_s` bounds the wait after the last release (None: drain everything); requests still queued then
+    are abandoned and the run reads as saturated. The first exception a worker raised is re-raised after
+    every thread has been joined."""
+    if not arrivals:
+        raise KilnError("no requests to send: draw some with poisson_arrivals(rate, requests, sizes, seed)")
+    if any(b.arrival_s < a.arrival_s for a, b in zip(arrivals, arrivals[1:])):
+        raise KilnError("arrivals must be in time order (as poisson_arrivals returns them)")
+    n = len(arrivals)
+    start, end, formed = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=np.int64)
+    lag = np.full(n, np.nan)
+    queue = DynamicBatcher(batcher)
+    errors: list[BaseException] = []
+    inferences = [0]
+    count_lock = threading.Lock()
+    failed = threading.Event()  # wakes the generator from its sleep when a worker fails
+
+    def work() -> None:
+        try:
+            while (items := queue.next_batch()) is not None:
+                images = sum(item.size for item in items)
+                # The engine's cost depends on the batch size only, so one cached tensor per size stands in for
+                # the concatenated requests: copying real inputs would time numpy, not the engine.
+                feeds = feeds_for(images)
+                t0 = time.perf_counter()
+                session.infer(feeds)
+                t1 = time.perf_counter()
+                for item in items:  # each index is written by one worker only: no lock needed
+                    start[item.index], end[item.index], formed[item.index] = t0, t1, images
+                with count_lock:
+                    inferences[0] += 1
+        except BaseException as e:  # handed to the caller once every thread is joined
+            errors.append(e)
+            queue.abort()
+            failed.set()
+
+    workers = [threading.Thread(target=work, name=f"kiln-serving-worker-{i}", daemon=True) for i in range(batcher.workers)]
+    for t in workers:
+        t.start()
+    sent = 0
+    t_zero = time.perf_counter()
+    try:
+        for position, request in enumerate(arrivals):  # positions, not Request.index, address the arrays
+            if request.arrival_s > max_seconds or failed.is_set():
+                break
+            due = t_zero + request.arrival_s
+            left = due - time.perf_counter()
+            if left > 0:
+                failed.wait(left)  # sleep, not spin: the engine needs the cores
+            if failed.is_set():
+                break
+            lag[position] = (time.perf_counter() - due) * 1e3
+            queue.put(Queued(position, due, request.size))
+            sent += 1
+        queue.close()
+        if max_drain_s is not None:
+            deadline = time.perf_counter() + max_drain_s
+            for t in workers:
+                t.join(max(0.0, deadline - time.perf_counter()))
+            if any(t.is_alive() for t in workers):
+                queue.abort()  # workers finish the inference in hand and stop
+    except BaseException:  # Ctrl-C while releasing: do not drain a queue nobody will read
+        queue.abort()
+        raise
+    finally:
+        queue.close()
+        for t in workers:
+            t.join()
+    if errors:
+        raise errors[0]
+    done = ~np.isnan(end)
+    idx = np.flatnonzero(done)
+    arrival = np.array([r.arrival_s for r in arrivals])
+    rel_start, rel_end = start[idx] - t_zero, end[idx] - t_zero
+    sizes = np.array([r.size for r in arrivals], dtype=np.int64)
+    sent_arrivals = arrival[:sent]
+    span = float(sent_arrivals[-1] - sent_arrivals[0]) if sent > 1 else 0.0
+    wall = float(rel_end.max() - arrival[idx].min()) if len(idx) else 0.0
+    return LoadResult(
+        offered_rate=(sent - 1) / span if span > 0 else float("nan"),
+        achieved_rate=len(idx) / wall if wall > 0 else 0.0,
+        images_per_s=float(sizes[idx].sum()) / wall if wall > 0 else 0.0,
+        wall_s=wall,
+        index=np.array([r.index for r in arrivals], dtype=np.int64)[idx],
+        size=sizes[idx],
+        arrival_s=arrival[idx],
+        start_s=rel_start,
+        end_s=rel_end,
+        batch=formed[idx],
+        inferences=inferences[0],
+        not_sent=n - sent,
+        abandoned=sent - len(idx),
+        lag_ms=lag[:sent],
+    )

@@ -1,0 +1,116 @@
+"""A shape profile and batcher settings for a target, from the traffic it serves and its measured latency per batch.
+
+The rule, in the order it is applied (each step is one sentence in the returned "why"):
+
+- min: the smallest served request size: the batcher never forms a smaller batch.
+- max: the largest measured batch whose single inference takes at most half the objective, and never below the
+  largest served size (a request cannot be split). Half: the other half is for waiting in the queue and the
+  batching delay; a batch that eats the whole objective alone only meets it when nobody else is waiting.
+- opt: the smallest measured batch in [min, max] whose ms/image is within 10% of the best ms/image there: where
+  per-image cost flattens. Under load the batcher forms batches up to max_batch, but beyond the knee a bigger
+  batch buys little throughput and costs latency, so that is the shape worth tuning the engine for.
+- batcher: max_batch = max (any batch that fits in half the objective may form under heavy load), and
+  max_queue_delay_ms = (objective - latency(max)) / 2, floored at 0: a request that waits the whole delay and then
+  rides in the largest batch still has half the slack left for the batch running ahead of it.
+
+Latency at an unmeasured batch is interpolated linearly between measured ones; beyond the largest measured batch
+it grows in proportion to the batch (no further gain per image: the cautious guess).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..config import ShapeProfile, check_target_name
+from ..errors import KilnError
+from .arrivals import check_sizes
+
+KNEE = 1.10  # within 10% of the best ms/image counts as flat
+
+
+def _measured(latency_ms_by_batch: Mapping[int, float]) -> dict[int, float]:
+    if not latency_ms_by_batch:
+        raise KilnError("no measured latency per batch size: benchmark the target first (reports/runs/<target>.json, latency)")
+    out = {}
+    for b, ms in latency_ms_by_batch.items():
+        if (
+            isinstance(b, bool)
+            or not isinstance(b, (int, np.integer))
+            or b < 1
+            or not isinstance(ms, (int, float))
+            or not math.isfinite(ms)
+            or ms <= 0
+        ):
+            raise KilnError(f"latency per batch: batch {b!r} -> {ms!r} ms is not a batch size with a positive latency")
+        out[int(b)] = float(ms)
+    return dict(sorted(out.items()))
+
+
+def latency_at(measured: Mapping[int, float], batch: int) -> float:
+    """Milliseconds for one inference of `batch`, from the measured batches (see the module docstring)."""
+    sizes = sorted(measured)
+    if batch in measured:
+        return measured[batch]
+    if batch < sizes[0]:
+        return measured[sizes[0]]
+    if batch > sizes[-1]:
+        return measured[sizes[-1]] * batch / sizes[-1]
+    below = max(b for b in sizes if b < batch)
+    above = min(b for b in sizes if b > batch)
+    return measured[below] + (measured[above] - measured[below]) * (batch - below) / (above - below)
+
+
+def recommend_profile(
+    sizes: Mapping[int, float], latency_ms_by_batch: Mapping[int, float], slo_ms: float, current: ShapeProfile, target_name: str
+) -> dict[str, Any]:
+    """{"profile": {min, opt, max}, "batcher": {max_batch, max_queue_delay_ms, workers}, "why", "override", "changed"}."""
+    check_target_name(target_name)
+    dist = check_sizes(sizes, f"targets.{target_name}.serve")
+    measured = _measured(latency_ms_by_batch)
+    if not math.isfinite(slo_ms) or slo_ms <= 0:
+        raise KilnError(f"the latency objective must be a positive number of milliseconds, got {slo_ms!r}")
+    served = [b for b, share in dist.items() if share > 0]
+    smallest, largest = min(served), max(served)
+    why = [f"min {smallest}: the smallest served request."]
+
+    fitting = [b for b, ms in measured.items() if ms <= slo_ms / 2]
+    top = max([largest, *fitting])
+    if top == largest and latency_at(measured, largest) > slo_ms / 2:
+        why.append(
+            f"max {top}: the largest served request, although one inference of it takes {latency_at(measured, largest):.3g} ms, "
+            f"more than half the {slo_ms:g} ms objective: expect queueing to break it under load."
+        )
+    else:
+        why.append(
+            f"max {top}: the largest batch whose inference ({latency_at(measured, top):.3g} ms) fits in half the {slo_ms:g} ms objective."
+        )
+    if latency_at(measured, largest) > slo_ms:
+        why.append(f"no setting meets the objective for {largest}-image requests: one inference alone is over {slo_ms:g} ms.")
+
+    per_image = {b: ms / b for b, ms in measured.items() if smallest <= b <= top}
+    if per_image:
+        best = min(per_image.values())
+        opt = min(b for b, v in per_image.items() if v <= KNEE * best)
+        why.append(
+            f"opt {opt}: the smallest batch within 10% of the best ms/image in [{smallest}, {top}] "
+            f"({per_image[opt]:.3g} vs {best:.3g} ms/image); bigger batches buy little throughput for their latency."
+        )
+    else:
+        opt = smallest
+        why.append(f"opt {opt}: no batch in [{smallest}, {top}] was measured, so the smallest served size.")
+
+    delay = max(0.0, (slo_ms - latency_at(measured, top)) / 2)
+    why.append(f"batcher: max_batch {top}, max_queue_delay_ms {delay:.3g} (half the objective left after the largest batch's inference).")
+    profile = ShapeProfile(smallest, opt, top)
+    t = target_name
+    return {
+        "profile": profile.to_params(),
+        "batcher": {"max_batch": top, "max_queue_delay_ms": round(delay, 3), "workers": 1},
+        "why": " ".join(why),
+        "changed": profile != current,
+        "current": current.to_params(),
+        "override": f"python -m kiln.params targets.{t}.profile.min={smallest} targets.{t}.profile.opt={opt} targets.{t}.profile.max={top}",
+    }

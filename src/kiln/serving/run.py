@@ -1,0 +1,217 @@
+"""The benchmark's open-loop step for one target: the highest request rate within the SLO, the latency at half
+and nine tenths of it, the latency-throughput curve, and the same again with the recommended batcher.
+
+Settings are the params block `serving` (conf/serving/); the served sizes are the target's `serve`
+distribution. Every target gets the same seeded arrivals (scaled to each rate), so targets compare.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..config import InputSpec, Target
+from ..errors import KilnError
+from ..runtimes import Session
+from .arrivals import mean_size, poisson_arrivals
+from .batcher import BatcherSettings
+from .load import LoadResult, feeds_cache, run_load, warm_up
+from .recommend import recommend_profile
+from .slo import cost_per_million, max_rate_at_slo, sweep
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """Params block `serving`."""
+
+    enabled: bool = True
+    slo_ms: float = 250.0  # p99 end-to-end latency a request may take, queueing included
+    cost_per_hour: float | None = None  # the machine's price: cost per million requests at max_rate_at_slo
+    max_batch: int | None = None  # the dynamic batcher's largest batch; null: the target profile's opt
+    max_queue_delay_ms: float = 5.0  # how long the oldest request may wait for company
+    workers: int = 1  # inferences in flight
+    seconds_per_rate: float = 2.0  # each offered rate is sent for this long (and drained for at most as long)
+    search_iterations: int = 4  # bisections of the rate search after its lowest and highest probe
+    curve_rates: int = 0  # extra evenly spaced rates for the latency-throughput curve (the full sweep: e.g. 8)
+    contention: bool = False  # also time the engine while a second copy of it runs beside it (doubles that time)
+    seed: int = 7
+
+    @classmethod
+    def from_params(cls, raw: Mapping[str, Any] | None) -> "ServingSettings":
+        from ..settings import parse
+
+        return parse(cls, raw, "serving")
+
+    def check(self, where: str) -> None:
+        if not self.slo_ms > 0:
+            raise KilnError(f"{where}.slo_ms must be a positive number of milliseconds, got {self.slo_ms}")
+        if self.cost_per_hour is not None and not self.cost_per_hour >= 0:
+            raise KilnError(f"{where}.cost_per_hour must be >= 0 (the machine's price per hour) or null, got {self.cost_per_hour}")
+        if not self.seconds_per_rate > 0 or self.search_iterations < 0 or self.curve_rates < 0:
+            raise KilnError(f"{where}: seconds_per_rate must be > 0, search_iterations and curve_rates >= 0")
+
+    def batcher(self, target: Target) -> BatcherSettings:
+        return BatcherSettings(self.max_batch or target.profile.opt, self.max_queue_delay_ms, self.workers)
+
+
+def check_serving(settings: ServingSettings, target: Target) -> None:
+    """What configure can refuse before anything runs: a batcher the target's profile or traffic cannot take."""
+    if settings.enabled and target.serve:
+        try:
+            settings.batcher(target).check_against(target.profile, target.serve, "serving")
+        except KilnError as e:
+            raise KilnError(f"targets.{target.name}: {e}") from e
+
+
+def _requests(rate: float, seconds: float) -> int:
+    return max(20, math.ceil(rate * seconds * 1.1))
+
+
+def serve_under_load(
+    session: Session,
+    inputs: tuple[InputSpec, ...],
+    target: Target,
+    latency: Mapping[str, Mapping[str, float]],
+    settings: ServingSettings,
+) -> dict[str, Any]:
+    """Open-loop load for `target`'s served sizes; `latency` is the closed-loop stats per batch ('bN' keys)."""
+    assert target.serve
+    start = time.perf_counter()
+    sizes = dict(target.serve)
+    feeds_for = feeds_cache(inputs, settings.seed)
+    current = settings.batcher(target)
+    by_batch = {int(k[1:]): s["p50_ms"] for k, s in latency.items()}
+    recommended = recommend_profile(sizes, by_batch, settings.slo_ms, target.profile, target.name)
+
+    def search(batcher: BatcherSettings) -> tuple[dict[str, Any], Any]:
+        warm_up(session, feeds_for, batcher.max_batch)
+        # No batching beats the best closed-loop images/s at a batch the batcher can form: hi fails by construction.
+        best = max(s["images_per_s"] for b, s in ((int(k[1:]), s) for k, s in latency.items()) if b <= batcher.max_batch)
+        hi = 1.5 * best / mean_size(sizes)
+
+        def run_at(rate: float) -> LoadResult:
+            arrivals = poisson_arrivals(rate, _requests(rate, settings.seconds_per_rate), sizes, settings.seed)
+            return run_load(session, feeds_for, arrivals, batcher, settings.seconds_per_rate, max_drain_s=settings.seconds_per_rate)
+
+        result = max_rate_at_slo(run_at, settings.slo_ms, hi / 40, hi, settings.search_iterations)
+        return result, run_at
+
+    found, run_at = search(current)
+    rate = found["max_rate"]
+    record: dict[str, Any] = {
+        "slo_ms": settings.slo_ms,
+        "sizes": {str(b): p for b, p in sizes.items()},
+        "batcher": {"max_batch": current.max_batch, "max_queue_delay_ms": current.max_queue_delay_ms, "workers": current.workers},
+        "max_rate_at_slo": rate,
+        "p99_ms_at_max": found["p99_ms_at_max"],
+        "search": {"tried": [[r, lat, ok] for r, lat, ok in found["tried"]], "reason": found["reason"]},
+    }
+    if rate > 0:
+        at = sweep(run_at, [0.5 * rate, 0.9 * rate])
+        record["at_50pct"], record["at_90pct"] = at
+    if settings.curve_rates and rate > 0:
+        record["curve"] = sweep(run_at, [rate * 1.5 * (i + 1) / settings.curve_rates for i in range(settings.curve_rates)])
+    if settings.cost_per_hour is not None:
+        record["cost_per_million"] = cost_per_million(rate, settings.cost_per_hour)
+    # The recommended batcher on this engine, when the engine accepts its batches (a new profile needs a rebuild).
+    rec = recommended["batcher"]
+    record["recommended"] = recommended
+    rec_batcher = BatcherSettings(rec["max_batch"], rec["max_queue_delay_ms"], current.workers)
+    if rec_batcher == current:
+        record["recommended_max_rate_at_slo"] = rate
+    elif target.profile.contains(rec_batcher.max_batch):
+        again, _ = search(rec_batcher)
+        record["recommended_max_rate_at_slo"] = again["max_rate"]
+        record["recommended_p99_ms_at_max"] = again["p99_ms_at_max"]
+    else:
+        record["recommended_note"] = (
+            f"the recommended max_batch {rec_batcher.max_batch} is outside this engine's profile "
+            f"[{target.profile.min}, {target.profile.max}]: rebuild with `{recommended['override']}` to measure it"
+        )
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    log.info(
+        "open loop, p99 within %g ms: %.1f requests/s (batcher max %d, %g ms); recommended batcher: %s requests/s (%.0f s)",
+        settings.slo_ms,
+        rate,
+        current.max_batch,
+        current.max_queue_delay_ms,
+        record.get("recommended_max_rate_at_slo", "n/a"),
+        record["seconds"],
+    )
+    return record
+
+
+def preprocessing_cost(preprocess: Any, images: int = 15) -> dict[str, Any]:
+    """ms per image of kiln's own preprocessing (`data.preprocess`; with fold_preprocess only the decode, resize
+    and crop the graph does not do) on a 640x480 JPEG of a sample photograph, the size a phone upload is
+    scaled to: what each frame costs before the engine sees it."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from ..images import photograph
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "frame.jpg"
+        Image.fromarray(photograph("astronaut")).convert("RGB").resize((640, 480)).save(path, quality=90)
+        preprocess(path)  # first call: imports and PIL's decoder set-up
+        times = []
+        for _ in range(images):
+            t0 = time.perf_counter()
+            preprocess(path)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "ms_per_image": float(np.median(times)),
+        "what": "decode + resize + crop" + ("" if preprocess.dtype == "uint8" else " + normalise") + " of a 640x480 JPEG",
+        "images": images,
+    }
+
+
+def contention_slowdown(session: Session, second: Session, feeds: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+    """Median latency of `session` alone, then while `second` (another engine on the same device) runs in a loop
+    beside it: the slow-down a co-located model causes. Both threads are joined before returning."""
+    import threading
+
+    import numpy as np
+
+    def timed(until: float) -> list[float]:
+        times = []
+        while len(times) < 5 or time.perf_counter() < until:
+            t0 = time.perf_counter()
+            session.infer(feeds)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    alone = timed(time.perf_counter() + seconds)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def neighbour() -> None:
+        try:
+            while not stop.is_set():
+                second.infer(feeds)
+        except BaseException as e:  # surfaced after the join
+            errors.append(e)
+
+    thread = threading.Thread(target=neighbour, name="kiln-serving-neighbour", daemon=True)
+    thread.start()
+    try:
+        beside = timed(time.perf_counter() + seconds)
+    finally:
+        stop.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+    return {
+        "alone_p50_ms": float(np.median(alone)),
+        "beside_p50_ms": float(np.median(beside)),
+        "slowdown": float(np.median(beside) / np.median(alone)),
+        "with": "a second copy of the same engine, in a loop, in the same process",
+    }

@@ -1,0 +1,98 @@
+"""What request rate an engine sustains within a latency objective, and what that rate costs.
+
+`run_at(rate) -> LoadResult` is the caller's experiment at one offered rate: typically
+`lambda r: run_load(session, feeds_for, poisson_arrivals(r, requests, sizes, seed), batcher, max_seconds)`.
+Keep the seed fixed: every rate then gets the same traffic pattern scaled in time, so p99 rises with the rate
+instead of jumping with the draw, and the search below converges on the engine, not on the noise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import KilnError
+from .load import LoadResult
+
+RunAt = Callable[[float], LoadResult]
+
+
+def sweep(run_at: RunAt, rates: Sequence[float]) -> list[dict[str, Any]]:
+    """Each rate's summary, in the order given: the points of a latency-throughput curve."""
+    return [{"rate": float(rate), **run_at(float(rate)).summary()} for rate in rates]
+
+
+def _check(slo_ms: float, lo: float, hi: float, iterations: int, percentile: float) -> None:
+    if not math.isfinite(slo_ms) or slo_ms <= 0:
+        raise KilnError(f"the latency objective must be a positive number of milliseconds, got {slo_ms!r}")
+    if not (0 < lo < hi) or not math.isfinite(hi):
+        raise KilnError(f"the rate search needs 0 < lo < hi requests/s, got lo={lo!r} hi={hi!r}")
+    if iterations < 0:
+        raise KilnError(f"iterations must be >= 0, got {iterations!r}")
+    if not 0 < percentile <= 100:
+        raise KilnError(f"percentile must be in (0, 100], got {percentile!r}")
+
+
+def max_rate_at_slo(run_at: RunAt, slo_ms: float, lo: float, hi: float, iterations: int = 6, percentile: float = 99) -> dict[str, Any]:
+    """The highest offered rate whose `percentile` end-to-end latency is within `slo_ms` and that is not saturated.
+
+    MLPerf's Server search: `lo` must pass and `hi` fail, then `iterations` bisections narrow the gap to
+    (hi - lo) / 2**iterations. Pick them so:
+
+    - hi: an upper bound on what the engine can serve, e.g. its best images/s (closed loop at the profile's
+      max, or throughput mode) divided by the mean request size (`arrivals.mean_size`). No batching can beat it;
+      if hi still passes, the result says so and the true maximum is higher.
+    - lo: a rate that surely passes, e.g. hi / 20: each request then mostly finds the engine idle. If lo
+      fails the objective is out of reach at any rate (a single inference, or the batching delay, is
+      already too slow), and max_rate is 0 with the reason.
+
+    Returns {"max_rate", "p99_ms_at_max" (at `percentile`), "percentile", "tried": [(rate, latency, ok)...], "reason"}.
+    """
+    _check(slo_ms, lo, hi, iterations, percentile)
+    tried: list[tuple[float, float, bool]] = []
+
+    def probe(rate: float) -> tuple[bool, float, LoadResult]:
+        result = run_at(rate)
+        e2e = result.e2e_ms
+        latency = float(np.percentile(e2e, percentile)) if len(e2e) else math.inf
+        ok = latency <= slo_ms and result.saturation() is None
+        tried.append((rate, latency, ok))
+        return ok, latency, result
+
+    def answer(rate: float, latency: float, reason: str) -> dict[str, Any]:
+        return {"max_rate": rate, "p99_ms_at_max": latency, "percentile": percentile, "tried": tried, "reason": reason}
+
+    ok, latency, result = probe(lo)
+    if not ok:
+        compute = float(np.median(result.compute_ms)) if len(result.compute_ms) else math.nan
+        why = result.saturation() or f"p{percentile:g} is {latency:.4g} ms > {slo_ms:g} ms"
+        return answer(
+            0.0,
+            math.nan,
+            f"even the lowest rate tried ({lo:.4g} requests/s) misses the objective: {why}; an inference alone takes "
+            f"{compute:.4g} ms (median): a faster engine, a smaller batch or less batching delay, or a looser objective",
+        )
+    best, best_latency = lo, latency
+    ok, latency, _ = probe(hi)
+    if ok:
+        return answer(hi, latency, f"hi ({hi:.4g} requests/s) still meets the objective: the maximum is at least that; raise hi")
+    low, high = lo, hi
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        ok, latency, _ = probe(mid)
+        if ok:
+            low, best, best_latency = mid, mid, latency
+        else:
+            high = mid
+    return answer(best, best_latency, f"bisected between {lo:.4g} and {hi:.4g} requests/s to within {high - low:.3g}")
+
+
+def cost_per_million(rate_per_s: float, cost_per_hour: float) -> float:
+    """What a million requests cost on a machine billed `cost_per_hour` that serves `rate_per_s`; inf when it serves none."""
+    if not math.isfinite(cost_per_hour) or cost_per_hour < 0:
+        raise KilnError(f"the cost per hour must be a number >= 0, got {cost_per_hour!r}")
+    if rate_per_s <= 0:
+        return math.inf
+    return cost_per_hour / (rate_per_s * 3600.0) * 1e6

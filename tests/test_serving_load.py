@@ -1,0 +1,266 @@
+"""kiln.serving: open-loop arrivals, the dynamic batcher, the load runner, the rate search and the profile advice.
+
+Most tests drive a fake session whose inference sleeps `base_ms + per_image_ms * batch`: a controlled service
+time is what makes the queueing assertions exact (capacity, utilisation and the batching delay are known
+numbers), and sleeping takes no CPU from whatever else this machine runs. One test loads a real ONNX Runtime
+engine, to show the runner drives what kiln builds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Mapping
+
+import numpy as np
+import pytest
+
+from kiln.config import ShapeProfile
+from kiln.errors import KilnError
+from kiln.serving import (
+    BatcherSettings,
+    Request,
+    cost_per_million,
+    max_rate_at_slo,
+    poisson_arrivals,
+    recommend_profile,
+    run_load,
+    sweep,
+)
+
+SIZES = {1: 0.7, 4: 0.2, 8: 0.1}
+
+
+class FakeSession:
+    """Sleeps a known service time per batch and returns zeros; can be told to fail on its n-th call."""
+
+    input_names = ["input"]
+    output_names = ["output"]
+
+    def __init__(self, base_ms: float, per_image_ms: float = 0.0, fail_on: int | None = None) -> None:
+        self.base_ms, self.per_image_ms, self.fail_on = base_ms, per_image_ms, fail_on
+        self.calls = 0
+        self.batches: list[int] = []
+        self._lock = threading.Lock()
+
+    def service_ms(self, batch: int) -> float:
+        return self.base_ms + self.per_image_ms * batch
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = len(feeds["input"])
+        with self._lock:
+            self.calls += 1
+            self.batches.append(batch)
+            if self.fail_on is not None and self.calls >= self.fail_on:
+                raise RuntimeError("engine fell over")
+        time.sleep(self.service_ms(batch) / 1e3)
+        return {"output": np.zeros((batch, 2), np.float32)}
+
+
+_FEEDS: dict[int, dict[str, np.ndarray]] = {}
+
+
+def feeds_for(batch: int) -> dict[str, np.ndarray]:
+    return _FEEDS.setdefault(batch, {"input": np.zeros((batch, 1), np.float32)})
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind():
+    """Every test: run_load's threads are gone when it returns (libraries may start their own, e.g. tqdm's monitor)."""
+    yield
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("kiln-serving")]
+
+
+def first_in_batch_queue_ms(result: Any) -> np.ndarray:
+    """The wait of each batch's oldest request (the one the batching delay is measured from)."""
+    out = []
+    for start in np.unique(result.start_s):
+        rode = result.start_s == start
+        out.append(result.queue_ms[rode][np.argmin(result.arrival_s[rode])])
+    return np.array(out)
+
+
+def test_poisson_arrivals_are_seeded_at_the_rate_and_distribution():
+    a = poisson_arrivals(200.0, 4000, SIZES, seed=3)
+    assert a == poisson_arrivals(200.0, 4000, SIZES, seed=3)
+    assert a != poisson_arrivals(200.0, 4000, SIZES, seed=4)
+    assert [r.index for r in a] == list(range(4000)) and a[0].arrival_s == 0.0
+    assert all(y.arrival_s >= x.arrival_s for x, y in zip(a, a[1:]))
+    rate = (len(a) - 1) / a[-1].arrival_s
+    assert rate == pytest.approx(200.0, rel=0.05)
+    sizes = np.array([r.size for r in a])
+    for size, share in SIZES.items():
+        assert np.mean(sizes == size) == pytest.approx(share, abs=0.025)
+    # Another rate: the same sizes, the same pattern scaled in time (what keeps a rate search monotone).
+    b = poisson_arrivals(100.0, 4000, SIZES, seed=3)
+    assert [r.size for r in b] == [r.size for r in a]
+    assert b[-1].arrival_s == pytest.approx(2 * a[-1].arrival_s)
+    for bad_rate in (0, -5.0, float("nan")):
+        with pytest.raises(KilnError, match="rate"):
+            poisson_arrivals(bad_rate, 10, SIZES, seed=0)
+    for bad_sizes in ({}, {1: 0.5}, {0: 1.0}, {1: -0.5, 2: 1.5}):
+        with pytest.raises(KilnError):
+            poisson_arrivals(10.0, 10, bad_sizes, seed=0)
+
+
+def test_low_load_requests_ride_alone_and_barely_wait():
+    session = FakeSession(base_ms=4.0)
+    result = run_load(session, feeds_for, poisson_arrivals(30.0, 30, {1: 1.0}, seed=1), BatcherSettings(8, 0.0), max_seconds=5)
+    s = result.summary()
+    assert s["requests_completed"] == 30 and s["not_sent"] == 0 and s["abandoned"] == 0
+    assert s["mean_batch"] < 1.3
+    assert s["queue_p50_ms"] < 2.0
+    assert 4.0 <= s["compute_p50_ms"] < 8.0
+    assert not s["saturated"], s["saturated_why"]
+    assert result.achieved_rate == pytest.approx(result.offered_rate, rel=0.1)
+
+
+def test_high_load_forms_batches_within_max_batch_and_delay():
+    session = FakeSession(base_ms=5.0, per_image_ms=0.5)
+    batcher = BatcherSettings(max_batch=8, max_queue_delay_ms=5.0)
+    # 300 requests/s of 1-4 images: ~3x what batch-by-request could serve, well within batches of 8.
+    arrivals = poisson_arrivals(300.0, 300, {1: 0.6, 2: 0.3, 4: 0.1}, seed=2)
+    result = run_load(session, feeds_for, arrivals, batcher, max_seconds=5)
+    s = result.summary()
+    assert s["requests_completed"] == 300
+    assert s["mean_batch"] > 2
+    assert max(session.batches) <= 8 and result.batch.max() <= 8
+    assert sum(session.batches) == sum(r.size for r in arrivals)
+    # The oldest request of a batch waits at most the delay, plus the batch ahead of it still running.
+    worst = first_in_batch_queue_ms(result).max()
+    assert worst <= batcher.max_queue_delay_ms + session.service_ms(8) + 10.0, worst
+    assert not s["saturated"], s["saturated_why"]
+
+
+def test_batching_delay_counts_from_the_oldest_request():
+    def at(*ms: float, size: int = 1) -> list[Request]:
+        return [Request(i, t / 1e3, size) for i, t in enumerate(ms)]
+
+    def run(arrivals: list[Request], batcher: BatcherSettings) -> tuple[list[int], np.ndarray]:
+        session = FakeSession(base_ms=1.0)
+        result = run_load(session, feeds_for, arrivals, batcher, max_seconds=5)
+        return session.batches, result.queue_ms
+
+    # No delay: each request leaves as soon as a worker is free, alone when nothing else is queued.
+    assert run(at(0, 20, 40), BatcherSettings(8, 0.0))[0] == [1, 1, 1]
+    # 15 ms delay: the request at 5 ms joins the one at 0; the batch leaves at 15 ms, before the one at 60 ms arrives.
+    batches, queue_ms = run(at(0, 5, 60, 80), BatcherSettings(8, 15.0))
+    assert batches[0] == 2
+    assert 14.0 <= queue_ms[0] < 25.0 and 9.0 <= queue_ms[1] < 20.0
+    # A full batch does not wait for the delay.
+    batches, queue_ms = run(at(0, 2, 4, 6, size=2), BatcherSettings(4, 500.0))
+    assert batches == [4, 4] and queue_ms.max() < 50.0
+
+
+def test_overload_is_flagged_and_queueing_dominates_the_tail():
+    session = FakeSession(base_ms=10.0)
+    batch_one = BatcherSettings(max_batch=1, max_queue_delay_ms=0.0)
+    over = run_load(session, feeds_for, poisson_arrivals(250.0, 100, {1: 1.0}, seed=0), batch_one, max_seconds=5).summary()
+    assert over["saturated"] and over["achieved_rate"] < 0.95 * over["offered_rate"]
+    assert over["achieved_rate"] < 105
+    assert over["p99_queue_share"] > 0.8
+    assert over["e2e_p99_ms"] > 5 * over["compute_p99_ms"]
+
+
+def test_max_seconds_leaves_the_rest_unsent():
+    result = run_load(FakeSession(1.0), feeds_for, poisson_arrivals(100.0, 200, {1: 1.0}, seed=0), BatcherSettings(1, 0.0), max_seconds=0.3)
+    s = result.summary()
+    assert 10 < s["requests_completed"] < 60 and s["requests_completed"] + s["not_sent"] == 200
+
+
+def test_a_failing_engine_stops_the_load_and_leaves_no_thread():
+    before = threading.active_count()
+    for workers in (1, 3):
+        session = FakeSession(base_ms=2.0, fail_on=3)
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError, match="fell over"):
+            run_load(session, feeds_for, poisson_arrivals(100.0, 500, {1: 1.0}, seed=0), BatcherSettings(4, 1.0, workers=workers), 10)
+        assert time.perf_counter() - t0 < 1.0  # stopped, not 5 s of arrivals sent into a dead engine
+        assert threading.active_count() == before
+    run_load(FakeSession(1.0), feeds_for, poisson_arrivals(100.0, 5, {1: 1.0}, seed=0), BatcherSettings(4, 1.0, workers=3), 5)
+    assert threading.active_count() == before
+
+
+def test_max_rate_at_slo_lies_within_the_queueing_bound():
+    session = FakeSession(base_ms=10.0)
+    batch_one = BatcherSettings(max_batch=1, max_queue_delay_ms=0.0)
+
+    def run_at(rate: float):
+        return run_load(session, feeds_for, poisson_arrivals(rate, 400, {1: 1.0}, seed=11), batch_one, max_seconds=1.5, max_drain_s=0.5)
+
+    found = max_rate_at_slo(run_at, slo_ms=50.0, lo=10.0, hi=100.0, iterations=4)
+    # One server, 10 ms per request: 100/s is the hard ceiling; Poisson queueing puts p99 over 50 ms well before it.
+    assert 30.0 < found["max_rate"] < 100.0, found
+    assert found["p99_ms_at_max"] <= 50.0
+    assert len(found["tried"]) == 2 + 4 and found["tried"][0][2] and not found["tried"][1][2]
+    rates_ok = [rate for rate, _, ok in found["tried"] if ok]
+    assert found["max_rate"] == max(rates_ok)
+
+    hopeless = max_rate_at_slo(
+        lambda r: run_load(session, feeds_for, poisson_arrivals(r, 5, {1: 1.0}, seed=0), batch_one, 5), slo_ms=5.0, lo=10.0, hi=100.0
+    )
+    assert hopeless["max_rate"] == 0 and "misses the objective" in hopeless["reason"] and len(hopeless["tried"]) == 1
+
+
+def test_sweep_and_cost():
+    session = FakeSession(base_ms=2.0)
+    points = sweep(lambda r: run_load(session, feeds_for, poisson_arrivals(r, 10, {1: 1.0}, seed=0), BatcherSettings(1, 0.0), 5), [20, 50])
+    assert [p["rate"] for p in points] == [20.0, 50.0] and all(p["requests_completed"] == 10 for p in points)
+    assert cost_per_million(100.0, 3.6) == pytest.approx(10.0)
+    assert cost_per_million(0.0, 3.6) == float("inf")
+
+
+def test_recommend_profile_fits_traffic_and_objective():
+    latency = {1: 2.0, 2: 2.5, 4: 3.5, 8: 6.0, 16: 11.0, 32: 22.0}
+    rec = recommend_profile(SIZES, latency, slo_ms=30.0, current=ShapeProfile(1, 8, 32), target_name="ort")
+    p = rec["profile"]
+    assert p["min"] == 1 and p["max"] >= 8 and p["min"] <= p["opt"] <= p["max"]
+    assert p == {"min": 1, "opt": 8, "max": 16}  # 16 is the largest within 15 ms; ms/image flattens at 8
+    assert rec["batcher"]["max_batch"] == 16 and rec["batcher"]["max_queue_delay_ms"] == pytest.approx(9.5)
+    assert "targets.ort.profile.min=1" in rec["override"] and "targets.ort.profile.max=16" in rec["override"]
+    assert rec["changed"] and rec["why"]
+    BatcherSettings(**rec["batcher"]).check_against(ShapeProfile(**p), SIZES, "serving.batcher")
+    # A tight objective: the largest request still decides max, and the advice says it will hurt.
+    tight = recommend_profile(SIZES, latency, slo_ms=8.0, current=ShapeProfile(), target_name="ort")
+    assert tight["profile"]["max"] == 8 and "more than half" in tight["why"]
+    with pytest.raises(KilnError):
+        recommend_profile({}, latency, 30.0, ShapeProfile(), "ort")
+
+
+def test_check_against_refuses_what_cannot_be_served():
+    profile = ShapeProfile(1, 8, 16)
+    with pytest.raises(KilnError, match="outside the target's profile"):
+        BatcherSettings(32, 1.0).check_against(profile, SIZES, "serving.batcher")
+    with pytest.raises(KilnError, match="largest request"):
+        BatcherSettings(4, 1.0).check_against(profile, SIZES, "serving.batcher")
+    with pytest.raises(KilnError, match="max_queue_delay_ms"):
+        BatcherSettings(8, -1.0).check_against(profile, SIZES, "serving.batcher")
+    with pytest.raises(KilnError, match="workers"):
+        BatcherSettings(8, 1.0, workers=0).check_against(profile, SIZES, "serving.batcher")
+    BatcherSettings(1, 0.0).check_against(profile, {1: 1.0}, "serving.batcher")
+    with pytest.raises(KilnError, match="largest request"):
+        BatcherSettings(1, 0.0).check_against(profile, {1: 0.9, 2: 0.1}, "serving.batcher")
+    with pytest.raises(KilnError, match="max_queue_delay_ms"):
+        BatcherSettings.from_params({"max_batch": 8}, "serving.batcher")
+    assert BatcherSettings.from_params({"max_batch": 8, "max_queue_delay_ms": 2}, "serving.batcher") == BatcherSettings(8, 2.0)
+
+
+def test_real_onnxruntime_engine_under_load(tiny_onnx, tmp_path):
+    from kiln.config import Target
+    from kiln.engine import build_engine, load_engine
+    from kiln.runtimes import BuildSource
+    from kiln.serving import feeds_cache, warm_up
+
+    path, spec, _ = tiny_onnx
+    target = Target.from_params("ort", {"targets": {"ort": {"runtime": "onnxruntime", "threads": 1}}})
+    build_engine(target, BuildSource(path, spec), tmp_path / "e")
+    session, _ = load_engine(tmp_path / "e", target)
+    batcher = BatcherSettings(max_batch=4, max_queue_delay_ms=2.0)
+    batcher.check_against(target.profile, {1: 0.5, 2: 0.5}, "serving.batcher")
+    feeds = feeds_cache(spec.inputs, seed=0)
+    warm_up(session, feeds, batcher.max_batch)
+    result = run_load(session, feeds, poisson_arrivals(20.0, 15, {1: 0.5, 2: 0.5}, seed=0), batcher, max_seconds=5)
+    s = result.summary()
+    assert s["requests_completed"] == 15 and s["not_sent"] == 0
+    assert (result.compute_ms > 0).all() and (result.e2e_ms >= result.compute_ms).all()
+    assert set(result.batch) <= {1, 2, 3, 4}

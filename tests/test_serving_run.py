@@ -1,0 +1,118 @@
+"""The benchmark's open-loop step on a real ONNX Runtime engine, the configure checks of `serving`, and the
+report's open-loop, diagnosis and curve output."""
+
+from __future__ import annotations
+
+import pytest
+from test_serving_and_report import run_record
+
+from kiln.checks import check_params
+from kiln.config import Target
+from kiln.engine import build_engine, load_engine
+from kiln.errors import KilnError
+from kiln.images import Preprocess
+from kiln.inputs import make_inputs
+from kiln.report import render
+from kiln.report_serving import curve_csv, curve_rows
+from kiln.runtimes import BuildSource
+from kiln.serving.run import ServingSettings, contention_slowdown, preprocessing_cost, serve_under_load
+
+QUICK = ServingSettings(slo_ms=200.0, seconds_per_rate=0.3, search_iterations=1, max_queue_delay_ms=2.0, cost_per_hour=2.0)
+
+
+def test_open_loop_on_a_real_engine_finds_a_rate_and_a_profile(tmp_path, tiny_onnx):
+    path, spec, _ = tiny_onnx
+    target = Target.from_params(
+        "ort",
+        {
+            "targets": {
+                "ort": {"runtime": "onnxruntime", "threads": 1, "profile": {"min": 1, "opt": 4, "max": 8}, "serve": {1: 0.7, 4: 0.3}}
+            }
+        },
+    )
+    build_engine(target, BuildSource(path, spec), tmp_path / "e")
+    session, _ = load_engine(tmp_path / "e", target)
+    latency = {f"b{b}": {"p50_ms": 0.2 * b + 0.3, "images_per_s": 1e3 * b / (0.2 * b + 0.3)} for b in (1, 4, 8)}
+    record = serve_under_load(session, spec.inputs, target, latency, QUICK)
+    assert record["max_rate_at_slo"] > 0 and record["p99_ms_at_max"] <= 200.0
+    assert record["at_50pct"]["rate"] == pytest.approx(0.5 * record["max_rate_at_slo"])
+    assert record["at_90pct"]["requests_completed"] > 0
+    assert record["batcher"] == {"max_batch": 4, "max_queue_delay_ms": 2.0, "workers": 1}  # null max_batch: the profile's opt
+    assert record["cost_per_million"] == pytest.approx(2.0 / (record["max_rate_at_slo"] * 3600) * 1e6)
+    rec = record["recommended"]
+    assert rec["profile"]["min"] == 1 and rec["profile"]["max"] >= 4 and "targets.ort.profile.opt=" in rec["override"]
+    assert "recommended_max_rate_at_slo" in record or "recommended_note" in record
+    assert len(record["search"]["tried"]) in (2, 3)  # lo, hi and one bisection, unless hi already met the objective
+
+    import threading
+
+    second, _ = load_engine(tmp_path / "e", target)
+    before = threading.active_count()
+    c = contention_slowdown(session, second, make_inputs(spec.inputs, 4, 0), 0.2)
+    assert c["alone_p50_ms"] > 0 and c["beside_p50_ms"] > 0 and c["slowdown"] > 0
+    assert threading.active_count() == before  # the neighbour thread was joined
+
+
+def test_preprocessing_cost_is_measured_per_frame():
+    full = preprocessing_cost(Preprocess(), images=3)
+    folded = preprocessing_cost(Preprocess().folded(), images=3)
+    assert full["ms_per_image"] > 0 and "normalise" in full["what"] and "normalise" not in folded["what"]
+
+
+def params_with(serving: dict, profile: dict | None = None) -> dict:
+    from conftest import tiny_model_params
+
+    target = {"runtime": "onnxruntime", "profile": profile or {"min": 1, "opt": 8, "max": 32}}
+    return {"targets": {"ort": target}, "model": tiny_model_params(), "serving": serving, "benchmark": {"serve": {1: 0.5, 8: 0.5}}}
+
+
+@pytest.mark.parametrize(
+    ("serving", "message"),
+    [
+        ({"slo_ms": 0}, "slo_ms must be a positive number"),
+        ({"max_batch": 64}, "targets.ort: serving.max_batch 64 is outside the target's profile [1, 32]"),
+        ({"max_batch": 4}, "smaller than the largest request (8 images)"),
+        ({"cost_per_hour": -1}, "cost_per_hour must be >= 0"),
+        ({"slo": 100}, "unknown keys ['slo']"),
+    ],
+)
+def test_configure_refuses_bad_serving_settings(serving, message):
+    with pytest.raises(KilnError) as e:
+        check_params(params_with(serving))
+    assert message in str(e.value)
+
+
+def test_report_shows_the_rate_the_profile_and_the_diagnosis():
+    res = run_record("ort", 5.0)
+    res["run"]["served"] = {
+        **{"distribution": {"1": 0.7, "8": 0.3}, "requests": 200, "p50_ms": 3.0, "p90_ms": 9.0, "p99_ms": 20.0},
+        **{"ms_per_image": 4.0, "images_per_s": 250.0, "mean_batch": 2.3, "profile_warning": None},
+    }
+    point = {"rate": 10.0, "e2e_p99_ms": 40.0, "p99_queue_share": 0.25, "saturated": False}
+    res["run"]["open_loop"] = {
+        "slo_ms": 100.0,
+        "sizes": {"1": 0.7, "8": 0.3},
+        "batcher": {"max_batch": 8, "max_queue_delay_ms": 5.0, "workers": 1},
+        "max_rate_at_slo": 20.0,
+        "p99_ms_at_max": 90.0,
+        "search": {"tried": [[2.0, 10.0, True], [40.0, 500.0, False], [20.0, 90.0, True]], "reason": "bisected"},
+        "at_50pct": point,
+        "at_90pct": {**point, "rate": 18.0, "e2e_p99_ms": 80.0},
+        "recommended": {
+            "profile": {"min": 1, "opt": 8, "max": 8},
+            "batcher": {"max_batch": 8, "max_queue_delay_ms": 30.0},
+            "changed": True,
+            "why": "max 8: fits.",
+            "override": "python -m kiln.params targets.ort.profile.max=8",
+        },
+        "recommended_max_rate_at_slo": 25.0,
+        "cost_per_million": 11.1,
+        "preprocessing": {"ms_per_image": 5.0},
+    }
+    md = render({"ort": res}, None, "ort")
+    assert "| ort | 8, 5 | 20.0 | 90.0 | 40.0 | 80.0 | 0.25 | 1/8/8 | 8, 30 | 25.0 | 11.1 |" in md
+    assert "Apply: `python -m kiln.params targets.ort.profile.max=8`" in md
+    assert "| ort | opt 8 vs mean served 2.3 | 5 vs 5 | 0.25 | fp32 -> fp32 | 5 (50%) | not measured (serving.contention: true) |" in md
+    rows = curve_rows({"ort": res})
+    assert [r["offered_rate"] for r in rows] == [2.0, 10.0, 18.0, 20.0, 40.0]
+    assert curve_csv(rows).splitlines()[0] == "target,offered_rate,p99_ms,within_slo"
