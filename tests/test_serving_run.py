@@ -112,7 +112,7 @@ def test_report_shows_the_rate_the_profile_and_the_diagnosis():
     md = render({"ort": res}, None, "ort")
     assert "| ort | 8, 5 | 20.0 | 90.0 | 40.0 | 80.0 | 0.25 | 1/8/8 | 8, 30 | 25.0 | 11.1 |" in md
     assert "Apply: `python -m kiln.params targets.ort.profile.max=8`" in md
-    assert "| ort | opt 8 vs mean served 2.3 | 5 vs 5 | 0.25 | fp32 -> fp32 | 5 (50%) | not measured (serving.contention: true) |" in md
+    assert "| ort | opt 8 vs mean served 2.3 | 5 vs 5 | 0.25 | fp32 -> fp32 | 5 (50%) | not measured (opt in: serving.contention) |" in md
     rows = curve_rows({"ort": res})
     assert [r["offered_rate"] for r in rows] == [2.0, 10.0, 18.0, 20.0, 40.0]
     assert curve_csv(rows).splitlines()[0] == "target,offered_rate,p99_ms,within_slo"

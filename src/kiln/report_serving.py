@@ -102,7 +102,7 @@ def diagnosis_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 def _contention(c: Mapping[str, Any] | None) -> str:
     if not c:
-        return "not measured (serving.contention: true)"
+        return "not measured (opt in: serving.contention)"
     return f"{c['slowdown']:.2f}x beside a second copy"
 
 

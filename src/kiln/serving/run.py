@@ -35,7 +35,7 @@ class ServingSettings:
     max_batch: int | None = None  # the dynamic batcher's largest batch; null: the target profile's opt
     max_queue_delay_ms: float = 5.0  # how long the oldest request may wait for company
     workers: int = 1  # inferences in flight
-    seconds_per_rate: float = 2.0  # each offered rate is sent for this long (and drained for at most as long)
+    seconds_per_rate: float = 4.0  # each offered rate is sent for this long (and drained for at most as long)
     search_iterations: int = 4  # bisections of the rate search after its lowest and highest probe
     curve_rates: int = 0  # extra evenly spaced rates for the latency-throughput curve (the full sweep: e.g. 8)
     contention: bool = False  # also time the engine while a second copy of it runs beside it (doubles that time)
