@@ -157,7 +157,8 @@ def render(
     base = results.get(baseline, {}).get("run", {}).get("latency", {})
     skipped = {n: r["run"]["skipped"] for n, r in results.items() if r["run"].get("skipped")}
     built = {n: r for n, r in results.items() if n not in skipped}
-    summary = summary_rows(results, baseline, roofline(built))
+    achieved = roofline(built)
+    summary = summary_rows(results, baseline, achieved)
     if summary:
         lines += [
             "## Summary at each target's main batch size (its profile's opt)",
@@ -248,7 +249,7 @@ def render(
             *accuracy_rows,
         ]
     lines += compiler_section(built)
-    lines += roofline_section(built)
+    lines += roofline_section(built, achieved)
     lines += costs_section(built)
     lines += _calibration_section(built)
     lines += _validation_section(validate)

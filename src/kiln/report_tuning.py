@@ -117,7 +117,8 @@ def _gmacs(value: float | None) -> str:
     return fmt(value / 1e9 if value else None, ".0f")
 
 
-def roofline_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def roofline_section(built: Mapping[str, Mapping[str, Any]], achieved: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """`achieved`: roofline(built), which the summary uses too."""
     roofs = {n: r["run"]["roofline"] for n, r in built.items() if (r["run"].get("roofline") or {}).get("macs_per_image")}
     if not roofs:
         return []
@@ -154,7 +155,6 @@ def roofline_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
             )
         for note in facts.get("preflight") or []:
             lines += ["", f"Pre-flight: {note}"]
-    achieved = roofline(built)
     lines += [
         "",
         "| target | precision | GMAC/s (sync, main batch) | % of peak | GMAC/s (throughput mode) | % of peak |",

@@ -181,15 +181,15 @@ def contention_slowdown(session: Session, second: Session, feeds: Mapping[str, A
 
     import numpy as np
 
-    def timed(until: float) -> list[float]:
-        times = []
-        while len(times) < 5 or time.perf_counter() < until:
-            t0 = time.perf_counter()
-            session.infer(feeds)
-            times.append((time.perf_counter() - t0) * 1e3)
-        return times
+    from ..benchmark import BenchmarkSettings, time_infer
 
-    alone = timed(time.perf_counter() + seconds)
+    # The benchmark's own timing loop: at least 5 inferences and `seconds`, not extended for noise.
+    timing = BenchmarkSettings(warmup_iters=0, min_iters=5, min_time_s=seconds, max_iters=10**9, noisy_max_time_s=seconds)
+
+    def timed() -> list[float]:
+        return time_infer(session, feeds, timing)
+
+    alone = timed()
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -203,7 +203,7 @@ def contention_slowdown(session: Session, second: Session, feeds: Mapping[str, A
     thread = threading.Thread(target=neighbour, name="kiln-serving-neighbour", daemon=True)
     thread.start()
     try:
-        beside = timed(time.perf_counter() + seconds)
+        beside = timed()
     finally:
         stop.set()
         thread.join()
