@@ -202,6 +202,59 @@ def test_max_rate_at_slo_lies_within_the_queueing_bound():
     assert hopeless["max_rate"] == 0 and "misses the objective" in hopeless["reason"] and len(hopeless["tried"]) == 1
 
 
+class Measured:
+    """A LoadResult stand-in with a fixed latency for every request: the rate search's arithmetic, exactly."""
+
+    def __init__(self, latency_ms: float) -> None:
+        self.e2e_ms = self.compute_ms = np.full(200, latency_ms)
+
+    def saturation(self) -> None:
+        return None
+
+
+def test_a_rate_that_passed_by_luck_is_confirmed_or_given_up():
+    # The search's arrivals say p99 = rate ms; other arrivals say 1.2 x that. Objective 50 ms.
+    found = max_rate_at_slo(lambda r: Measured(r), 50.0, lo=10.0, hi=100.0, iterations=3, confirm=lambda r: Measured(1.2 * r))
+    assert [r for r, _, _ in found["tried"]] == [10.0, 100.0, 55.0, 32.5, 43.75]
+    # 43.75 passed once, but 52.5 ms with other arrivals: the next lower passing rate holds with both.
+    assert found["confirmed"] == [(43.75, 52.5, False), (32.5, 39.0, True)]
+    assert found["max_rate"] == 32.5 and found["p99_ms_at_max"] == 39.0 and "next lower rate" in found["reason"]
+    steady = max_rate_at_slo(lambda r: Measured(r), 50.0, lo=10.0, hi=100.0, iterations=3, confirm=lambda r: Measured(r))
+    assert steady["max_rate"] == 43.75 and steady["confirmed"] == [(43.75, 43.75, True)]
+    erratic = max_rate_at_slo(lambda r: Measured(r), 50.0, lo=10.0, hi=100.0, iterations=3, confirm=lambda r: Measured(99.0))
+    assert erratic["max_rate"] == 10.0 and "erratic" in erratic["reason"]
+
+
+def test_an_objective_below_one_inference_is_refused_with_the_fix():
+    from kiln.serving.run import check_slo_reachable
+
+    latency = {"b1": {"p50_ms": 12.0}, "b4": {"p50_ms": 30.0}}
+    check_slo_reachable(20.0, latency, {1: 0.7, 4: 0.3}, "ort")
+    with pytest.raises(KilnError) as e:
+        check_slo_reachable(10.0, latency, {1: 0.7, 4: 0.3}, "ort")
+    assert "serving.slo_ms 10 is below targets.ort's fastest single inference" in str(e.value)
+    assert "12 ms at batch 1" in str(e.value) and "Raise serving.slo_ms" in str(e.value)
+
+
+def test_an_engine_with_several_profiles_gets_one_for_its_common_small_requests():
+    from kiln.runtimes import runtime_info
+    from kiln.runtimes.tensorrt.plan import select_profile
+
+    latency = {1: 2.0, 2: 2.5, 4: 3.5, 8: 6.0, 16: 11.0, 32: 22.0}
+    single = recommend_profile(SIZES, latency, 30.0, ShapeProfile(1, 8, 32), "ort", runtime_info("onnxruntime").profiles)
+    assert "extra_profiles" not in single and "profiles_override" not in single
+    trt = recommend_profile(SIZES, latency, 30.0, ShapeProfile(1, 8, 32), "trt", runtime_info("tensorrt").profiles, {"input": (3, 16, 16)})
+    # 70% of requests are single images, below opt 8: a profile of their own, first; 4 (20%) too. 8 is opt already.
+    assert trt["extra_profiles"] == [{"min": 1, "opt": 1, "max": 1}, {"min": 4, "opt": 4, "max": 4}]
+    import json
+
+    spelled = json.loads(trt["profiles_override"].split(": ", 1)[1])
+    assert trt["profiles_override"].startswith("targets.trt.options.profiles: ") and len(spelled) == 3
+    assert spelled[2]["input"] == {"min": [1, 3, 16, 16], "opt": [8, 3, 16, 16], "max": [16, 3, 16, 16]}
+    # The session runs a batch on the first profile that holds it: singles on the first, 4 on the second, 8 on the main.
+    assert [select_profile(spelled, {"input": (b, 3, 16, 16)}) for b in (1, 4, 8)] == [0, 1, 2]
+
+
 def test_sweep_and_cost():
     session = FakeSession(base_ms=2.0)
     points = sweep(lambda r: run_load(session, feeds_for, poisson_arrivals(r, 10, {1: 1.0}, seed=0), BatcherSettings(1, 0.0), 5), [20, 50])

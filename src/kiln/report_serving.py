@@ -49,6 +49,8 @@ def open_loop_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
             notes.append(f"- `{name}`: no rate meets the objective: {o['search']['reason']}")
         if rec.get("changed"):
             notes.append(f"- `{name}`: {rec.get('why')} Apply: `{rec.get('override')}`")
+        if rec.get("profiles_override"):
+            notes.append(f"- `{name}`: its engine holds several shape profiles; set `{rec['profiles_override']}`")
         if o.get("recommended_note"):
             notes.append(f"- `{name}`: {o['recommended_note']}")
     if notes:

@@ -58,6 +58,8 @@ class RuntimeInfo:
     precisions: tuple[str, ...]
     calibrated: tuple[str, ...] = ()  # precisions whose calibrate@<target> runs the runtime's quantizer
     libraries: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # library -> pip distributions it ships as
+    # Shape profiles one engine can hold (TensorRT's optimization profiles, `options.profiles`); 1: only targets.<name>.profile.
+    profiles: int = 1
 
 
 RUNTIMES: dict[str, RuntimeInfo] = {
@@ -74,6 +76,7 @@ RUNTIMES: dict[str, RuntimeInfo] = {
         ("fp32", "fp16", "bf16", "int8", "fp8"),
         ("int8", "fp8"),
         {"tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")},
+        profiles=8,  # TensorRT allows more; the serving advice never asks for more than a few
     ),
 }
 

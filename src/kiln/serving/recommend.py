@@ -13,12 +13,18 @@ The rule, in the order it is applied (each step is one sentence in the returned 
   max_queue_delay_ms = (objective - latency(max)) / 2, floored at 0: a request that waits the whole delay and then
   rides in the largest batch still has half the slack left for the batch running ahead of it.
 
+- extra profiles, for a runtime whose engine holds several (TensorRT): each served size that carries at least
+  a fifth of the requests and is smaller than opt gets a profile of its own (min = opt = max = that size), listed
+  before the main one (a batch runs on the first profile that holds it), so the common small requests run on
+  kernels chosen for their shape instead of the main profile's.
+
 Latency at an unmeasured batch is interpolated linearly between measured ones; beyond the largest measured batch
 it grows in proportion to the batch (no further gain per image: the cautious guess).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Mapping
 
@@ -63,10 +69,21 @@ def latency_at(measured: Mapping[int, float], batch: int) -> float:
     return measured[below] + (measured[above] - measured[below]) * (batch - below) / (above - below)
 
 
+MAIN_SHARE = 0.2  # a served size with this share of the requests earns a profile of its own, where the engine can hold several
+
+
 def recommend_profile(
-    sizes: Mapping[int, float], latency_ms_by_batch: Mapping[int, float], slo_ms: float, current: ShapeProfile, target_name: str
+    sizes: Mapping[int, float],
+    latency_ms_by_batch: Mapping[int, float],
+    slo_ms: float,
+    current: ShapeProfile,
+    target_name: str,
+    profiles: int = 1,
+    inputs: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, Any]:
-    """{"profile": {min, opt, max}, "batcher": {max_batch, max_queue_delay_ms, workers}, "why", "override", "changed"}."""
+    """{"profile": {min, opt, max}, "batcher": {max_batch, max_queue_delay_ms, workers}, "why", "override", "changed"},
+    and "extra_profiles" with "profiles_override" when the runtime's engines hold `profiles` > 1 shape profiles
+    (`inputs`: each input's per-sample shape, to spell out the option)."""
     check_target_name(target_name)
     dist = check_sizes(sizes, f"targets.{target_name}.serve")
     measured = _measured(latency_ms_by_batch)
@@ -106,7 +123,7 @@ def recommend_profile(
     why.append(f"batcher: max_batch {top}, max_queue_delay_ms {delay:.3g} (half the objective left after the largest batch's inference).")
     profile = ShapeProfile(smallest, opt, top)
     t = target_name
-    return {
+    record: dict[str, Any] = {
         "profile": profile.to_params(),
         "batcher": {"max_batch": top, "max_queue_delay_ms": round(delay, 3), "workers": 1},
         "why": " ".join(why),
@@ -114,3 +131,20 @@ def recommend_profile(
         "current": current.to_params(),
         "override": f"python -m kiln.params targets.{t}.profile.min={smallest} targets.{t}.profile.opt={opt} targets.{t}.profile.max={top}",
     }
+    if profiles > 1:
+        common = sorted((b for b, share in dist.items() if share >= MAIN_SHARE and b < opt), key=lambda b: -dist[b])[: profiles - 1]
+        extra = [ShapeProfile(b, b, b) for b in sorted(common)]
+        if extra:
+            record["extra_profiles"] = [p.to_params() for p in extra]
+            record["why"] += " " + " ".join(
+                f"extra profile {p.opt}: {dist[p.opt]:.0%} of requests are {p.opt} image(s), below opt {opt}; "
+                "a profile of its own, listed first, gives them kernels chosen for their shape."
+                for p in extra
+            )
+            if inputs:
+                spelled = [
+                    {name: {k: [getattr(p, k), *shape] for k in ("min", "opt", "max")} for name, shape in inputs.items()}
+                    for p in (*extra, profile)
+                ]
+                record["profiles_override"] = f"targets.{t}.options.profiles: {json.dumps(spelled, separators=(',', ':'))}"
+    return record

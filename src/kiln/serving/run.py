@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from ..config import InputSpec, Target
 from ..errors import KilnError
-from ..runtimes import Session
+from ..runtimes import Session, runtime_info
 from .arrivals import mean_size, poisson_arrivals
 from .batcher import BatcherSettings
 from .load import LoadResult, feeds_cache, run_load, warm_up
@@ -36,6 +36,7 @@ class ServingSettings:
     max_queue_delay_ms: float = 5.0  # how long the oldest request may wait for company
     workers: int = 1  # inferences in flight
     seconds_per_rate: float = 4.0  # each offered rate is sent for this long (and drained for at most as long)
+    min_requests: int = 200  # ...or longer, up to twice as long, until this many requests were sent: a p99 needs a tail
     search_iterations: int = 4  # bisections of the rate search after its lowest and highest probe
     curve_rates: int = 0  # extra evenly spaced rates for the latency-throughput curve (the full sweep: e.g. 8)
     contention: bool = False  # also time the engine while a second copy of it runs beside it (doubles that time)
@@ -52,8 +53,8 @@ class ServingSettings:
             raise KilnError(f"{where}.slo_ms must be a positive number of milliseconds, got {self.slo_ms}")
         if self.cost_per_hour is not None and not self.cost_per_hour >= 0:
             raise KilnError(f"{where}.cost_per_hour must be >= 0 (the machine's price per hour) or null, got {self.cost_per_hour}")
-        if not self.seconds_per_rate > 0 or self.search_iterations < 0 or self.curve_rates < 0:
-            raise KilnError(f"{where}: seconds_per_rate must be > 0, search_iterations and curve_rates >= 0")
+        if not self.seconds_per_rate > 0 or self.search_iterations < 0 or self.curve_rates < 0 or self.min_requests < 1:
+            raise KilnError(f"{where}: seconds_per_rate must be > 0, min_requests >= 1, search_iterations and curve_rates >= 0")
 
     def batcher(self, target: Target) -> BatcherSettings:
         return BatcherSettings(self.max_batch or target.profile.opt, self.max_queue_delay_ms, self.workers)
@@ -68,8 +69,26 @@ def check_serving(settings: ServingSettings, target: Target) -> None:
             raise KilnError(f"targets.{target.name}: {e}") from e
 
 
+def _seconds(rate: float, settings: ServingSettings) -> float:
+    """How long to offer `rate`: seconds_per_rate, or up to twice that to send min_requests."""
+    return max(settings.seconds_per_rate, min(settings.min_requests / rate, 2 * settings.seconds_per_rate))
+
+
 def _requests(rate: float, seconds: float) -> int:
     return max(20, math.ceil(rate * seconds * 1.1))
+
+
+def check_slo_reachable(slo_ms: float, latency: Mapping[str, Mapping[str, float]], sizes: Mapping[int, float], name: str) -> None:
+    """An objective below one inference of the smallest served request cannot be met at any rate: a config error."""
+    smallest = min(b for b, share in sizes.items() if share > 0)
+    fastest = min((s["p50_ms"], int(k[1:])) for k, s in latency.items() if int(k[1:]) >= smallest)
+    if fastest[0] > slo_ms:
+        raise KilnError(
+            f"serving.slo_ms {slo_ms:g} is below targets.{name}'s fastest single inference for its smallest served request "
+            f"({fastest[0]:.4g} ms at batch {fastest[1]}, closed loop, median): no request rate can meet it. Raise serving.slo_ms "
+            f"above {fastest[0]:.3g} ms (a few times that leaves room for queueing), make the engine faster, or set "
+            f"serving.enabled: false"
+        )
 
 
 def serve_under_load(
@@ -85,8 +104,11 @@ def serve_under_load(
     sizes = dict(target.serve)
     feeds_for = feeds_cache(inputs, settings.seed)
     current = settings.batcher(target)
+    check_slo_reachable(settings.slo_ms, latency, sizes, target.name)
     by_batch = {int(k[1:]): s["p50_ms"] for k, s in latency.items()}
-    recommended = recommend_profile(sizes, by_batch, settings.slo_ms, target.profile, target.name)
+    profiles = runtime_info(target.runtime).profiles
+    shapes = {i.name: i.shape for i in inputs}
+    recommended = recommend_profile(sizes, by_batch, settings.slo_ms, target.profile, target.name, profiles, shapes)
 
     def search(batcher: BatcherSettings) -> tuple[dict[str, Any], Any]:
         warm_up(session, feeds_for, batcher.max_batch)
@@ -94,11 +116,16 @@ def serve_under_load(
         best = max(s["images_per_s"] for b, s in ((int(k[1:]), s) for k, s in latency.items()) if b <= batcher.max_batch)
         hi = 1.5 * best / mean_size(sizes)
 
-        def run_at(rate: float) -> LoadResult:
-            arrivals = poisson_arrivals(rate, _requests(rate, settings.seconds_per_rate), sizes, settings.seed)
-            return run_load(session, feeds_for, arrivals, batcher, settings.seconds_per_rate, max_drain_s=settings.seconds_per_rate)
+        def run_with(seed: int) -> Any:
+            def run_at(rate: float) -> LoadResult:
+                seconds = _seconds(rate, settings)
+                arrivals = poisson_arrivals(rate, _requests(rate, seconds), sizes, seed)
+                return run_load(session, feeds_for, arrivals, batcher, seconds, max_drain_s=settings.seconds_per_rate)
 
-        result = max_rate_at_slo(run_at, settings.slo_ms, hi / 40, hi, settings.search_iterations)
+            return run_at
+
+        run_at = run_with(settings.seed)
+        result = max_rate_at_slo(run_at, settings.slo_ms, hi / 20, hi, settings.search_iterations, confirm=run_with(settings.seed + 1))
         return result, run_at
 
     found, run_at = search(current)
@@ -109,7 +136,11 @@ def serve_under_load(
         "batcher": {"max_batch": current.max_batch, "max_queue_delay_ms": current.max_queue_delay_ms, "workers": current.workers},
         "max_rate_at_slo": rate,
         "p99_ms_at_max": found["p99_ms_at_max"],
-        "search": {"tried": [[r, lat, ok] for r, lat, ok in found["tried"]], "reason": found["reason"]},
+        "search": {
+            "tried": [[r, lat, ok] for r, lat, ok in found["tried"]],
+            "confirmed": [[r, lat, ok] for r, lat, ok in found["confirmed"]],
+            "reason": found["reason"],
+        },
     }
     if rate > 0:
         at = sweep(run_at, [0.5 * rate, 0.9 * rate])
