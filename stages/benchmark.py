@@ -51,13 +51,17 @@ def main() -> None:
     target = tuned_target(target, manifest)  # the settings the engine runs with: its tuning's winner
 
     # Accuracy first: an engine over its budget fails before minutes of timing.
-    accuracy = accuracy_against_reference(session, load_reference(paths.REFERENCE), chunk=target.profile.opt)
+    reference = load_reference(paths.REFERENCE)
+    accuracy = accuracy_against_reference(session, reference, chunk=target.profile.opt)
     verdict = judge_budget(
         accuracy, settings.accuracy_budget, target.accuracy_budget, settings.fail_on_budget, trained=bool(spec.checkpoint or spec.weights)
     )
     if verdict.why_not_enforced:
         log.warning("%s over its accuracy budget (%s); not enforced: %s", name, "; ".join(verdict.violations), verdict.why_not_enforced)
-    enforce_budget(verdict, name, accuracy["source"])
+    if verdict.violations and verdict.enforced:  # before failing: where the engine first departs from fp32
+        from kiln.debug import diagnose
+
+        enforce_budget(verdict, name, accuracy["source"], diagnose(name, target, paths.ENGINES / name, paths.ONNX, reference))
 
     with MemoryWatch() as run_watch:
         stats, raw, notes = benchmark_latency(session, spec.inputs, target.profile, settings)

@@ -108,11 +108,14 @@ def judge_budget(
     return BudgetVerdict(limits, violations, enforced, why)
 
 
-def enforce_budget(verdict: BudgetVerdict, name: str, source: str) -> None:
-    """Fail a target over an enforced budget, saying how to bring it back or to record it and go on."""
+def enforce_budget(verdict: BudgetVerdict, name: str, source: str, diagnosis: str | None = None) -> None:
+    """Fail a target over an enforced budget, saying how to bring it back or to record it and go on
+    (`diagnosis`: where the engine first departs from the fp32 graph, from kiln.debug)."""
     if verdict.violations and verdict.enforced:
         raise KilnError(
             f"target '{name}' is over its accuracy budget on {source}: {'; '.join(verdict.violations)}. "
-            f"Keep sensitive layers in float (targets.{name}.calibration.ignored_scope), change the calibration, "
+            + (f"{diagnosis}. " if diagnosis else "")
+            + f"Keep sensitive layers in float (targets.{name}.calibration.ignored_scope; `python -m kiln.debug {name} --repair` "
+            "finds the fewest), change the calibration, "
             "or relax targets.<name>.accuracy_budget / set benchmark.fail_on_budget: false to record it and go on"
         )

@@ -145,3 +145,9 @@ def summarize(comparisons: list[OutputComparison]) -> dict[str, float | None]:
         "sqnr_db": min(sqnr) if sqnr else None,
         "top1_agreement": min(top1) if top1 else None,
     }
+
+
+if __name__ == "__main__":  # `python -m kiln.compare <target-a> <target-b>`: two engines, boundary by boundary (kiln.debug)
+    from kiln.debug import main
+
+    raise SystemExit(main(compare_mode=True))

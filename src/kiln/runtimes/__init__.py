@@ -28,7 +28,11 @@ Optional capabilities, each a protocol of its own that callers test with isinsta
 - `TunableRuntime`: `knobs(target) -> tuple[Knob, ...]`, the options (and thread counts) kiln.tuning may
   search on this machine, declared next to the runtime's options dataclass;
 - `ThroughputSession`: a session's `throughput(feeds, seconds, min_runs)`, images/s with several requests
-  in flight (the runtime's own asynchronous or parallel API), for the benchmark's throughput mode.
+  in flight (the runtime's own asynchronous or parallel API), for the benchmark's throughput mode;
+- `BoundaryInspectingRuntime`: `boundary_activations(engine_dir, target, source_onnx, feeds) -> Boundaries`,
+  a built engine's intermediate tensors where its fusions leave them, keyed by the source graph's tensor
+  names, for kiln.debug's first-divergence search (and how they were read: the engine's own kernels, or
+  quantization simulated in f32 where the runtime cannot expose its fused kernels' outputs).
 
 Stages and the benchmark only talk to these protocols. Importing this package imports no framework
 (the probe reads RUNTIMES on every `dvc repro`).
@@ -150,6 +154,24 @@ class TunableRuntime(Protocol):
 @runtime_checkable
 class ThroughputSession(Protocol):
     def throughput(self, feeds: Mapping[str, np.ndarray], seconds: float, min_runs: int) -> dict[str, Any]: ...
+
+
+@dataclass
+class Boundaries:
+    """Intermediate tensors of one engine (or of the fp32 graph), keyed by the source ONNX graph's tensor names.
+
+    `mode`: "engine" (read from the engine's own kernels; its final outputs were checked unchanged by the reading),
+    "simulated" (quantization simulated in f32: same scales, not the same kernels) or "outputs only"; `note` says
+    how, in a sentence the report shows."""
+
+    mode: str
+    note: str
+    tensors: dict[str, Any]
+
+
+@runtime_checkable
+class BoundaryInspectingRuntime(Protocol):
+    def boundary_activations(self, engine_dir: Path, target: Target, source_onnx: Path, feeds: Mapping[str, np.ndarray]) -> Boundaries: ...
 
 
 @runtime_checkable

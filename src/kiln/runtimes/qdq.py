@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -23,11 +24,18 @@ PREPROCESSED = "model.fp32.onnx"  # the fp32 graph the QDQ graph was made from: 
 class CalibrationReader:
     """ONNX Runtime's CalibrationDataReader over kiln's calibration batches, with a progress bar."""
 
-    def __init__(self, calib: CalibrationSet, runtime: str):
+    def __init__(self, calib: CalibrationSet, runtime: str, whole_batches: bool = False):
         from tqdm import tqdm
 
+        total = len(calib)
         self._batches = calib.batches()
-        self._bar = tqdm(total=len(calib), desc=f"calibrating ({runtime})", unit="img", mininterval=2.0)
+        if whole_batches and total > calib.batch and total % calib.batch:
+            # ORT's histogram collectors (entropy, percentile) stack the batches into one array: a short last
+            # batch makes it ragged and the quantizer fails. Leave those few images out instead.
+            total -= total % calib.batch
+            log.info("entropy/percentile calibration takes whole batches: %d image(s) left out", len(calib) - total)
+            self._batches = itertools.islice(calib.batches(), total // calib.batch)
+        self._bar = tqdm(total=total, desc=f"calibrating ({runtime})", unit="img", mininterval=2.0)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
@@ -86,7 +94,7 @@ def quantize_qdq(
     quantize_static(
         str(pre),
         str(out_dir / QDQ),
-        CalibrationReader(calib, runtime),
+        CalibrationReader(calib, runtime, whole_batches=settings.method != "minmax"),
         quant_format=QuantFormat.QDQ,
         calibrate_method=methods[settings.method],
         nodes_to_exclude=sorted({*settings.ignored_scope, *tail}) or None,

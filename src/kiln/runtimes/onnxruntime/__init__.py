@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from ...config import Target, default_threads
 from ...errors import KilnError
-from .. import BuildSource, Knob, RegisteredRuntime, runtime_options
+from .. import Boundaries, BuildSource, Knob, RegisteredRuntime, runtime_options
 from ..qdq import PREPROCESSED, QDQ, check_ignored_scope, quantize_qdq
 
 if TYPE_CHECKING:
@@ -261,6 +261,12 @@ class OnnxRuntimeRuntime(RegisteredRuntime):
         ref = run(fp32, [t for _, t, _ in layers])
         got = run(qdq, [t for _, _, t in layers])
         return [(node, r, g) for (node, _, _), r, g in zip(layers, ref, got)]
+
+    def boundary_activations(self, engine_dir: Path, target: Target, source_onnx: Path, feeds: Mapping[str, np.ndarray]) -> Boundaries:
+        from .boundaries import ort_boundaries
+
+        mode, names, arrays, note = ort_boundaries(engine_dir, source_onnx, feeds, threads=target.effective_threads)
+        return Boundaries(mode, note, dict(zip(names, arrays)))
 
     def build(self, target: Target, source: BuildSource, engine_dir: Path) -> dict[str, Any]:
         level_name = runtime_options(self, target).graph_optimization_level

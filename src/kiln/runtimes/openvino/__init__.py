@@ -17,7 +17,7 @@ import numpy as np
 import openvino as ov
 
 from ...config import Target, default_threads
-from .. import BuildSource, Knob, RegisteredRuntime, runtime_options
+from .. import Boundaries, BuildSource, Knob, RegisteredRuntime, runtime_options
 
 if TYPE_CHECKING:
     from ...calibration import CalibrationSet, CalibrationSettings
@@ -252,7 +252,9 @@ class OpenVinoRuntime(RegisteredRuntime):
             from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
             from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-            advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.QUANTILE)
+            # NNCF 3.x names it MEAN_QUANTILE (per-batch quantiles, averaged); older releases QUANTILE.
+            quantile = getattr(RangeEstimatorParametersSet, "MEAN_QUANTILE", None) or RangeEstimatorParametersSet.QUANTILE
+            advanced = AdvancedQuantizationParameters(activations_range_estimator_params=quantile)
         samples = list(tqdm(calib.samples(), total=len(calib), desc="reading calibration images", unit="img", mininterval=2.0))
         from ...graphs import has_attention
 
@@ -334,6 +336,12 @@ class OpenVinoRuntime(RegisteredRuntime):
 
         ref, got = run(fp32, fp32_ops), run(quantized, quantized_ops)
         return list(zip(layers, ref, got))
+
+    def boundary_activations(self, engine_dir: Path, target: Target, source_onnx: Path, feeds: Mapping[str, np.ndarray]) -> Boundaries:
+        from .boundaries import ov_boundaries
+
+        mode, names, arrays, note = ov_boundaries(engine_dir, source_onnx, target, feeds)
+        return Boundaries(mode, note, dict(zip(names, arrays)))
 
     def build(self, target: Target, source: BuildSource, engine_dir: Path) -> dict[str, Any]:
         core = ov.Core()

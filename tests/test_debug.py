@@ -1,0 +1,177 @@
+"""kiln.debug (first divergence at fusion-surviving boundaries), kiln.repair and `python -m kiln.compare`, on a
+trained model whose int8 fails by construction on every CPU (tests/outlier.py: an outlier activation channel)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from conftest import venv_env
+from digits import digits_params, train, write_digits
+from outlier import write_outlier_checkpoint
+
+from kiln.accuracy import accuracy_against_reference
+from kiln.calibration import calibrate_target
+from kiln.config import ModelSpec, Target
+from kiln.debug import debug_engines, diagnose, eval_feeds
+from kiln.engine import build_engine, load_engine
+from kiln.export import ExportSettings, export_onnx
+from kiln.models import build_model
+from kiln.reference import load_reference, save_reference
+from kiln.runtimes import BuildSource
+from kiln.validate import ValidateSettings, reference_set
+
+INT8 = {"onnxruntime-int8": "onnxruntime", "openvino-int8": "openvino"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project folder as the pipeline leaves it (artifacts/, params.yaml) for the outlier model: an fp32 and two
+    int8 engines."""
+    root = tmp_path_factory.mktemp("outlier")
+    dirs = write_digits(root / "data")
+    checkpoint = write_outlier_checkpoint(train(dirs["train"]), root / "outlier.pt")
+    params = digits_params(dirs, checkpoint)
+    params["targets"] = {
+        "onnxruntime": {"runtime": "onnxruntime", "precision": "fp32", "threads": 1},
+        **{name: {"runtime": rt, "precision": "int8", "threads": 1} for name, rt in INT8.items()},
+    }
+    params["benchmark"] = {"accuracy_budget": {"min_top1_agreement": 0.98}}
+    project = root / "project"
+    artifacts = project / "artifacts"
+    artifacts.mkdir(parents=True)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    spec = ModelSpec.from_params(params["model"])
+    export_onnx(build_model(spec), spec, ExportSettings(), artifacts / "model.onnx")
+    save_reference(artifacts / "reference.npz", reference_set(build_model(spec), spec, ["logits"], params["data"], ValidateSettings()))
+    for name in params["targets"]:
+        target = Target.from_params(name, params)
+        calibrate_target(target, artifacts / "model.onnx", spec, params, artifacts / "calibration" / name)
+        build_engine(target, BuildSource(artifacts / "model.onnx", spec, artifacts / "calibration" / name), artifacts / "engines" / name)
+    return {"root": project, "params": params, "reference": load_reference(artifacts / "reference.npz")}
+
+
+def target(project, name: str) -> Target:
+    return Target.from_params(name, project["params"])
+
+
+def second_conv(project) -> str:
+    return [n.name for n in onnx.load(str(project["root"] / "artifacts" / "model.onnx")).graph.node if n.op_type == "Conv"][1]
+
+
+def test_the_outlier_is_invisible_in_fp32_and_collapses_int8_on_both_runtimes(project):
+    ref = project["reference"]
+    assert (ref["outputs"]["logits"].argmax(1) == ref["labels"]).mean() > 0.9  # trained, and the outlier kept its function
+    for name in ["onnxruntime", *INT8]:
+        session, _ = load_engine(project["root"] / "artifacts" / "engines" / name, target(project, name))
+        agreement = accuracy_against_reference(session, ref, chunk=8)["top1_agreement"]
+        assert agreement > 0.99 if name == "onnxruntime" else agreement < 0.8, (name, agreement)
+
+
+@pytest.mark.parametrize("name", list(INT8))
+def test_debug_reads_the_engine_itself_and_finds_the_layer_after_the_outlier(project, name):
+    root = project["root"] / "artifacts"
+    feeds = eval_feeds(project["reference"], 16)
+    result = debug_engines(root / "model.onnx", feeds, None, (root / "engines" / name, target(project, name)))
+    assert result["engine"]["mode"] == "engine", result["engine"]  # fusions intact, final outputs bit-identical
+    rows = {r["boundary"]: r for r in result["boundaries"]}
+    assert {"relu", "relu_1", "logits"} <= set(rows)
+    # The outlier channel dominates the first block's output, so that tensor still looks right; the second conv,
+    # which reads the other (now zeroed) channels, is where the engine departs.
+    assert rows["relu"]["sqnr_db"] > 20
+    first = result["first_divergent"]
+    assert first is not None and first["boundary"] == "relu_1" and first["sqnr_db"] < 12, first
+    assert result["largest_drop"]["boundary"] == "relu_1"
+    assert [r["index"] for r in result["boundaries"]] == list(range(len(result["boundaries"])))
+
+
+def test_the_fp32_engine_does_not_diverge(project):
+    root = project["root"] / "artifacts"
+    result = debug_engines(
+        root / "model.onnx", eval_feeds(project["reference"], 8), None, (root / "engines" / "onnxruntime", target(project, "onnxruntime"))
+    )
+    assert result["first_divergent"] is None and min(r["sqnr_db"] for r in result["boundaries"]) > 60
+
+
+@pytest.mark.parametrize("name", list(INT8))
+def test_repair_returns_the_second_conv_to_float_and_brings_agreement_back(project, name, monkeypatch):
+    from kiln.repair import repair_target
+
+    monkeypatch.chdir(project["root"])
+    root = project["root"] / "artifacts"
+    found = debug_engines(root / "model.onnx", eval_feeds(project["reference"], 16), None, (root / "engines" / name, target(project, name)))
+    result = repair_target(target(project, name), project["params"], found, max_builds=8)
+    assert result["status"] == "repaired", result["lines"]
+    assert result["candidates"][0] == second_conv(project)  # the first divergence's layer comes first
+    # OpenVINO quantizes a layer's inputs only, so the second conv alone in float repairs it; ONNX Runtime's Q/DQ also
+    # quantizes the first conv's output (the outlier tensor itself), so there the first conv must go back to float too.
+    convs = [n.name for n in onnx.load(str(root / "model.onnx")).graph.node if n.op_type == "Conv"]
+    assert sorted(result["float_layers"]) == sorted(convs if name == "onnxruntime-int8" else [second_conv(project)]), result["probes"]
+    assert result["before"]["top1_agreement"] < 0.8 and result["after"]["top1_agreement"] >= 0.98
+    assert result["builds"] <= 8 and json.dumps(result["float_layers"], separators=(",", ":")) in result["override"]
+    speed = result["speed"]
+    assert speed["int8_ms_per_image"] > 0 and speed["repaired_ms_per_image"] > 0
+    assert [layer["layer"] for layer in speed["layers"]] == result["float_layers"]
+    # NNCF's accuracy control, where the runtime's calibration options offer it, reported beside kiln's repair.
+    control = result["runtime_accuracy_control"]
+    if name == "openvino-int8":
+        assert control["status"] == "ran" and control["passed"] and second_conv(project) in control["float_layers"], control
+    else:
+        assert control is None
+    assert not list(root.parent.glob("kiln-repair-*"))  # its builds live in a temporary folder, removed
+
+
+def test_diagnose_writes_the_boundaries_and_says_where(project, monkeypatch):
+    monkeypatch.chdir(project["root"])
+    root = project["root"] / "artifacts"
+    sentence = diagnose(
+        "onnxruntime-int8",
+        target(project, "onnxruntime-int8"),
+        root / "engines" / "onnxruntime-int8",
+        root / "model.onnx",
+        project["reference"],
+    )
+    assert "first divergent boundary 'relu_1'" in sentence and "reports/debug/onnxruntime-int8.json" in sentence
+    written = json.loads((project["root"] / "reports" / "debug" / "onnxruntime-int8.json").read_text())
+    assert written["first_divergent"]["boundary"] == "relu_1"
+    broken = diagnose("x", target(project, "onnxruntime-int8"), root / "engines" / "missing", root / "model.onnx", project["reference"])
+    assert broken.startswith("(the first-divergence search failed")
+
+
+def run_cli(project, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=project["root"], env=venv_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_debug_and_compare_from_the_command_line(project):
+    out = run_cli(project, "-m", "kiln.debug", "openvino-int8", "--samples", "8")
+    assert out.returncode == 0, out.stderr
+    assert "first divergent boundary 'relu_1'" in out.stdout and "openvino-int8: engine" in out.stdout
+    compared = run_cli(project, "-m", "kiln.compare", "onnxruntime-int8", "openvino-int8", "--samples", "8")
+    assert compared.returncode == 0, compared.stderr
+    assert "openvino-int8 against onnxruntime-int8" in compared.stdout
+    table = (project["root"] / "reports" / "debug.csv").read_text().splitlines()
+    assert table[0] == "target,against,index,boundary,op,sqnr_db,cosine,max_abs_err"
+    pairs = {tuple(line.split(",")[:2]) for line in table[1:]}
+    assert {("openvino-int8", "fp32"), ("openvino-int8", "onnxruntime-int8")} <= pairs
+    assert (project["root"] / "reports" / "debug" / "openvino-int8-vs-onnxruntime-int8.json").is_file()
+    missing = run_cli(project, "-m", "kiln.debug", "nope")
+    assert missing.returncode != 0 and "nope" in missing.stderr
+
+
+def test_boundaries_follow_graph_order_and_compare_needs_shared_names():
+    from kiln.debug import compare_boundaries
+    from kiln.errors import KilnError
+    from kiln.runtimes import Boundaries
+
+    a = {"x": np.ones((2, 3), np.float32), "y": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    got = {"y": a["y"] + 0.5, "x": a["x"]}
+    result = compare_boundaries(Boundaries("engine", "", a), Boundaries("engine", "", got), threshold_db=20)
+    assert [r["boundary"] for r in result["boundaries"]] == ["x", "y"]
+    assert result["boundaries"][0]["sqnr_db"] == 200.0 and result["first_divergent"]["boundary"] == "y"
+    with pytest.raises(KilnError, match="share no boundary"):
+        compare_boundaries(Boundaries("engine", "", a), Boundaries("engine", "", {"z": a["x"]}))
