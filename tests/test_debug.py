@@ -175,3 +175,12 @@ def test_boundaries_follow_graph_order_and_compare_needs_shared_names():
     assert result["boundaries"][0]["sqnr_db"] == 200.0 and result["first_divergent"]["boundary"] == "y"
     with pytest.raises(KilnError, match="share no boundary"):
         compare_boundaries(Boundaries("engine", "", a), Boundaries("engine", "", {"z": a["x"]}))
+
+
+def test_contention_between_two_built_engines_from_the_command_line(project):
+    # kiln.serving.contention, here because this module's project has built engines to load.
+    out = run_cli(project, "-m", "kiln.serving.contention", "onnxruntime", "openvino-int8", "--seconds", "0.3")
+    assert out.returncode == 0, out.stderr
+    assert "onnxruntime (batch 8, 1 threads):" in out.stdout and "beside the other" in out.stdout
+    record = json.loads((project["root"] / "reports" / "contention" / "onnxruntime+openvino-int8.json").read_text())
+    assert set(record) == {"onnxruntime", "openvino-int8"} and all(r["slowdown"] > 0 and r["runs"] >= 10 for r in record.values())

@@ -93,7 +93,7 @@ def diagnosis_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         "batch: the price of serving small batches without a batcher), queueing in the p99 at 90% of the max rate, the "
         "precision asked for against the one that ran, and preprocessing per frame (kiln's own, on a 640x480 JPEG) with its "
         "share of the end-to-end per-frame cost, and, with `serving.contention: true`, the slow-down when a second copy of the "
-        "engine runs beside it on the same device.",
+        "engine runs beside it on the same device (two different engines: `python -m kiln.serving.contention <a> <b>`).",
         "",
         "| target | profile vs traffic | ms/image at batch 1 vs main batch | queue share of p99 | precision requested -> executed "
         "| preprocessing ms/frame (share) | contention |",

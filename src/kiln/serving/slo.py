@@ -58,7 +58,7 @@ def max_rate_at_slo(
 
     - confirm: the same experiment with other arrivals (another seed). A p99 of a few hundred requests rests on
       its two or three slowest ones, so a rate can pass by luck; the found rate must pass `confirm` too, else
-      the next lower rate that passed is confirmed instead (twice at most), so the answer errs low, not high.
+      15%, 30% and 45% below it are tried with `confirm`, so the answer errs low, not high.
 
     Returns {"max_rate", "p99_ms_at_max" (at `percentile`), "percentile", "tried": [(rate, latency, ok)...],
     "confirmed": [(rate, latency, ok)...], "reason"}.
@@ -114,20 +114,20 @@ def max_rate_at_slo(
     reason = f"bisected between {lo:.4g} and {hi:.4g} requests/s to within {high - low:.3g}"
     if confirm is None:
         return answer(best, best_latency, reason)
-    latency_at = {r: lat for r, lat, _ in tried}
-    passing = sorted({r for r, _, ok in tried if ok and r <= best}, reverse=True)
-    for rate in passing[:2]:
+    # Step down from the rate found, 15% at a time, until one holds with other arrivals too (four tries).
+    for rate in (best, 0.85 * best, 0.7 * best, 0.55 * best):
+        if rate <= lo:
+            break
         ok, latency, _ = measure(confirm, rate)
         confirmed.append((rate, latency, ok))
         if ok:
-            fallback = "" if rate == best else f"; {best:.4g} requests/s failed with other arrivals, so the next lower rate that passed"
-            # The worse of the two runs: what the rate is known to hold.
-            return answer(rate, max(latency, latency_at[rate]), f"{reason}, confirmed with other arrivals{fallback}")
+            fallback = "" if rate == best else f"; {best:.4g} requests/s failed with other arrivals, so the highest rate below it that held"
+            return answer(rate, latency, f"{reason}, confirmed with other arrivals{fallback}")
     return answer(
         lo,
-        latency_at[lo],
-        f"{reason}; the best rates ({', '.join(f'{r:.4g}' for r in passing[:2])} requests/s) failed with other arrivals, "
-        f"so only the lowest probe ({lo:.4g} requests/s) is claimed: latency at these rates is erratic (a noisy machine?)",
+        dict((r, lat) for r, lat, _ in tried)[lo],
+        f"{reason}; {best:.4g} requests/s and 15%, 30% and 45% below it failed with other arrivals, so only the lowest probe "
+        f"({lo:.4g} requests/s) is claimed: latency at these rates is erratic (a noisy machine?)",
     )
 
 
