@@ -161,6 +161,8 @@ def test_debug_and_compare_from_the_command_line(project):
     assert (project["root"] / "reports" / "debug" / "openvino-int8-vs-onnxruntime-int8.json").is_file()
     missing = run_cli(project, "-m", "kiln.debug", "nope")
     assert missing.returncode != 0 and "nope" in missing.stderr
+    bad = run_cli(project, "-m", "kiln.debug", "openvino-int8", "--repair", "--budget", "min_top1_agreement")
+    assert bad.returncode == 1 and "--budget takes KEY=NUMBER" in bad.stderr
 
 
 def test_boundaries_follow_graph_order_and_compare_needs_shared_names():

@@ -265,6 +265,13 @@ def main(argv: list[str] | None = None, compare_mode: bool = False) -> int:
         parser.add_argument("--against", default=None, help="another target's engine instead of the fp32 graph")
         parser.add_argument("--repair", action="store_true", help="return layers to float until the accuracy budget holds (kiln.repair)")
         parser.add_argument("--max-builds", type=int, default=12, help="repair: at most this many calibrate+build rounds")
+        parser.add_argument(
+            "--budget",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="repair: a budget key over the target's (e.g. min_top1_agreement=0.95), to see what a looser or tighter budget costs",
+        )
     parser.add_argument("--samples", type=int, default=16, help="eval images to run (from artifacts/reference.npz)")
     parser.add_argument("--threshold-db", type=float, default=THRESHOLD_DB, help="SQNR below which a boundary counts as divergent")
     args = parser.parse_args(argv)
@@ -293,7 +300,16 @@ def main(argv: list[str] | None = None, compare_mode: bool = False) -> int:
         if not compare_mode and args.repair:
             from .repair import repair_target
 
-            result["repair"] = repair_target(b[1], params, result, max_builds=args.max_builds)
+            overrides = {}
+            for item in args.budget:
+                key, sep, value = item.partition("=")
+                try:
+                    overrides[key.strip()] = float(value)
+                except ValueError:
+                    sep = ""
+                if not sep:
+                    raise KilnError(f"--budget takes KEY=NUMBER (e.g. min_top1_agreement=0.95), got {item!r}")
+            result["repair"] = repair_target(b[1], params, result, max_builds=args.max_builds, budget_overrides=overrides)
         path = write_debug(b_name, against, result)
         print(render_text(b_name, against, result))
         log.info("written %s and %s; the SQNR along the graph: %s", path, DEBUG_CSV, PLOT_COMMAND)

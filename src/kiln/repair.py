@@ -89,7 +89,11 @@ def override_line(target: str, scope: list[str]) -> str:
 
 
 def repair_target(
-    target: Any, params: Mapping[str, Any], debug_result: Mapping[str, Any] | None = None, max_builds: int = 12
+    target: Any,
+    params: Mapping[str, Any],
+    debug_result: Mapping[str, Any] | None = None,
+    max_builds: int = 12,
+    budget_overrides: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Search the layers to return to float for `target` in this project (artifacts/, params.yaml); see the module doc."""
     from . import paths
@@ -110,7 +114,9 @@ def repair_target(
     start = time.perf_counter()
     spec = engine_spec(params)
     bench = params.get("benchmark") or {}
-    budget = budget_limits(bench.get("accuracy_budget") or {}, target.accuracy_budget)
+    budget = budget_limits(bench.get("accuracy_budget") or {}, {**target.accuracy_budget, **(budget_overrides or {})})
+    if not (spec.checkpoint or spec.weights):
+        log.warning("%s: the model has random weights: its agreement says little, and neither does a repair of it", target.name)
     reference = load_reference(paths.REFERENCE)
     base_scope = list(target.calibration.get("ignored_scope") or [])
     ranked = full_ranking(target, paths.ONNX, paths.CALIBRATION / target.name, params, spec)
@@ -169,7 +175,9 @@ def repair_target(
             result.update(status="no candidate layers (the runtime ranks none, and the first divergence is not a compute layer)")
         elif not probe(tuple(candidates)):
             result.update(
-                status=f"over budget even with all {len(candidates)} candidate layers in float: the loss is not in quantized layers"
+                status=f"over budget even with all {len(candidates)} candidate (compute) layers in float: what stays quantized "
+                "(the input, residual adds, pooling) or the calibration loses it; try calibration.method percentile, "
+                "or name those nodes in calibration.ignored_scope"
             )
         else:
             low, high = 0, len(candidates)  # low fails, high passes
