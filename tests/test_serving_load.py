@@ -162,6 +162,15 @@ def test_overload_is_flagged_and_queueing_dominates_the_tail():
     assert over["e2e_p99_ms"] > 5 * over["compute_p99_ms"]
 
 
+def test_a_slow_engine_at_light_load_is_not_read_as_saturated():
+    # 300 ms per inference of up to 8 requests, 6 requests/s (capacity ~26/s): the last request's latency must not
+    # count against the achieved rate (it did, and a slow fp32 engine failed every short probe as "saturated").
+    session = FakeSession(base_ms=300.0)
+    result = run_load(session, feeds_for, poisson_arrivals(6.0, 20, {1: 1.0}, seed=3), BatcherSettings(8, 0.0), max_seconds=20)
+    assert result.saturation() is None, result.saturation()
+    assert result.achieved_rate == pytest.approx(result.offered_rate, rel=0.35)
+
+
 def test_max_seconds_leaves_the_rest_unsent():
     result = run_load(FakeSession(1.0), feeds_for, poisson_arrivals(100.0, 200, {1: 1.0}, seed=0), BatcherSettings(1, 0.0), max_seconds=0.3)
     s = result.summary()
@@ -223,6 +232,13 @@ def test_a_rate_that_passed_by_luck_is_confirmed_or_given_up():
     assert steady["max_rate"] == 43.75 and steady["confirmed"] == [(43.75, 43.75, True)]
     erratic = max_rate_at_slo(lambda r: Measured(r), 50.0, lo=10.0, hi=100.0, iterations=3, confirm=lambda r: Measured(99.0))
     assert erratic["max_rate"] == 10.0 and len(erratic["confirmed"]) == 4 and "erratic" in erratic["reason"]
+
+
+def test_a_hi_that_passes_is_raised_before_the_bisection():
+    # The engine holds up to 150 requests/s (p99 = rate / 3 ms, objective 50 ms); hi = 100 passes, 150 passes, 225 fails.
+    found = max_rate_at_slo(lambda r: Measured(r / 3), 50.0, lo=10.0, hi=100.0, iterations=3)
+    assert [r for r, _, _ in found["tried"]][:4] == [10.0, 100.0, 150.0, 225.0]
+    assert 150.0 <= found["max_rate"] < 225.0 and "bisected" in found["reason"]
 
 
 def test_an_objective_below_one_inference_is_refused_with_the_fix():

@@ -42,7 +42,7 @@ def test_open_loop_on_a_real_engine_finds_a_rate_and_a_profile(tmp_path, tiny_on
     rec = record["recommended"]
     assert rec["profile"]["min"] == 1 and rec["profile"]["max"] >= 4 and "targets.ort.profile.opt=" in rec["override"]
     assert "recommended_max_rate_at_slo" in record or "recommended_note" in record
-    assert len(record["search"]["tried"]) in (2, 3)  # lo, hi and one bisection, unless hi already met the objective
+    assert 2 <= len(record["search"]["tried"]) <= 5  # lo, hi (raised twice at most while it passes) and one bisection
 
     import threading
 
