@@ -124,13 +124,12 @@ def repair_target(
     candidates = [c for c in candidate_layers(paths.ONNX, ranked, first.get("layer")) if c not in base_scope]
     work = Path(tempfile.mkdtemp(prefix=f"kiln-repair-{target.name}-"))
     judged: dict[tuple[str, ...], dict[str, Any]] = {}
-    sessions: dict[tuple[str, ...], Any] = {}
-
+    sessions: dict[tuple[str, ...], Any] = {}  # by layers in float (+ calibration options): each a calibrate + build
     calibrations: dict[tuple[str, ...], dict[str, Any]] = {}
 
     def engine_for(scope: tuple[str, ...], options: Mapping[str, Any] | None = None) -> Any:
         """The target calibrated and built with `scope` in float (and `options` over its calibration options)."""
-        key = (*scope, *(f"options:{json.dumps(options, sort_keys=True)}" for _ in [options] if options))
+        key = scope + ((f"options:{json.dumps(options, sort_keys=True)}",) if options else ())
         if key in sessions:
             return sessions[key]
         calibration = {**target.calibration, "ignored_scope": [*base_scope, *scope]}
@@ -198,7 +197,7 @@ def repair_target(
             result["override"] = override_line(target.name, [*base_scope, *chosen])
             result["speed"] = speed_cost(engine_for, chosen, make_inputs(spec.inputs, target.main_batch, 0))
         if not before["passed"]:
-            result["runtime_accuracy_control"] = runtime_accuracy_control(target, budget, engine_for, judge, calibrations)
+            result["runtime_accuracy_control"] = runtime_accuracy_control(target, budget, judge, calibrations)
         result["builds"] = len(sessions)
         result["seconds"] = round(time.perf_counter() - start, 1)
         result["lines"] = repair_lines(target.name, result)
@@ -210,7 +209,7 @@ def repair_target(
 
 
 def runtime_accuracy_control(
-    target: Any, budget: Mapping[str, Any], engine_for: Callable[..., Any], judge: Callable[..., dict[str, Any]], calibrations: Mapping
+    target: Any, budget: Mapping[str, Any], judge: Callable[..., dict[str, Any]], calibrations: Mapping
 ) -> dict[str, Any] | None:
     """The runtime's own accuracy-aware quantization (NNCF's accuracy control, where the runtime's calibration
     options offer `accuracy_aware`), run for comparison: which layers it returned to float, and the agreement."""
@@ -224,12 +223,10 @@ def runtime_accuracy_control(
     options = {"accuracy_aware": {"max_drop": float(budget.get("max_top1_drop", 1.0))}}
     start = time.perf_counter()
     try:
-        session = engine_for((), options)
+        row = judge((), options)
     except KilnError as e:  # e.g. data/eval without labels: said, not fatal to kiln's own repair
         return {"status": f"not run: {e}"}
-    del session
     key = (f"options:{json.dumps(options, sort_keys=True)}",)
-    row = judge((), options)
     return {
         "status": "ran",
         "options": options,
