@@ -148,15 +148,17 @@ def read_marker(calibration_dir: Path) -> dict[str, Any]:
 
 
 def layer_sensitivity(
-    runtime: object, onnx_path: Path, calibration_dir: Path, calib: CalibrationSet, samples: int = 16
+    runtime: object, onnx_path: Path, calibration_dir: Path, calib: CalibrationSet, samples: int = 16, top: int | None = 10
 ) -> list[dict[str, Any]]:
-    """Top layers by quantization noise added, on a few calibration images (a diagnostic, not an accuracy figure)."""
+    """Top layers (all with `top` None) by quantization noise added, on a few calibration images (a diagnostic, not an
+    accuracy figure)."""
     from .runtimes import LayerInspectingRuntime
     from .sensitivity import rank_layers
 
     if not isinstance(runtime, LayerInspectingRuntime):
         return []
-    return rank_layers(runtime.layer_activations(onnx_path, calibration_dir, calib.sample_feeds(samples)))
+    activations = runtime.layer_activations(onnx_path, calibration_dir, calib.sample_feeds(samples))
+    return rank_layers(activations, top=len(activations) if top is None else top)
 
 
 def calibrate_target(target: Target, onnx_path: Path, spec: ModelSpec, params: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:

@@ -53,18 +53,14 @@ def candidate_layers(onnx_path: Path, ranked: list[str], first_layer: str | None
 
 
 def full_ranking(target: Any, onnx_path: Path, calibration_dir: Path, params: Mapping[str, Any], spec: Any) -> list[str]:
-    """Every quantized layer, most noise added first (kiln.sensitivity on the runtime's layer activations)."""
-    from .calibration import CalibrationSet, CalibrationSettings
-    from .runtimes import LayerInspectingRuntime, get_runtime
-    from .sensitivity import rank_layers
+    """Every quantized layer, most noise added first (calibration.layer_sensitivity, all of it)."""
+    from .calibration import CalibrationSet, CalibrationSettings, layer_sensitivity
+    from .runtimes import get_runtime
 
     runtime = get_runtime(target.runtime)
-    if not isinstance(runtime, LayerInspectingRuntime):
-        return []
     settings = CalibrationSettings.for_target(params.get("calibration"), target, runtime.calibration_options_type)  # type: ignore[attr-defined]
     calib = CalibrationSet.from_params(params.get("data") or {}, spec, settings)
-    activations = runtime.layer_activations(onnx_path, calibration_dir, calib.sample_feeds(16))
-    return [str(r["layer"]) for r in rank_layers(activations, top=len(activations))]
+    return [str(r["layer"]) for r in layer_sensitivity(runtime, onnx_path, calibration_dir, calib, top=None)]
 
 
 def interleaved_ms_per_image(sessions: list[Any], feeds: Mapping[str, np.ndarray], rounds: int = 7, per_round: int = 5) -> list[float]:

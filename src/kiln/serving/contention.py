@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import threading
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,20 +22,13 @@ from ..runtimes import Session
 CONTENTION_DIR = Path("reports") / "contention"
 
 
-def _timed_loop(
-    session: Session, feeds: Mapping[str, np.ndarray], seconds: float, min_runs: int, stop: threading.Event | None
-) -> list[float]:
-    """Per-inference ms for at least `seconds` and `min_runs`; then, with `stop`, on until it is set (keeping the
-    other engine loaded for its whole timing), without recording the extra runs."""
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        session.infer(feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
-    while stop is not None and not stop.is_set():
-        session.infer(feeds)
-    return times
+def timed(session: Session, feeds: Mapping[str, np.ndarray], seconds: float, min_runs: int = 5) -> list[float]:
+    """Per-inference ms from the benchmark's own timing loop: at least `min_runs` inferences and `seconds`, not
+    extended for noise (a neighbour's load is the point here)."""
+    from ..benchmark import BenchmarkSettings, time_infer
+
+    settings = BenchmarkSettings(warmup_iters=0, min_iters=min_runs, min_time_s=seconds, max_iters=10**9, noisy_max_time_s=seconds)
+    return time_infer(session, feeds, settings)
 
 
 def contention_between(
@@ -45,17 +37,17 @@ def contention_between(
     """Median ms per inference of `a` and `b` alone, then at once; slowdown = beside / alone. Threads are joined."""
     for s, f in ((a, feeds_a), (b, feeds_b)):
         s.infer(f)  # warm-up
-    alone = {"a": _timed_loop(a, feeds_a, seconds, min_runs, None), "b": _timed_loop(b, feeds_b, seconds, min_runs, None)}
+    alone = {"a": timed(a, feeds_a, seconds, min_runs), "b": timed(b, feeds_b, seconds, min_runs)}
     done = {"a": threading.Event(), "b": threading.Event()}
     beside: dict[str, list[float]] = {}
     errors: list[BaseException] = []
 
     def run(key: str, session: Session, feeds: Mapping[str, np.ndarray], other: str) -> None:
         try:
-            times = _timed_loop(session, feeds, seconds, min_runs, None)
-            beside[key] = times
+            beside[key] = timed(session, feeds, seconds, min_runs)
             done[key].set()
-            _timed_loop(session, feeds, 0.0, 0, done[other])  # keep the device busy until the other has its figures
+            while not done[other].is_set():  # keep the device busy until the other has its figures
+                session.infer(feeds)
         except BaseException as e:  # surfaced after the join
             errors.append(e)
             done[key].set()

@@ -217,15 +217,9 @@ def contention_slowdown(session: Session, second: Session, feeds: Mapping[str, A
 
     import numpy as np
 
-    from ..benchmark import BenchmarkSettings, time_infer
+    from .contention import timed
 
-    # The benchmark's own timing loop: at least 5 inferences and `seconds`, not extended for noise.
-    timing = BenchmarkSettings(warmup_iters=0, min_iters=5, min_time_s=seconds, max_iters=10**9, noisy_max_time_s=seconds)
-
-    def timed() -> list[float]:
-        return time_infer(session, feeds, timing)
-
-    alone = timed()
+    alone = timed(session, feeds, seconds)
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -239,7 +233,7 @@ def contention_slowdown(session: Session, second: Session, feeds: Mapping[str, A
     thread = threading.Thread(target=neighbour, name="kiln-serving-neighbour", daemon=True)
     thread.start()
     try:
-        beside = timed()
+        beside = timed(session, feeds, seconds)
     finally:
         stop.set()
         thread.join()

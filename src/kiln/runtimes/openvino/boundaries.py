@@ -127,8 +127,8 @@ def ov_boundaries(
     ref = run(base)
     before = runtime_nodes(base)
 
-    def probe(chosen: list[str]) -> tuple[Any, list[np.ndarray], dict[str, int]]:
-        """The IR with outputs at `chosen`, compiled with the engine's config; its results and each name's slot."""
+    def probe(chosen: list[str], compile_config: Mapping[str, Any] = config) -> tuple[Any, list[np.ndarray], dict[str, int]]:
+        """The IR with outputs at `chosen`, compiled (by default with the engine's config); its results and each name's slot."""
         probed_model = core.read_model(path)
         probed_ops = {op.get_friendly_name(): op for op in probed_model.get_ordered_ops()}
         probed_model.add_outputs([probed_ops[where[x][0]].output(where[x][1]) for x in chosen])
@@ -140,7 +140,7 @@ def ov_boundaries(
             key = (src.get_node().get_friendly_name(), src.get_index())
             if key in producers:
                 slot.setdefault(producers[key], i)  # an existing output first (add_outputs adds no second Result)
-        compiled = core.compile_model(probed_model, device, config)
+        compiled = core.compile_model(probed_model, device, dict(compile_config))
         return compiled, run(compiled), slot
 
     # A Result can stop a fusion (OpenVINO fuses a residual Add and the next FakeQuantize into the Convolution
@@ -179,18 +179,7 @@ def ov_boundaries(
         note = f"final outputs bit-identical, runtime model unchanged ({len(before)} compute nodes); {found}{tail}"
         return "engine", kept, [got[slot[x]] for x in kept], note
     # Nothing kept the engine as it is: every boundary from one compile with quantization simulated in f32.
-    simulated_model = core.read_model(path)
-    sim_ops = {op.get_friendly_name(): op for op in simulated_model.get_ordered_ops()}
-    simulated_model.add_outputs([sim_ops[where[x][0]].output(where[x][1]) for x in names])
-    slot = {}
-    for i, result in enumerate(simulated_model.get_results()):
-        src = result.input_value(0)
-        key = (src.get_node().get_friendly_name(), src.get_index())
-        for x in names:
-            if where[x] == key:
-                slot.setdefault(x, i)
-    simulated = core.compile_model(simulated_model, device, {**config, "INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": "NO"})
-    got = run(simulated)
+    _, got, slot = probe(names, {**config, "INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": "NO"})
     found = f"boundaries {', '.join(f'{x} <- {where[x][0]}' for x in names)}"
     note = f"{'; '.join(problems)}: read from a compile with LP_TRANSFORMS_MODE NO, f32 (int8 simulated by FakeQuantize); {found}"
     return "simulated", names, [got[slot[x]] for x in names], note
