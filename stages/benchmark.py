@@ -17,7 +17,7 @@ from kiln.benchmark import (
     significant,
     skipped_record,
 )
-from kiln.config import Target, engine_spec, load_stage_params
+from kiln.config import Target, engine_spec
 from kiln.costs import MemoryWatch, cold_start, engine_size_bytes
 from kiln.engine import load_engine, read_manifest
 from kiln.errors import KilnError
@@ -27,6 +27,7 @@ from kiln.reference import load_reference
 from kiln.roofline import roofline_inputs
 from kiln.serving.run import ServingSettings, contention_slowdown, preprocessing_cost, serve_under_load
 from kiln.stage import run_stage
+from kiln.stage_params import load_stage_params
 from kiln.tuning import tuned_target
 
 log = logging.getLogger("kiln.benchmark")
@@ -54,8 +55,9 @@ def main() -> None:
     reference = load_reference(paths.REFERENCE)
     accuracy = accuracy_against_reference(session, reference, chunk=target.profile.opt)
     verdict = judge_budget(
-        accuracy, settings.accuracy_budget, target.accuracy_budget, settings.fail_on_budget, trained=bool(spec.checkpoint or spec.weights)
+        accuracy, settings.accuracy_budget, target.accuracy_budget, settings.fail_on_budget, trained=spec.trained_weights()
     )
+    log.info("%s: accuracy budget %s (%s)", name, "enforced" if verdict.enforced else "not enforced", verdict.rule)
     if verdict.why_not_enforced:
         log.warning("%s over its accuracy budget (%s); not enforced: %s", name, "; ".join(verdict.violations), verdict.why_not_enforced)
     if verdict.violations and verdict.enforced:  # before failing: where the engine first departs from fp32

@@ -5,10 +5,11 @@ import logging
 import sys
 
 from kiln import paths
-from kiln.config import Target, engine_spec, load_stage_params
+from kiln.config import Target, engine_spec
 from kiln.engine import build_engine
 from kiln.runtimes import BuildSource
 from kiln.stage import run_stage
+from kiln.stage_params import load_stage_params
 from kiln.tuning import TuningSettings
 
 

@@ -10,8 +10,9 @@ import sys
 
 from kiln import paths
 from kiln.calibration import calibrate_target
-from kiln.config import Target, engine_spec, load_stage_params
+from kiln.config import Target, engine_spec
 from kiln.stage import run_stage
+from kiln.stage_params import load_stage_params
 
 
 def main() -> None:

@@ -4,14 +4,15 @@ import logging
 
 from kiln import paths
 from kiln.atomic import write_json
-from kiln.config import engine_spec, load_params
+from kiln.config import engine_spec
 from kiln.export import ExportSettings, export_onnx
 from kiln.models import build_model
 from kiln.stage import run_stage
+from kiln.stage_params import load_stage_params
 
 
 def main() -> None:
-    params = load_params()
+    params = load_stage_params("export")
     spec = engine_spec(params)
     settings = ExportSettings.from_params(params.get("export"))
     model = build_model(spec)

@@ -2,17 +2,22 @@
 
 Runs on every `dvc repro` (always_changed); the fingerprint only changes when the machine does
 (then exactly the engines re-build), a stage's code digest only when code that stage reaches does
-(kiln.codedeps). Imports no framework, so it takes milliseconds.
+(kiln.codedeps), the model's files only when the checkpoint or the entrypoint's source does
+(kiln.model_files). Imports no framework, so it takes milliseconds.
 """
+
+from pathlib import Path
 
 from kiln import codedeps, fingerprint, paths
 from kiln.atomic import write_json
+from kiln.model_files import write_model_files
 from kiln.stage import run_stage
 
 
 def main() -> None:
     write_json(paths.FINGERPRINT, fingerprint.collect())
     codedeps.write_digests(paths.CODE)
+    write_model_files(Path("params.yaml"), paths.MODEL_FILES)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ import logging
 
 from kiln import paths
 from kiln.atomic import write_text
-from kiln.config import load_params
 from kiln.plots import render_latency_png, write_latency_csv
 from kiln.plots_page import HTML_TEMPLATE, PlotsSetupError, ensure_html_template
 from kiln.report import load_results, render, stale_result_files, summary_csv, summary_rows
@@ -13,11 +12,12 @@ from kiln.report_sections import committed_metrics
 from kiln.report_serving import curve_csv, curve_rows
 from kiln.report_tuning import roofline
 from kiln.stage import run_stage
+from kiln.stage_params import load_stage_params
 
 
 def main() -> None:
     log = logging.getLogger("kiln.report")
-    params = load_params()
+    params = load_stage_params("report")
     names = list(params.get("targets") or {})
     # A target set that shrank leaves the removed targets' files behind; they must not count anywhere
     # (the plots read every file in reports/plots/).

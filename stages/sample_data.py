@@ -4,34 +4,27 @@ data/calibration gets random crops of photographs that scikit-image and scikit-l
 ship; data/eval gets crops of *other* photographs, so accuracy is never judged on
 calibration images. A folder that holds any file is the user's and is never touched:
 with images in it, they are used (its outputs are `persist`, so replacing them simply
-re-runs calibration); with no image kiln can read, the stage fails and names the files.
+re-runs calibration); with no image kiln can read, the stage fails and names the files. The folders
+the stages really read are data.calibration_dir and data.eval_dir (these by default): the data stage
+digests those, wherever they are.
 
 Reproduce by hand: `python stages/sample_data.py` in an empty checkout.
 """
 
 import logging
-from pathlib import Path
 
 from kiln import paths
-from kiln.atomic import atomic_path, write_json
-from kiln.hashing import digest_files
+from kiln.atomic import atomic_path
 from kiln.images import check_user_folder, folder_contents, make_sample_images, photograph
 from kiln.stage import run_stage
 
 CALIBRATION = {
-    "dir": Path("data/calibration"),
+    "dir": paths.SAMPLE_CALIBRATION_DIR,
     "count": 300,
     "seed": 1,
     "photos": ("astronaut", "chelsea", "rocket", "motorcycle", "hubble_deep_field", "china"),
 }
-EVAL = {"dir": Path("data/eval"), "count": 64, "seed": 2, "photos": ("coffee", "flower", "retina")}
-
-
-def digest(folder: Path) -> dict:
-    """What the calibrate stages depend on instead of the folders themselves: one small file is much
-    cheaper for DVC to check on every `dvc repro` than hundreds of images once per target."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return {"files": len(files), "sha256": digest_files({p.relative_to(folder).as_posix(): p for p in files})}
+EVAL = {"dir": paths.SAMPLE_EVAL_DIR, "count": 64, "seed": 2, "photos": ("coffee", "flower", "retina")}
 
 
 def main() -> None:
@@ -45,8 +38,6 @@ def main() -> None:
         with atomic_path(spec["dir"], is_dir=True) as tmp:
             written = make_sample_images(tmp, photos, spec["count"], spec["seed"])
         log.info("%s: %d crops of %s", spec["dir"], len(written), ", ".join(spec["photos"]))
-    for spec, out in ((CALIBRATION, paths.CALIBRATION_DIGEST), (EVAL, paths.EVAL_DIGEST)):
-        write_json(out, {str(spec["dir"]): digest(spec["dir"])})
 
 
 if __name__ == "__main__":

@@ -4,16 +4,17 @@ import logging
 
 from kiln import paths
 from kiln.atomic import write_json
-from kiln.config import engine_spec, load_params
+from kiln.config import engine_spec
 from kiln.export import ExportSettings
 from kiln.models import build_model
 from kiln.reference import save_reference
 from kiln.stage import run_stage
+from kiln.stage_params import load_stage_params
 from kiln.validate import ValidateSettings, reference_set, validate_export
 
 
 def main() -> None:
-    params = load_params()
+    params = load_stage_params("validate")
     spec = engine_spec(params)
     traced = ExportSettings.from_params(params.get("export")).batch
     settings = ValidateSettings.from_params(params.get("validate"), traced)

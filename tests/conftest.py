@@ -22,6 +22,7 @@ def tiny_model_params(entrypoint: str = "tinymodels:tiny_cnn", **extra: Any) -> 
         "inputs": {"input": {"shape": [3, 16, 16], "dtype": "float32"}},
         "outputs": None,
         "seed": 0,
+        "trained": False,  # kiln takes an entrypoint's weights as trained unless told: these are random
         **extra,
     }
 

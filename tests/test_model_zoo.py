@@ -31,7 +31,18 @@ def every_target(params: dict, inductor: bool = True) -> list[str]:
 
 def cpu_params(**model: object) -> dict:
     params = compose([], config_dir=ROOT / "conf")
-    params["model"] = {"name": None, "entrypoint": None, "checkpoint": None, "weights": None, "kwargs": {}, "seed": 0, **model}
+    # Entrypoints without a checkpoint return random weights here: say so (kiln takes them as trained otherwise).
+    trained = "auto" if model.get("checkpoint") else False
+    params["model"] = {
+        "name": None,
+        "entrypoint": None,
+        "checkpoint": None,
+        "weights": None,
+        "kwargs": {},
+        "seed": 0,
+        "trained": trained,
+        **model,
+    }
     params["calibration"].update(QUICK)
     params["validate"]["reference_samples"] = 16
     return params

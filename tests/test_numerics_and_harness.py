@@ -145,21 +145,41 @@ def test_atomic_path_leaves_nothing_on_failure_and_replaces_on_success(tmp_path)
     assert json.loads((tmp_path / "nan.json").read_text()) == {"x": ["nan", "inf"]}
 
 
+def test_trained_weights_rule_takes_every_model_but_a_bare_name_as_trained():
+    from kiln.config import ModelSpec
+
+    def rule(**model):
+        base = {"name": None, "entrypoint": None, "inputs": {"x": {"shape": [3]}}}
+        return ModelSpec.from_params({**base, **model}).trained_weights()
+
+    assert rule(name="resnet18")[0] is False and "random weights" in rule(name="resnet18")[1]
+    # Kiln cannot see an entrypoint's weights: it assumes they are trained, and says so.
+    entry = rule(entrypoint="mymodule:model")
+    assert entry[0] is True and "model.entrypoint" in entry[1] and "model.trained: false" in entry[1]
+    assert rule(name="resnet18", checkpoint="c.pt")[0] is True
+    assert rule(name="resnet18", weights="DEFAULT")[0] is True
+    assert rule(entrypoint="m:f", trained=False) == (False, "model.trained is false")
+    assert rule(name="resnet18", trained=True) == (True, "model.trained is true")
+    with pytest.raises(KilnError, match="model.trained must be true, false or auto"):
+        rule(name="resnet18", trained="yes")
+
+
 def test_budget_rule_enforces_only_trained_models_with_fail_on_budget():
     from kiln.accuracy import enforce_budget, judge_budget
 
     acc = {"top1_agreement": 0.5, "sqnr_db": 30.0}
     default, own = {"min_top1_agreement": 0.99}, {"min_sqnr_db": 40.0}
-    verdict = judge_budget(acc, default, own, fail_on_budget=True, trained=True)
+    trained, random = (True, "trained: model.checkpoint is set"), (False, "random weights: model.name with neither")
+    verdict = judge_budget(acc, default, own, fail_on_budget=True, trained=trained)
     assert verdict.limits == {"min_top1_agreement": 0.99, "min_sqnr_db": 40.0}  # the target's keys join the default
     assert verdict.violations == ["top1_agreement 0.5 < min_top1_agreement 0.99", "sqnr_db 30 < min_sqnr_db 40"]
     assert verdict.enforced and verdict.why_not_enforced is None
     with pytest.raises(KilnError, match=r"target 't' is over its accuracy budget on eval: top1_agreement 0.5 < min_top1_agreement 0.99"):
         enforce_budget(verdict, "t", "eval")
-    random_init = judge_budget(acc, default, own, fail_on_budget=True, trained=False)
+    random_init = judge_budget(acc, default, own, fail_on_budget=True, trained=random)
     assert not random_init.enforced and "random weights" in random_init.why_not_enforced
     enforce_budget(random_init, "t", "eval")  # reported, not raised
-    switched_off = judge_budget(acc, default, {}, fail_on_budget=False, trained=True)
+    switched_off = judge_budget(acc, default, {}, fail_on_budget=False, trained=trained)
     assert not switched_off.enforced and "fail_on_budget is false" in switched_off.why_not_enforced
-    within = judge_budget({"top1_agreement": 1.0}, default, {"min_top1_agreement": 0.4}, fail_on_budget=True, trained=True)
+    within = judge_budget({"top1_agreement": 1.0}, default, {"min_top1_agreement": 0.4}, fail_on_budget=True, trained=trained)
     assert within.violations == [] and within.why_not_enforced is None

@@ -24,6 +24,7 @@ inputs:
   input: {shape: [3, 16, 16], dtype: float32}
 outputs: [logits]
 seed: 0
+trained: false  # random weights: an entrypoint's are taken as trained unless told
 """
 
 
@@ -84,7 +85,7 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     from_export = (
         {"export", "validate", "report"} | {f"calibrate@{t}" for t in int8} | {f"{s}@{t}" for s in ("build", "benchmark") for t in targets}
     )
-    every_stage = {"probe", "peak", "sample-data", "configure"} | from_export
+    every_stage = {"probe", "peak", "sample-data", "data", "configure"} | from_export
 
     first = run(["dvc", "repro"], project)
     assert stages_run(first.stdout) == every_stage
@@ -181,7 +182,7 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
         image.write_bytes(eval_images[i % len(eval_images)].read_bytes())
     first_image = project / "data" / "calibration" / "0000.jpg"
     recal = run(["dvc", "repro"], project)
-    assert stages_run(recal.stdout) == {"probe", "sample-data", "report"} | {f"calibrate@{t}" for t in int8} | {
+    assert stages_run(recal.stdout) == {"probe", "sample-data", "data", "report"} | {f"calibrate@{t}" for t in int8} | {
         f"{s}@{t}" for s in ("build", "benchmark") for t in int8
     }
     assert "data/calibration holds 300 images: left as it is" in recal.stderr
@@ -236,7 +237,7 @@ def test_validation_gate_stops_the_pipeline(tmp_path):
     result = run(["dvc", "repro"], project, check=False)
     assert result.returncode != 0
     ran = stages_run(result.stdout)
-    assert {"export", "validate"} <= ran <= {"probe", "peak", "sample-data", "configure", "export", "validate"}, ran
+    assert {"export", "validate"} <= ran <= {"probe", "peak", "sample-data", "data", "configure", "export", "validate"}, ran
     error = [ln for ln in result.stderr.splitlines() if ln.startswith("kiln: error:")]
     assert len(error) == 1 and "froze a batch-dependent shape" in error[0]
     assert not (project / "artifacts" / "engines").exists()

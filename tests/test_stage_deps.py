@@ -44,7 +44,13 @@ def ast_imports(path: Path, module: str) -> set[str]:
     """The same question as codedeps.imports_of, answered by Python's parser (slow, but certain)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     tree = ast.parse(path.read_text())
-    type_only = {id(n) for b in ast.walk(tree) if isinstance(b, ast.If) and "TYPE_CHECKING" in ast.unparse(b.test) for n in ast.walk(b)}
+    # Never run by a stage: annotation-only imports, and a library module's own command line.
+    type_only = {
+        id(n)
+        for b in ast.walk(tree)
+        if isinstance(b, ast.If) and ("TYPE_CHECKING" in ast.unparse(b.test) or ast.unparse(b.test) in ("__name__ == '__main__'",))
+        for n in ast.walk(b)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in type_only:

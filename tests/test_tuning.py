@@ -138,7 +138,7 @@ def test_throughput_mode_keeps_several_requests_in_flight(tmp_path, tiny_onnx, r
 
 
 def test_only_tuned_targets_depend_on_the_tuning_settings():
-    from kiln.params import stage_slices
+    from kiln.stage_params import target_slices as stage_slices
 
     params = {
         "targets": {"a": {"runtime": "openvino", "tune": True}, "b": {"runtime": "openvino"}},

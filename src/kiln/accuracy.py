@@ -86,26 +86,39 @@ class BudgetVerdict:
     violations: list[str]
     enforced: bool
     why_not_enforced: str | None  # when there are violations that do not fail the stage
+    rule: str = ""  # whether the weights count as trained, and why (ModelSpec.trained_weights)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"limits": self.limits, "violations": self.violations, "enforced": self.enforced}
+        return {
+            "limits": self.limits,
+            "violations": self.violations,
+            "enforced": self.enforced,
+            "why_not_enforced": self.why_not_enforced,
+            "rule": self.rule,
+        }
 
 
 def judge_budget(
-    accuracy: Mapping[str, Any], default_budget: Mapping[str, Any], target_budget: Mapping[str, Any], fail_on_budget: bool, trained: bool
+    accuracy: Mapping[str, Any],
+    default_budget: Mapping[str, Any],
+    target_budget: Mapping[str, Any],
+    fail_on_budget: bool,
+    trained: tuple[bool, str],
 ) -> BudgetVerdict:
     """The target's budget (its own keys over benchmark.accuracy_budget) applied to `accuracy`.
 
-    It is enforced when benchmark.fail_on_budget is on and the model has trained weights (a checkpoint
-    or a weights enum): a random-init network's scores sit too close together for agreement to mean
-    anything, so its budget is reported, not enforced."""
+    It is enforced when benchmark.fail_on_budget is on and the model's weights are trained (`trained`:
+    ModelSpec.trained_weights, which takes every model as trained but one built by name with neither
+    checkpoint nor weights): a random-init network's scores sit too close together for agreement to mean
+    anything, so its budget is reported, not enforced. `rule` says which rule applied."""
     limits = budget_limits(default_budget, target_budget)
     violations = budget_violations(accuracy, limits)
-    enforced = fail_on_budget and trained
+    is_trained, rule = trained
+    enforced = fail_on_budget and is_trained
     why = None
     if violations and not enforced:
-        why = "benchmark.fail_on_budget is false" if not fail_on_budget else "the model has random weights (no checkpoint or weights)"
-    return BudgetVerdict(limits, violations, enforced, why)
+        why = "benchmark.fail_on_budget is false" if not fail_on_budget else rule
+    return BudgetVerdict(limits, violations, enforced, why, rule)
 
 
 def enforce_budget(verdict: BudgetVerdict, name: str, source: str, diagnosis: str | None = None) -> None:

@@ -29,6 +29,7 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
     from .validate import ValidateSettings
 
     check_target_names(params)
+    check_paths(params)
     spec = engine_spec(params)
     check_model_extras(params.get("model") or {}, spec)
     export = ExportSettings.from_params(params.get("export"))
@@ -71,3 +72,30 @@ def check_model_extras(model: Mapping[str, Any], spec: Any) -> None:
 
     check_task_name(spec.task)
     DetectionSettings.from_params(model.get("detection"))
+
+
+def check_paths(params: Mapping[str, Any]) -> None:
+    """Every file and folder params name exists: a missing one would otherwise be skipped quietly (an eval
+    folder that is not there made every accuracy figure compare random inputs)."""
+    from pathlib import Path
+
+    from .model_files import entrypoint_files
+    from .paths import SAMPLE_CALIBRATION_DIR, SAMPLE_EVAL_DIR
+
+    model, data = params.get("model") or {}, params.get("data") or {}
+    checkpoint = model.get("checkpoint")
+    if checkpoint and not Path(checkpoint).is_file():
+        raise KilnError(f"model.checkpoint: file '{checkpoint}' not found (paths are relative to the project root, {Path.cwd()})")
+    entrypoint = model.get("entrypoint")
+    if entrypoint and ":" in str(entrypoint) and not entrypoint_files(str(entrypoint)):
+        module = str(entrypoint).partition(":")[0]
+        raise KilnError(f"model.entrypoint: module '{module}' not found in the project root ({Path.cwd()}) or on PYTHONPATH")
+    for key, sample in (("calibration_dir", SAMPLE_CALIBRATION_DIR), ("eval_dir", SAMPLE_EVAL_DIR)):
+        folder = data.get(key)
+        if not folder or not isinstance(folder, str):
+            raise KilnError(f"data.{key} must be a folder of images, got {folder!r} ({sample} holds kiln's sample images)")
+        path = Path(folder)
+        if path.exists() and not path.is_dir():
+            raise KilnError(f"data.{key}: '{folder}' is a file, not a folder of images")
+        if not path.exists() and Path(path.as_posix()) != sample:  # the sample folders are made by the sample-data stage
+            raise KilnError(f"data.{key}: folder '{folder}' not found (paths are relative to the project root, {Path.cwd()})")

@@ -27,6 +27,7 @@ SRC = Path(__file__).resolve().parent.parent
 # stage (as dvc.yaml names it) -> its script; the per-target stages get one digest per runtime.
 STAGES = {
     "sample-data": "stages/sample_data.py",
+    "data": "stages/data.py",
     "configure": "stages/configure.py",
     "export": "stages/export.py",
     "validate": "stages/validate.py",
@@ -35,8 +36,11 @@ STAGES = {
 }
 PER_TARGET = {"calibrate": "stages/calibrate.py", "build": "stages/build.py", "benchmark": "stages/benchmark.py"}
 HOW_NOT_WHAT = frozenset(
-    {"kiln", "kiln.stage", "kiln.params", "kiln.errors", "kiln.atomic", "kiln.paths", "kiln.settings", "kiln.codedeps"}
+    {"kiln", "kiln.stage", "kiln.params", "kiln.errors", "kiln.atomic", "kiln.paths", "kiln.settings", "kiln.codedeps", "kiln.stage_params"}
 )
+# ...except where it is what the stage writes: configure writes the params slices kiln.stage_params declares
+# (and a changed slice re-runs its stage, so the others need not depend on the declaration).
+WHAT_FOR = {"configure": frozenset({"kiln.stage_params"})}
 
 
 def module_file(name: str) -> Path | None:
@@ -52,18 +56,22 @@ _IMPORT = re.compile(
     r"(?:from[ \t]+(?P<src>\.+[\w.]*|kiln[\w.]*)[ \t]+import[ \t]+(?P<names>\([^)]*\)|[^\n#]+)|import[ \t]+(?P<mod>kiln[\w.]*))",
     re.M,
 )
+# Blocks a stage never runs: annotation-only imports, and a library module's own command line (a stage
+# imports the module; it never runs it as __main__).
 _TYPE_CHECKING = re.compile(r"^(?P<indent>[ \t]*)if[ \t]+(?:typing\.)?TYPE_CHECKING[ \t]*:", re.M)
+_NOT_RUN = re.compile(r"^(?P<indent>[ \t]*)if[ \t]+(?:(?:typing\.)?TYPE_CHECKING|__name__[ \t]*==[ \t]*[\"']__main__[\"'])[ \t]*:", re.M)
 
 
 @lru_cache(maxsize=None)
 def imports_of(path: Path, module: str) -> frozenset[str]:
-    """kiln modules `path` (module `module`) imports anywhere in its body, annotation-only imports left out.
+    """kiln modules `path` (module `module`) imports anywhere in its body, annotation-only imports and the
+    `if __name__ == "__main__":` block left out.
     Read with regular expressions, not `ast`: the probe runs this on every `dvc repro` (ast took 0.2 s)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     text = path.read_text(encoding="utf-8")
-    # Lines inside `if TYPE_CHECKING:` blocks (deeper-indented than the `if`) are never imported at run time.
+    # Lines inside those blocks (deeper-indented than the `if`) are never imported when a stage runs.
     skipped: list[tuple[int, int]] = []
-    for m in _TYPE_CHECKING.finditer(text):
+    for m in (_TYPE_CHECKING if module == "__main__" else _NOT_RUN).finditer(text):
         indent = len(m.group("indent"))
         lines = text[m.end() :].splitlines(keepends=True)
         end = m.end() + (len(lines[0]) if lines else 0)  # the rest of the `if` line
@@ -95,16 +103,15 @@ def imports_of(path: Path, module: str) -> frozenset[str]:
     return frozenset(".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 2))
 
 
-def reach(script: Path, runtimes: tuple[str, ...] = ()) -> list[Path]:
-    """The kiln source files `script` can import, with these runtimes' packages (and no other runtime's)."""
+def reach(script: Path, runtimes: tuple[str, ...] = (), keep: frozenset[str] = frozenset()) -> list[Path]:
+    """The kiln source files `script` can import, with these runtimes' packages (reached through the registry,
+    by name) and those it imports by statement (the peak stage's OpenVINO helpers); HOW_NOT_WHAT left out,
+    but for `keep`."""
     seen: set[str] = set()
     todo = list(imports_of(script, "__main__")) + [f"kiln.runtimes.{rt}" for rt in runtimes]
     while todo:
         name = todo.pop()
-        parts = name.split(".")
-        if name in seen or name in HOW_NOT_WHAT or module_file(name) is None:
-            continue
-        if len(parts) > 2 and parts[1] == "runtimes" and parts[2] in RUNTIMES and parts[2] not in runtimes:
+        if name in seen or (name in HOW_NOT_WHAT and name not in keep) or module_file(name) is None:
             continue
         seen.add(name)
         todo += imports_of(module_file(name), name)  # type: ignore[arg-type]
@@ -115,11 +122,12 @@ def digests(root: Path = Path(".")) -> dict[str, dict[str, object]]:
     """File name under artifacts/code -> {sha256, files} for every stage (and runtime, per target); stage
     scripts under the project `root`, kiln's modules where kiln is imported from."""
     # configure checks every target's options: it loads every runtime (by name, through the registry).
-    jobs = {f"{name}.json": (root / script, tuple(RUNTIMES) if name == "configure" else ()) for name, script in STAGES.items()}
-    jobs |= {f"{name}-{rt}.json": (root / script, (rt,)) for name, script in PER_TARGET.items() for rt in RUNTIMES}
+    jobs = {f"{name}.json": (name, root / script, tuple(RUNTIMES) if name == "configure" else ()) for name, script in STAGES.items()}
+    jobs |= {f"{name}-{rt}.json": (name, root / script, (rt,)) for name, script in PER_TARGET.items() for rt in RUNTIMES}
     out = {}
-    for file, (script, runtimes) in jobs.items():
-        named = {script.relative_to(root).as_posix(): script} | {m.relative_to(SRC).as_posix(): m for m in reach(script, runtimes)}
+    for file, (stage, script, runtimes) in jobs.items():
+        files = reach(script, runtimes, WHAT_FOR.get(stage, frozenset()))
+        named = {script.relative_to(root).as_posix(): script} | {m.relative_to(SRC).as_posix(): m for m in files}
         out[file] = {"sha256": digest_files(named), "files": list(named)}
     return out
 

@@ -148,6 +148,6 @@ def summarize(comparisons: list[OutputComparison]) -> dict[str, float | None]:
 
 
 if __name__ == "__main__":  # `python -m kiln.compare <target-a> <target-b>`: two engines, boundary by boundary (kiln.debug)
-    from kiln.debug import main
+    from kiln.cli.debug import main
 
     raise SystemExit(main(compare_mode=True))

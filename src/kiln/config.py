@@ -52,21 +52,6 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> dict[str, Any]:
     return data
 
 
-def load_stage_params(stage: str, target: str) -> dict[str, Any]:
-    """The slice of params a per-target stage reads, written by the configure stage."""
-    from .paths import TARGET_PARAMS
-
-    path = TARGET_PARAMS / check_target_name(target) / f"{stage}.json"
-    if not path.is_file():
-        raise KilnError(
-            f"{path} not found: no target '{target}' in params.yaml, or the configure stage has not run (`dvc repro configure`)"
-        )
-    import json
-
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return data
-
-
 def default_threads() -> int:
     """All the cores this process may run on (not the machine's total, which containers lie about)."""
     try:
@@ -137,12 +122,17 @@ class ModelSpec:
     # kiln.demo_weights: make a random-init network's reference meaningful (set by engine_spec from
     # model.demo_weights, with the preprocessing its images need)
     demo: dict[str, Any] | None = None
+    # model.trained: whether the weights are trained (None: auto, see `trained_weights`).
+    trained: bool | None = None
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any]) -> "ModelSpec":
         name, entrypoint = raw.get("name"), raw.get("entrypoint")
         if bool(name) == bool(entrypoint):
             raise KilnError("set exactly one of model.name (a torchvision or timm model) and model.entrypoint ('module:function')")
+        trained = raw.get("trained", "auto")
+        if trained not in (True, False, "auto", None):
+            raise KilnError(f"model.trained must be true, false or auto, got {trained!r}")
         inputs_raw = raw.get("inputs") or {}
         if not isinstance(inputs_raw, Mapping) or not inputs_raw:
             raise KilnError("model.inputs must map each input name to {shape: [...], dtype: ...}")
@@ -160,6 +150,7 @@ class ModelSpec:
             task=str(raw.get("task") or "auto"),
             detection=dict(raw["detection"]) if raw.get("detection") else None,
             demo=dict(raw["demo"]) if raw.get("demo") else None,
+            trained=trained if isinstance(trained, bool) else None,
         )
 
     def to_params(self) -> dict[str, Any]:
@@ -178,7 +169,23 @@ class ModelSpec:
             "task": self.task,
             "detection": self.detection,
             "demo": self.demo,
+            "trained": "auto" if self.trained is None else self.trained,
         }
+
+    def trained_weights(self) -> tuple[bool, str]:
+        """(whether the weights are trained, the rule that says so). Kiln cannot see whether an entrypoint's or
+        a checkpoint's weights were trained, so it assumes they are unless told otherwise: only a model built
+        by name with neither checkpoint nor weights is known to be random. This decides whether the accuracy
+        budget is enforced and whether model.demo_weights applies."""
+        if self.trained is not None:
+            return self.trained, f"model.trained is {str(self.trained).lower()}"
+        if self.checkpoint:
+            return True, "trained: model.checkpoint is set"
+        if self.weights:
+            return True, "trained: model.weights is set"
+        if self.entrypoint:
+            return True, "taken as trained: model.entrypoint builds the model (set model.trained: false if its weights are random)"
+        return False, "random weights: model.name with neither model.checkpoint nor model.weights"
 
     @property
     def label(self) -> str:
@@ -198,7 +205,7 @@ def engine_spec(params: Mapping[str, Any]) -> ModelSpec:
     preprocess = Preprocess.from_params((params.get("data") or {}).get("preprocess"))
     demo = DemoWeights.from_params((params.get("model") or {}).get("demo_weights"))
     # Only ever for random weights: trained BatchNorm statistics and heads are the model.
-    if demo.enabled and not (spec.checkpoint or spec.weights):
+    if demo.enabled and not spec.trained_weights()[0]:
         spec = replace(spec, demo={**demo.to_params(), "preprocess": preprocess.to_params()})
     if not (params.get("export") or {}).get("fold_preprocess"):
         return spec
@@ -291,7 +298,9 @@ class Target:
         tune = raw.get("tune", False)
         if not isinstance(tune, bool):
             raise KilnError(f"{where}.tune must be true or false, got {tune!r}")
-        serve_raw = raw["serve"] if "serve" in raw else (params.get("benchmark") or {}).get("serve")
+        # The default served mix is benchmark.serve, for the stages that read the benchmark settings (a stage's
+        # params hold only what it declares: kiln.stage_params; calibrate and build serve nothing).
+        serve_raw = raw["serve"] if "serve" in raw else (params["benchmark"] or {}).get("serve") if "benchmark" in params else None
         serve_where = f"{where}.serve" if "serve" in raw else "benchmark.serve"
         return cls(
             name=name,

@@ -21,7 +21,6 @@ the-graph rows for the `debug` plot (reports/debug.csv); `--repair` runs kiln.re
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import logging
@@ -206,15 +205,15 @@ def debug_engines(
 
 
 def diagnose(name: str, target: Any, engine_dir: Path, onnx_path: Path, reference: Mapping[str, Any], samples: int = 16) -> str:
-    """For an engine over its accuracy budget: where it first departs from the fp32 graph, written to
-    reports/debug/<name>.json, as a sentence for the error. Never raises: a failing debugger must not hide the budget."""
+    """For an engine over its accuracy budget: where it first departs from the fp32 graph, as a sentence for
+    the error. Writes no file (the benchmark stage that calls it declares none for it: `python -m kiln.debug`
+    writes reports/debug/). Never raises: a failing debugger must not hide the budget."""
     try:
         result = debug_engines(onnx_path, eval_feeds(reference, samples), None, (engine_dir, target))
-        path = write_debug(name, "fp32", result)
     except Exception as e:  # noqa: BLE001 - reported in the sentence instead
         log.warning("the first-divergence search failed: %s: %s", type(e).__name__, e)
         return f"(the first-divergence search failed: {type(e).__name__}: {e})"
-    return f"kiln.debug ({result['engine']['mode']} mode): {describe(result)}; every boundary in {path}"
+    return f"kiln.debug ({result['engine']['mode']} mode): {describe(result)}; every boundary: `python -m kiln.debug {name}`"
 
 
 def csv_rows(target: str, against: str, result: Mapping[str, Any]) -> list[list[Any]]:
@@ -247,77 +246,6 @@ def eval_feeds(reference: Mapping[str, Any], samples: int) -> dict[str, np.ndarr
     return {k: v[:samples] for k, v in inputs.items()}
 
 
-def main(argv: list[str] | None = None, compare_mode: bool = False) -> int:
-    from . import paths
-    from .config import Target, load_params
-    from .reference import load_reference
-    from .stage import run_stage
-
-    parser = argparse.ArgumentParser(
-        prog="python -m kiln.compare" if compare_mode else "python -m kiln.debug",
-        description="Compare two engines boundary by boundary" if compare_mode else "Where an engine first departs from the fp32 graph",
-    )
-    if compare_mode:
-        parser.add_argument("a", help="the engine taken as the reference (a target name)")
-        parser.add_argument("b", help="the engine compared with it")
-    else:
-        parser.add_argument("target")
-        parser.add_argument("--against", default=None, help="another target's engine instead of the fp32 graph")
-        parser.add_argument("--repair", action="store_true", help="return layers to float until the accuracy budget holds (kiln.repair)")
-        parser.add_argument("--max-builds", type=int, default=12, help="repair: at most this many calibrate+build rounds")
-        parser.add_argument(
-            "--budget",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="repair: a budget key over the target's (e.g. min_top1_agreement=0.95), to see what a looser or tighter budget costs",
-        )
-    parser.add_argument("--samples", type=int, default=16, help="eval images to run (from artifacts/reference.npz)")
-    parser.add_argument("--threshold-db", type=float, default=THRESHOLD_DB, help="SQNR below which a boundary counts as divergent")
-    args = parser.parse_args(argv)
-    a_name = args.a if compare_mode else args.against
-    b_name = args.b if compare_mode else args.target
-
-    def run() -> None:
-        params = load_params()
-        if args.samples < 1:
-            raise KilnError(f"--samples must be at least 1, got {args.samples}")
-
-        def engine(name: str) -> tuple[Path, Target]:
-            target = Target.from_params(name, params)
-            folder = paths.ENGINES / name
-            if not (folder / "manifest.json").is_file():
-                raise KilnError(f"no engine for target '{name}' at {folder}: run `dvc repro build@{name}` first")
-            return folder, target
-
-        b = engine(b_name)
-        a = engine(a_name) if a_name else None
-        reference = load_reference(paths.REFERENCE)
-        feeds = eval_feeds(reference, args.samples)
-        result = debug_engines(paths.ONNX, feeds, a, b, args.threshold_db)
-        against = a_name or "fp32"
-        log.info("%s against %s (%s): %s", b_name, against, result["engine"]["mode"], describe(result))
-        if not compare_mode and args.repair:
-            from .repair import repair_target
-
-            overrides = {}
-            for item in args.budget:
-                key, sep, value = item.partition("=")
-                try:
-                    overrides[key.strip()] = float(value)
-                except ValueError:
-                    sep = ""
-                if not sep:
-                    raise KilnError(f"--budget takes KEY=NUMBER (e.g. min_top1_agreement=0.95), got {item!r}")
-            result["repair"] = repair_target(b[1], params, result, max_builds=args.max_builds, budget_overrides=overrides)
-        path = write_debug(b_name, against, result)
-        print(render_text(b_name, against, result))
-        log.info("written %s and %s; the SQNR along the graph: %s", path, DEBUG_CSV, PLOT_COMMAND)
-
-    run_stage(run)
-    return 0
-
-
 def short(text: str, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -345,5 +273,7 @@ def render_text(target: str, against: str, result: Mapping[str, Any], rows: int 
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m kiln.debug`: the command line lives in kiln.cli.debug
+    from .cli.debug import main
+
     raise SystemExit(main())

@@ -7,7 +7,8 @@ refuses a params.yaml that is not what conf/ (with the stamped overrides) compos
 
     python -m kiln.params            # re-compose params.yaml from conf/
     python -m kiln.params --check    # exit 1 if params.yaml differs from its composition
-    python -m kiln.params targets.openvino.threads=1   # with Hydra overrides (plain `dvc repro` only)
+    python -m kiln.params targets.openvino.threads=1   # with Hydra overrides (plain `dvc repro` only), on top of
+                                                       # those params.yaml already holds (--reset: conf/ alone)
     python -m kiln.params --save targets=small         # write overrides into conf/config.yaml: experiments keep them
 
 The first line of params.yaml stamps how it was composed: a digest of conf/, the overrides,
@@ -152,16 +153,21 @@ def pipeline_calibrate(targets: Any) -> Any:
 
 
 def pipeline_build(targets: Any) -> Any:
-    """{target: {runtime, calibration}}: what build@<target> depends on for its calibration, the calibrate
-    stage's output for calibrated targets and, for the others, their own params slice (already a dependency)."""
+    """{target: {runtime, calibration, model}}: what build@<target> depends on besides the graph. calibration:
+    the calibrate stage's output for calibrated targets; model: the model's files for runtimes that build
+    from the PyTorch model. Where a target has no such dependency, its own params slice (already one) stands in."""
     from omegaconf import OmegaConf
 
-    from .paths import CALIBRATION, TARGET_PARAMS
+    from .paths import CALIBRATION, MODEL_FILES, TARGET_PARAMS
+    from .runtimes import RUNTIMES
 
     out = {}
     for name, t in _targets(targets).items():
-        calibration = CALIBRATION / name if _calibrated(t) else TARGET_PARAMS / name / "build.json"
-        out[name] = {"runtime": t.get("runtime"), "calibration": calibration.as_posix()}
+        own = TARGET_PARAMS / name / "build.json"
+        calibration = CALIBRATION / name if _calibrated(t) else own
+        info = RUNTIMES.get(str(t.get("runtime")))
+        model = MODEL_FILES if info is not None and info.from_model else own
+        out[name] = {"runtime": t.get("runtime"), "calibration": calibration.as_posix(), "model": model.as_posix()}
     return OmegaConf.create(out)
 
 
@@ -310,31 +316,31 @@ def save_overrides(overrides: Sequence[str], config_dir: str | Path = CONFIG_DIR
         raise KilnError(f"could not write {list(overrides)} into {path} so that it composes the same; {path} is unchanged: edit it by hand")
 
 
-# What each per-target stage reads from params, besides targets.<name>: the configure stage writes
-# these slices to artifacts/targets/<name>/<stage>.json, and each stage depends on its own file.
-SLICES = {
-    "calibrate": ("model", "export", "calibration", "data"),
-    "build": ("model", "export", "data.preprocess", "tuning"),
-    "benchmark": ("model", "export", "data.preprocess", "benchmark", "serving"),
-}
+def _override_key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
 
 
-def stage_slices(params: Mapping[str, Any], name: str) -> dict[str, dict[str, Any]]:
-    """The params each per-target stage of target `name` reads, as a params-shaped dict per stage."""
-    out = {}
-    for stage, keys in SLICES.items():
-        sliced: dict[str, Any] = {"targets": {name: params["targets"][name]}}
-        for key in keys:
-            if key == "tuning" and not (params["targets"][name] or {}).get("tune"):
-                continue  # a target that is not tuned must not re-build when the tuning settings change
-            top, _, sub = key.partition(".")
-            value = params.get(top)
-            if sub:
-                sliced.setdefault(top, {})[sub] = (value or {}).get(sub)
-            else:
-                sliced[top] = value
-        out[stage] = sliced
-    return out
+def _current_values() -> dict[str, Any] | None:
+    try:
+        return yaml.safe_load(Path(PARAMS_FILE).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _rerun_line(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """Which stages `dvc repro` will re-run for this change: `dvc status` cannot say it before configure ran."""
+    from .stage_params import describe_stages, rerun_plan
+
+    try:
+        stages = rerun_plan(before, after)
+    except Exception as e:  # noqa: BLE001 - a params.yaml kiln cannot slice: configure will say what is wrong
+        return f"cannot tell which stages re-run ({type(e).__name__}: {e})"
+    if before == after:
+        return "no change: `dvc repro` re-runs nothing for it"
+    if not stages:
+        return "`dvc repro` re-runs configure only (no stage reads what changed)"
+    targets = len(after.get("targets") or {})
+    return f"`dvc repro` re-runs: configure, {describe_stages(stages, targets)} (and the stages that use their outputs)"
 
 
 def main(argv: Sequence[str]) -> int:
@@ -350,19 +356,30 @@ def main(argv: Sequence[str]) -> int:
             return 1
         print(f"{PARAMS_FILE} matches conf/" + (f" with overrides {overrides}" if overrides else ""))
         return 0
-    save = "--save" in args
-    args = [a for a in args if a != "--save"]
-    text = stamped_yaml(args)  # composes first: a bad override changes nothing
-    check_target_names(yaml.safe_load(text.split("\n", 1)[1]) or {})
+    save, reset = "--save" in args, "--reset" in args
+    args = [a for a in args if a not in ("--save", "--reset")]
+    before = _current_values()
+    # On top of what params.yaml holds: a change built up in two calls keeps the first call's overrides.
+    stamp = read_stamp(PARAMS_FILE) if Path(PARAMS_FILE).is_file() and not reset else None
+    kept = [o for o in (stamp["overrides"] if stamp else []) if _override_key(o) not in {_override_key(a) for a in args}]
     if save:
+        stamped_yaml(args)  # composes first: a bad override changes nothing
         save_overrides(args)
-        text, args = stamped_yaml(), []
+        args = []
+    args = [*kept, *args]
+    text = stamped_yaml(args)  # composes first: a bad override changes nothing
+    after = yaml.safe_load(text.split("\n", 1)[1]) or {}
+    check_target_names(after)
     write_text(PARAMS_FILE, text)
     print(
         f"wrote {PARAMS_FILE} from {CONFIG_DIR}/{CONFIG_NAME}.yaml"
         + (f" with {' '.join(args)}" if args else "")
         + (" (overrides saved into it)" if save else "")
     )
+    if kept:
+        print(f"kept the overrides params.yaml held: {' '.join(kept)} (`python -m kiln.params --reset ...` composes from conf/ alone)")
+    if before is not None:
+        print(_rerun_line(before, after))
     if args:
         savable = all("=" in a and not a.startswith(("~", "+")) for a in args)
         how = (

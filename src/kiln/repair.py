@@ -111,7 +111,7 @@ def repair_target(
     spec = engine_spec(params)
     bench = params.get("benchmark") or {}
     budget = budget_limits(bench.get("accuracy_budget") or {}, {**target.accuracy_budget, **(budget_overrides or {})})
-    if not (spec.checkpoint or spec.weights):
+    if not spec.trained_weights()[0]:
         log.warning("%s: the model has random weights: its agreement says little, and neither does a repair of it", target.name)
     reference = load_reference(paths.REFERENCE)
     base_scope = list(target.calibration.get("ignored_scope") or [])

@@ -214,7 +214,7 @@ def render(
             verdict = (
                 "OVER BUDGET: "
                 + "; ".join(violations)
-                + ("" if budget.get("enforced") else " (not enforced: random weights or fail_on_budget off)")
+                + ("" if budget.get("enforced") else f" (not enforced: {budget.get('why_not_enforced') or 'random weights'})")
             )
         labelled = next((k for k in ("top1", "map", "miou") if acc.get(k) is not None), None)
         mark = DEGENERATE_MARK if acc.get("reference_degenerate") else ""

@@ -64,10 +64,15 @@ class RuntimeInfo:
     libraries: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # library -> pip distributions it ships as
     # Shape profiles one engine can hold (TensorRT's optimization profiles, `options.profiles`); 1: only targets.<name>.profile.
     profiles: int = 1
+    # Builds from the PyTorch model (its code and weights) rather than from the ONNX graph alone: its builds
+    # depend on the model's files (artifacts/model-files.json), not only on the graph.
+    from_model: bool = False
 
 
 RUNTIMES: dict[str, RuntimeInfo] = {
-    "torch": RuntimeInfo("kiln.runtimes.torch", ("fp32", "bf16", "fp16"), libraries={"torch": ("torch",), "torchvision": ("torchvision",)}),
+    "torch": RuntimeInfo(
+        "kiln.runtimes.torch", ("fp32", "bf16", "fp16"), libraries={"torch": ("torch",), "torchvision": ("torchvision",)}, from_model=True
+    ),
     "onnxruntime": RuntimeInfo(
         "kiln.runtimes.onnxruntime",
         ("fp32", "int8"),

@@ -1,0 +1,1 @@
+"""Kiln's command lines: they import the library; the library and the stages never import them."""
