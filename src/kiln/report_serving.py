@@ -108,8 +108,8 @@ def diagnosis_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         "",
         "## Why production can be slower than the benchmark (per target)",
         "",
-        "The usual reasons a model benchmarked at a few ms per frame takes twice that in production, each with the figure "
-        "that confirms or rules it out: the profile's shape against the served batches (ms/image at batch 1 against the main "
+        "An engine can serve slower than its benchmark for a few usual reasons; each, with the figure that confirms or "
+        "rules it out: the profile's shape against the served batches (ms/image at batch 1 against the main "
         "batch: the price of serving small batches without a batcher), queueing in the p99 at 90% of the max rate, the "
         "precision asked for against the one that ran, and preprocessing per frame (kiln's own, on a 640x480 JPEG) with its "
         "share of the end-to-end per-frame cost, and, with `serving.contention: true`, the slow-down when a second copy of the "
