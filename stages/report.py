@@ -11,6 +11,7 @@ from kiln.report import load_results, render, stale_result_files, summary_csv, s
 from kiln.report_sections import committed_metrics
 from kiln.report_serving import curve_csv, curve_rows
 from kiln.report_tuning import roofline
+from kiln.report_verdict import verdict, verdict_lines
 from kiln.stage import run_stage
 from kiln.stage_params import load_stage_params
 
@@ -38,6 +39,8 @@ def main() -> None:
     render_latency_png(plot_csvs, paths.LATENCY_PNG)
     write_text(paths.BENCHMARK_MD, render(results, validate, baseline, export, missing, previous, "HEAD"))
     log.info("%s: %d targets", paths.BENCHMARK_MD, len(results))
+    if results:
+        log.info("%s", verdict_lines(verdict(results))[0])  # the report's first line: the engine to ship and why
     # The page `dvc plots show` needs (.dvc/config), for a user who installed with pip and never ran
     # ./setup.sh. Not a declared output: it holds no result, and the plots can be drawn from any
     # revision's data. Without it the report is still good, so a failure here is a warning.

@@ -84,7 +84,7 @@ def test_queued_sweep_show_and_metrics_diff(tmp_path):
         # The headline columns, and only those: ms/image at the main batch, images/s, accuracy, served traffic,
         # throughput mode, GMAC/s, and what the engine costs.
         assert set(metrics) == {
-            *("batch", "ms_per_image", "images_per_s", "top1_agreement", "served_images_per_s", "served_p99_ms"),
+            *("batch", "ms_per_image", "images_per_s", "ms_per_image_spread_pct", "top1_agreement", "served_images_per_s", "served_p99_ms"),
             *("throughput_images_per_s", "gmac_per_s", "peak_rss_mb", "engine_mb", "load_s", "first_infer_ms", "build_s"),
             *("max_rate_at_slo", "cost_per_million"),
         }
@@ -99,6 +99,7 @@ def test_queued_sweep_show_and_metrics_diff(tmp_path):
     assert all(f"| {name} |" in short for name in names)
     assert "targets.openvino.precision=int8" in short and "targets.openvino.precision=fp32" in short
     assert "targets.onnxruntime" not in short  # params equal in every row are left out
+    assert "Changes are against each target's first row" in short and "±" in short  # each row's noise is shown
 
     diff = run(["dvc", "metrics", "diff", names[0], names[1], "--json"], project)
     changed = json.loads(diff.stdout)["reports/metrics/openvino.json"]

@@ -99,7 +99,15 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
         assert manifest["target"] == t and manifest["hardware"] and manifest["source_onnx_sha256"]
         # The metrics file holds the few headline figures `dvc exp show` should show; details are in runs/.
         metrics = json.loads((project / "reports" / "metrics" / f"{t}.json").read_text())
-        headline = {"batch", "ms_per_image", "images_per_s", "top1_agreement", "served_images_per_s", "served_p99_ms"}
+        headline = {
+            "batch",
+            "ms_per_image",
+            "images_per_s",
+            "top1_agreement",
+            "served_images_per_s",
+            "served_p99_ms",
+            "ms_per_image_spread_pct",
+        }
         costs = {"peak_rss_mb", "engine_mb", "load_s", "first_infer_ms", "build_s", "gmac_per_s", "max_rate_at_slo", "cost_per_million"}
         concurrent = {"throughput_images_per_s"} if manifest["runtime"] != "torch" else set()
         assert set(metrics) == headline | costs | concurrent, (t, set(metrics))

@@ -95,7 +95,10 @@ def test_report_shows_the_rate_the_profile_and_the_diagnosis():
         "batcher": {"max_batch": 8, "max_queue_delay_ms": 5.0, "workers": 1},
         "max_rate_at_slo": 20.0,
         "p99_ms_at_max": 90.0,
-        "search": {"tried": [[2.0, 10.0, True], [40.0, 500.0, False], [20.0, 90.0, True]], "reason": "bisected"},
+        "search": {
+            "tried": [[2.0, 10.0, True], [40.0, 500.0, False], [20.0, 90.0, True], [30.0, 300.0, False], [25.0, 150.0, False]],
+            "reason": "bisected",
+        },
         "at_50pct": point,
         "at_90pct": {**point, "rate": 18.0, "e2e_p99_ms": 80.0},
         "recommended": {
@@ -111,8 +114,12 @@ def test_report_shows_the_rate_the_profile_and_the_diagnosis():
     }
     md = render({"ort": res}, None, "ort")
     assert "| ort | 8, 5 | 20.0 | 90.0 | 40.0 | 80.0 | 0.25 | 1/8/8 | 8, 30 | 25.0 | 11.1 |" in md
-    assert "Apply: `python -m kiln.params targets.ort.profile.max=8`" in md
-    assert "| ort | opt 8 vs mean served 2.3 | 5 vs 5 | 0.25 | fp32 -> fp32 | 5 (50%) | not measured (opt in: serving.contention) |" in md
+    # The recommended batcher held 25 requests/s, a rate the current one failed at: measured better, so applied.
+    assert "measured better: 25.0 requests/s within the objective with the recommended batcher against 20.0" in md
+    assert "Apply: `python -m kiln.params targets.ort.profile.max=8 serving.max_batch=8 serving.max_queue_delay_ms=30`" in md
+    assert "| ort | opt 8 vs mean served 2.3 | 5 vs 5 | 0.25 | fp32 -> fp32 | 5 (50%) |\n" in md  # contention: said once
+    assert "`python -m kiln.serving.contention <a> <b>`); not measured in this run." in md
+    assert "seed's incident" not in md and "1.8 ms" not in md
     rows = curve_rows({"ort": res})
-    assert [r["offered_rate"] for r in rows] == [2.0, 10.0, 18.0, 20.0, 40.0]
+    assert [r["offered_rate"] for r in rows] == [2.0, 10.0, 18.0, 20.0, 25.0, 30.0, 40.0]
     assert curve_csv(rows).splitlines()[0] == "target,offered_rate,p99_ms,within_slo"

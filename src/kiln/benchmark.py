@@ -297,6 +297,7 @@ def headline_metrics(
         "batch": batch,
         "ms_per_image": significant(main_stats["ms_per_image"]),
         "images_per_s": significant(main_stats["images_per_s"]),
+        **_spread(main_stats),
         **{k: round(accuracy[k], 4) for k in headline_accuracy(accuracy) if isinstance(accuracy.get(k), float)},
     }
     if accuracy.get("reference_degenerate"):
@@ -309,6 +310,15 @@ def headline_metrics(
         if (costs or {}).get(key) is not None:
             metrics[key] = significant(costs[key], 3)  # type: ignore[index]
     return metrics
+
+
+def _spread(main_stats: Mapping[str, Any]) -> dict[str, float]:
+    """`ms_per_image_spread_pct`: the spread of the main batch's timed iterations (robust cv, in percent), so that a
+    comparison of two runs can tell a change from noise (kiln.changes)."""
+    spread = main_stats.get("robust_cv", main_stats.get("cv"))
+    if not isinstance(spread, (int, float)) or not np.isfinite(spread):
+        return {}
+    return {"ms_per_image_spread_pct": significant(100.0 * float(spread), 2)}
 
 
 # What an engine costs, in the metrics file: memory, disk, cold start, build (kiln.costs; the run record says how).

@@ -16,14 +16,16 @@ import subprocess
 import sys
 from typing import Any, Iterator, Mapping, Sequence
 
+from .changes import SPREAD_KEY, compare
 from .errors import KilnError, run_cli
 
 METRICS_PREFIX = "reports/metrics/"
 COLUMNS = (
-    ("ms_per_image", "ms/image", ".4g"),
-    ("images_per_s", "images/s", ".1f"),
-    ("top1_agreement", "top-1 agreement", ".4f"),
-    ("served_images_per_s", "served images/s", ".1f"),
+    # (metrics key, label, format, higher is better; None: the change is not shown)
+    ("ms_per_image", "ms/image", ".4g", False),
+    ("images_per_s", "images/s", ".1f", True),
+    ("top1_agreement", "top-1 agreement", ".4f", None),
+    ("served_images_per_s", "served images/s", ".1f", True),
 )
 
 
@@ -66,16 +68,37 @@ def changed_params(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def table(rows: Sequence[Mapping[str, Any]], targets: Sequence[str] = ()) -> str:
+    """One row per experiment and target. Each target's first row (the workspace, or the first commit listed) is
+    its reference: later rows show their change against it, or "within noise" where the metrics carry a spread
+    (`ms_per_image_spread_pct`) at least as large as the change (kiln.changes)."""
     varying = changed_params(rows)
-    header = ["experiment", "params that differ", "target", *(label for _, label, _ in COLUMNS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(COLUMNS)]
+    header = ["experiment", "params that differ", "target", *(label for _, label, _, _ in COLUMNS), "spread"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(COLUMNS) + 1)]
+    reference: dict[str, tuple[str, Mapping[str, Any]]] = {}
     for row in rows:
         params = ", ".join(f"{k}={row['params'].get(k)}" for k in varying) or "-"
         for target, m in sorted(row["metrics"].items()):
             if (targets and target not in targets) or not m:
                 continue
-            cells = [format(m[k], spec) if isinstance(m.get(k), (int, float)) else "" for k, _, spec in COLUMNS]
+            ref = reference.setdefault(target, (row["name"], m))[1]
+            cells = []
+            for key, _, spec, higher_better in COLUMNS:
+                value = m.get(key)
+                cell = format(value, spec) if isinstance(value, (int, float)) else ""
+                c = compare(key, ref, m, higher_better) if ref is not m and higher_better is not None else None
+                if c is not None and cell:
+                    cell += " (within noise)" if c["within_noise"] else f" ({c['change_pct']:+.1f}%)"
+                cells.append(cell)
+            spread = m.get(SPREAD_KEY)
+            cells.append(f"±{spread:g}%" if isinstance(spread, (int, float)) else "")
             lines.append("| " + " | ".join([row["name"], params, target, *cells]) + " |")
+    if reference:
+        firsts = ", ".join(sorted({name for name, _ in reference.values()}))
+        lines += [
+            "",
+            f"Changes are against each target's first row ({firsts}). Spread: of the timed iterations at the main batch, "
+            "in percent; a change in ms/image or images/s no larger than the larger spread of the two rows is within noise.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from .report_sections import compared_section, compiler_section, fmt, served_section
 from .report_serving import diagnosis_section, open_loop_section
 from .report_tuning import NOISY_MARK, costs_section, roofline, roofline_section, throughput_section, tuning_section
+from .report_verdict import OVER_BUDGET_MARK, legend, mark_over_budget, verdict, verdict_lines
 
 METRICS_DIR = Path("reports/metrics")
 RUNS_DIR = Path("reports/runs")
@@ -120,6 +121,7 @@ def render(
 ) -> str:
     lines = ["# Kiln benchmark", ""]
     if results:
+        lines += verdict_lines(verdict(results)) + legend(results)
         machine = next((r["run"]["machine"] for r in results.values() if r["run"].get("machine")), "unknown")
         lines += [f"Machine: {machine}.", ""]
     if export:
@@ -168,7 +170,8 @@ def render(
         ]
         for row in summary:
             served = built[row["target"]]["run"].get("served") or {}
-            agreement = agreement_cell(built[row["target"]]["run"].get("accuracy") or {})
+            run = built[row["target"]]["run"]
+            agreement = agreement_cell(run.get("accuracy") or {}) + mark_over_budget(run)
             lines.append(
                 f"| {row['target']} | {row['precision']} | {row['batch']} | {fmt(row['ms_per_image'])} | {fmt(row['images_per_s'], '.1f')} "
                 f"| {fmt(row['speedup'], '.2f')}{'x' if row['speedup'] else ''} | {agreement} "
@@ -188,6 +191,7 @@ def render(
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     accuracy_rows = []
+    unenforced = False
     for name, res in built.items():
         run = res["run"]
         acc = run.get("accuracy") or {}
@@ -203,28 +207,31 @@ def render(
                 f"| {fmt(stats['p50_ms'])}{NOISY_MARK if stats.get('noisy') else ''} | {fmt(stats['p99_ms'])} "
                 f"| {fmt(stats['ms_per_image'])} | {fmt(stats['images_per_s'], '.1f')} "
                 f"| {fmt(speedup, '.2f')}{'x' if speedup else ''} | {fmt(acc.get('max_abs_err'), '.2e')} "
-                f"| {agreement_cell(acc)} |"
+                f"| {agreement_cell(acc)}{mark_over_budget(run)} |"
             )
         for note in run.get("notes", []):
             lines.append(f"| {name} | | | | | | | | | | | {note} |")
         budget = run.get("budget") or {}
         violations = budget.get("violations") or []
-        verdict = "ok"
+        within = "ok"
         if violations:
-            verdict = (
-                "OVER BUDGET: "
+            why = budget.get("why_not_enforced")
+            within = (
+                f"{OVER_BUDGET_MARK} over: "
                 + "; ".join(violations)
-                + ("" if budget.get("enforced") else f" (not enforced: {budget.get('why_not_enforced') or 'random weights'})")
+                + ("" if budget.get("enforced") else f" (not enforced{': ' + why if why else ''})")
             )
+            unenforced = unenforced or not budget.get("enforced")
         labelled = next((k for k in ("top1", "map", "miou") if acc.get(k) is not None), None)
         mark = DEGENERATE_MARK if acc.get("reference_degenerate") else ""
+        agreement = agreement_cell(acc, ".4f") + mark_over_budget(run)
         accuracy_rows.append(
-            f"| {name} | {agreement_cell(acc, '.4f')} | {fmt(acc.get('sqnr_db'), '.1f')}{mark if acc.get('sqnr_db') is not None else ''} "
+            f"| {name} | {agreement} | {fmt(acc.get('sqnr_db'), '.1f')}{mark if acc.get('sqnr_db') is not None else ''} "
             f"| {fmt(acc.get('cosine'), '.6f')}{mark if acc.get('cosine') is not None else ''} "
             f"| {fmt(acc.get('max_abs_err'), '.2e')} "
             f"| {LABELLED_NAMES.get(labelled, '')} {fmt(acc.get(labelled), '.4f') if labelled else ''} "
             f"| {fmt(acc.get(f'{labelled}_drop'), '.2f') if labelled else 'n/a'} "
-            f"| {verdict} |"
+            f"| {within} |"
         )
     if skipped:
         lines += ["", "Skipped on this machine (targets marked `required: false`):", ""]
@@ -248,6 +255,8 @@ def render(
             "|---|---:|---:|---:|---:|---:|---:|---|",
             *accuracy_rows,
         ]
+        if unenforced:
+            lines += ["", "A budget not enforced (its row says why) still keeps the target from being the one to ship."]
     lines += compiler_section(built)
     lines += roofline_section(built, achieved)
     lines += costs_section(built)

@@ -8,6 +8,9 @@ import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
+from .changes import SPREAD_KEY, compare, describe
+from .report_verdict import target_cell
+
 # Headline metrics compared with the last commit: (key, label, higher is better).
 COMPARED = (
     ("ms_per_image", "ms/image", False),
@@ -40,21 +43,22 @@ def served_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         "| profile |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    warnings = []
+    warnings: dict[str, list[str]] = {}  # one line per distinct warning, naming every target it applies to
     for name, s in served.items():
         run = built[name]["run"]
         main = run["latency"].get(f"b{run['main_batch']}", {})
         dist = ", ".join(f"{b}: {p:g}" for b, p in s["distribution"].items())
         warning = s.get("profile_warning")
         if warning:
-            warnings.append(f"- **`{name}`**: {warning}.")
+            warnings.setdefault(warning, []).append(f"**`{name}`**")
         lines.append(
-            f"| {name} | {dist} | {s['requests']} | {fmt(s['p50_ms'])} | {fmt(s['p90_ms'])} | {fmt(s['p99_ms'])} "
+            f"| {target_cell(name, run)} | {dist} | {s['requests']} | {fmt(s['p50_ms'])} | {fmt(s['p90_ms'])} | {fmt(s['p99_ms'])} "
             f"| {fmt(s['ms_per_image'])} | {fmt(s['images_per_s'], '.1f')} | {fmt(main.get('ms_per_image'))} "
             f"| {'FLAGGED' if warning else 'ok'} |"
         )
     if warnings:
-        lines += ["", "Profiles tuned for a batch size far from the served ones:", "", *warnings]
+        lines += ["", "Profiles tuned for a batch size far from the served ones:", ""]
+        lines += [f"- {', '.join(names)}: {warning}." for warning, names in warnings.items()]
     return lines
 
 
@@ -75,7 +79,7 @@ def compiler_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         if not comp:
             continue
         rows.append(
-            f"| {name} | {fmt(comp.get('build_seconds'), '.1f')} | {fmt(comp.get('compile_seconds'), '.1f')} "
+            f"| {target_cell(name, res['run'])} | {fmt(comp.get('build_seconds'), '.1f')} | {fmt(comp.get('compile_seconds'), '.1f')} "
             f"| {fmt(graph.get('nodes_in'))} | {fmt(graph.get('nodes_out'))} | {_top(graph.get('fusions')) or '-'}"
             f"{f'; attention {attention}' if (attention := graph.get('attention')) else ''} "
             f"| {_top(graph.get('layer_precisions')) or '-'} | {graph.get('source') or ''} |"
@@ -126,17 +130,16 @@ def compared_section(current: Mapping[str, Mapping[str, Any]], previous: Mapping
             rows.append(f"| {name} | new target | | | |")
             continue
         for key, label_, higher_better in COMPARED:
-            old, new = before.get(key), now.get(key)
-            if not isinstance(old, (int, float)) or not isinstance(new, (int, float)) or old == new:
+            c = compare(key, before, now, higher_better)
+            if c is None or before[key] == now[key]:
                 continue
-            change = (new - old) / old * 100 if old else float("inf")
-            better = (new > old) == higher_better
-            rows.append(
-                f"| {name} | {label_} | {fmt(float(old), '.4g')} | {fmt(float(new), '.4g')} "
-                f"| {change:+.1f}% ({'better' if better else 'worse'}) |"
-            )
+            rows.append(f"| {name} | {label_} | {fmt(float(before[key]), '.4g')} | {fmt(float(now[key]), '.4g')} | {describe(c)} |")
     if not rows:
         return lines + ["No headline metric changed."]
     lines += ["| target | metric | before | now | change |", "|---|---|---:|---:|---|", *rows]
-    lines += ["", "Latency moves by several percent between runs on a shared machine; treat small changes as noise."]
+    lines += [
+        "",
+        f"Within noise: a change in ms/image or images/s no larger than the spread of the timed iterations (`{SPREAD_KEY}`, "
+        "the larger of the two runs'); figures without a spread are compared as they are.",
+    ]
     return lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .report_sections import fmt
+from .report_verdict import target_cell
 
 NOISY_MARK = "~"
 
@@ -28,8 +29,9 @@ def tuning_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         changed = ", ".join(f"{k}={v}" for k, v in (t.get("changed") or {}).items()) or "default kept"
         note = t.get("kept_default") or t.get("stopped") or ""
         done = [x for x in t.get("trials") or [] if "won" in x]
+        cell = target_cell(name, built[name]["run"])
         lines.append(
-            f"| {name} | {t.get('batch')} | {fmt(t.get('default_ms_per_image'))} | {fmt(t.get('tuned_ms_per_image'))} "
+            f"| {cell} | {t.get('batch')} | {fmt(t.get('default_ms_per_image'))} | {fmt(t.get('tuned_ms_per_image'))} "
             f"| {fmt(t.get('speedup'), '.2f')}x | {changed} | {len(done)} | {fmt(t.get('seconds'), '.1f')} | {note} |"
         )
     lines += [
@@ -47,12 +49,13 @@ def throughput_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         if not tp:
             continue
         sync = (run.get("latency") or {}).get(f"b{tp.get('batch')}", {})
+        cell = target_cell(name, run)
         if tp.get("images_per_s") is None:
-            rows.append(f"| {name} | {tp.get('batch')} | {fmt(sync.get('images_per_s'), '.1f')} | n/a | | | {tp.get('why', '')} |")
+            rows.append(f"| {cell} | {tp.get('batch')} | {fmt(sync.get('images_per_s'), '.1f')} | n/a | | | {tp.get('why', '')} |")
             continue
         gain = tp["images_per_s"] / sync["images_per_s"] if sync.get("images_per_s") else None
         rows.append(
-            f"| {name} | {tp['batch']} | {fmt(sync.get('images_per_s'), '.1f')} | {fmt(tp['images_per_s'], '.1f')} "
+            f"| {cell} | {tp['batch']} | {fmt(sync.get('images_per_s'), '.1f')} | {fmt(tp['images_per_s'], '.1f')} "
             f"| {fmt(gain, '.2f')}{'x' if gain else ''} | {tp.get('requests_in_flight')} | {tp.get('method', '')} |"
         )
     if not rows:
@@ -163,7 +166,7 @@ def roofline_section(built: Mapping[str, Mapping[str, Any]], achieved: Mapping[s
     for name, a in achieved.items():
         raised = " (peak raised to this)" if a["peak_raised"] and a["best_macs_per_s"] == a["peak_macs_per_s"] else ""
         lines.append(
-            f"| {name} | {a['precision']} | {_gmacs(a['macs_per_s'])} | {fmt(a['pct_of_peak'], '.0f')} "
+            f"| {target_cell(name, built[name]['run'])} | {a['precision']} | {_gmacs(a['macs_per_s'])} | {fmt(a['pct_of_peak'], '.0f')} "
             f"| {_gmacs(a['throughput_macs_per_s'])} | {fmt(a['throughput_pct_of_peak'], '.0f')}{raised} |"
         )
     if any(a["peak_raised"] for a in achieved.values()):
@@ -179,8 +182,9 @@ def costs_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         if not c:
             continue
         method = method or c.get("memory_method")
+        cell = target_cell(name, res["run"])
         rows.append(
-            f"| {name} | {fmt(c.get('peak_rss_mb'), '.0f')} | {fmt(c.get('added_mb'), '.0f')} | {fmt(c.get('engine_mb'), '.1f')} "
+            f"| {cell} | {fmt(c.get('peak_rss_mb'), '.0f')} | {fmt(c.get('added_mb'), '.0f')} | {fmt(c.get('engine_mb'), '.1f')} "
             f"| {fmt(c.get('load_s'), '.2f')} | {fmt(c.get('first_infer_ms'), '.1f')} | {fmt(c.get('build_s'), '.1f')} "
             f"| {fmt(c.get('tuning_s'), '.1f') if c.get('tuning_s') is not None else ''} |"
         )

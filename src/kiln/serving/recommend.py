@@ -81,7 +81,8 @@ def recommend_profile(
     profiles: int = 1,
     inputs: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, Any]:
-    """{"profile": {min, opt, max}, "batcher": {max_batch, max_queue_delay_ms, workers}, "why", "override", "changed"},
+    """{"profile": {min, opt, max}, "batcher": {max_batch, max_queue_delay_ms, workers}, "why", "warnings" (the
+    sentences of why that put the objective at risk), "override", "changed"},
     and "extra_profiles" with "profiles_override" when the runtime's engines hold `profiles` > 1 shape profiles
     (`inputs`: each input's per-sample shape, to spell out the option)."""
     check_target_name(target_name)
@@ -92,6 +93,7 @@ def recommend_profile(
     served = [b for b, share in dist.items() if share > 0]
     smallest, largest = min(served), max(served)
     why = [f"min {smallest}: the smallest served request."]
+    warnings = []  # the sentences of `why` that say the objective is at risk: the report shows these per target
 
     fitting = [b for b, ms in measured.items() if ms <= slo_ms / 2]
     top = max([largest, *fitting])
@@ -100,12 +102,14 @@ def recommend_profile(
             f"max {top}: the largest served request, although one inference of it takes {latency_at(measured, largest):.3g} ms, "
             f"more than half the {slo_ms:g} ms objective: expect queueing to break it under load."
         )
+        warnings.append(why[-1])
     else:
         why.append(
             f"max {top}: the largest batch whose inference ({latency_at(measured, top):.3g} ms) fits in half the {slo_ms:g} ms objective."
         )
     if latency_at(measured, largest) > slo_ms:
         why.append(f"no setting meets the objective for {largest}-image requests: one inference alone is over {slo_ms:g} ms.")
+        warnings.append(why[-1])
 
     per_image = {b: ms / b for b, ms in measured.items() if smallest <= b <= top}
     if per_image:
@@ -127,6 +131,7 @@ def recommend_profile(
         "profile": profile.to_params(),
         "batcher": {"max_batch": top, "max_queue_delay_ms": round(delay, 3), "workers": 1},
         "why": " ".join(why),
+        "warnings": warnings,
         "changed": profile != current,
         "current": current.to_params(),
         "override": f"python -m kiln.params targets.{t}.profile.min={smallest} targets.{t}.profile.opt={opt} targets.{t}.profile.max={top}",
@@ -148,3 +153,52 @@ def recommend_profile(
                 ]
                 record["profiles_override"] = f"targets.{t}.options.profiles: {json.dumps(spelled, separators=(',', ':'))}"
     return record
+
+
+def rate_step(open_loop: Mapping[str, Any]) -> float | None:
+    """The lowest offered rate above an open-loop record's max rate at the SLO that failed the objective (its
+    search's probes and confirmations): a rate the setting was measured not to hold. None when none failed."""
+    rate = open_loop.get("max_rate_at_slo") or 0.0
+    search = open_loop.get("search") or {}
+    failed = [r for r, _, ok in [*(search.get("tried") or []), *(search.get("confirmed") or [])] if not ok and r > rate]
+    return min(failed) if failed else None
+
+
+def judge_recommendation(open_loop: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Whether an open-loop record's recommended batcher was measured better than the current one on the same
+    engine in the same run: it must hold a rate within the objective at which the current batcher failed (a gap
+    smaller than the rate search's step tells nothing). {"better", "current_rate", "recommended_rate" (None when
+    not measured), "why", "apply" (the `python -m kiln.params` command, only when better)}; None without a
+    recommendation."""
+    rec = open_loop.get("recommended")
+    if not rec:
+        return None
+    current, rb = open_loop["batcher"], rec.get("batcher") or {}
+    cur_rate, rec_rate = open_loop.get("max_rate_at_slo") or 0.0, open_loop.get("recommended_max_rate_at_slo")
+    out: dict[str, Any] = {"better": False, "current_rate": cur_rate, "recommended_rate": rec_rate, "apply": None}
+    same = rb.get("max_batch") == current.get("max_batch") and rb.get("max_queue_delay_ms") == current.get("max_queue_delay_ms")
+    stands = f"the current setting stands (max_batch {current['max_batch']}, max_queue_delay_ms {current['max_queue_delay_ms']:g})"
+    if same:
+        out["why"] = f"{stands}: the recommended batcher is the current one"
+        return out
+    if rec_rate is None:
+        out["why"] = f"{stands}: the recommended batcher was not measured in this run" + (
+            f" ({open_loop['recommended_note']})" if open_loop.get("recommended_note") else ""
+        )
+        return out
+    step = rate_step(open_loop)
+    both = f"{rec_rate:.1f} requests/s within the objective with the recommended batcher against {cur_rate:.1f} with the current one"
+    if rec_rate > cur_rate and (step is None or rec_rate >= step * (1 - 1e-9)):
+        out["better"] = True
+        out["why"] = "measured better: " + both + (f", which failed at {step:.1f}" if step is not None else "")
+        args = rec["override"].removeprefix("python -m kiln.params ").split() if rec.get("changed") and rec.get("override") else []
+        if rb.get("max_batch") != current.get("max_batch") or args:
+            args.append(f"serving.max_batch={rb['max_batch']}")
+        if rb.get("max_queue_delay_ms") != current.get("max_queue_delay_ms"):
+            args.append(f"serving.max_queue_delay_ms={rb['max_queue_delay_ms']:.4g}")
+        out["apply"] = "python -m kiln.params " + " ".join(args)
+    elif rec_rate > cur_rate:
+        out["why"] = f"{stands}: {both}, a gap within the rate search's step (the current one failed only at {step:.1f})"
+    else:
+        out["why"] = f"{stands}: {both}"
+    return out

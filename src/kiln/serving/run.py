@@ -170,13 +170,14 @@ def serve_under_load(
             f"[{target.profile.min}, {target.profile.max}]: rebuild with `{recommended['override']}` to measure it"
         )
     record["seconds"] = round(time.perf_counter() - start, 1)
+    again_rate = record.get("recommended_max_rate_at_slo")
     log.info(
         "open loop, p99 within %g ms: %.1f requests/s (batcher max %d, %g ms); recommended batcher: %s requests/s (%.0f s)",
         settings.slo_ms,
         rate,
         current.max_batch,
         current.max_queue_delay_ms,
-        record.get("recommended_max_rate_at_slo", "n/a"),
+        "n/a" if again_rate is None else f"{again_rate:.1f}",
         record["seconds"],
     )
     return record

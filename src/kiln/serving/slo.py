@@ -17,6 +17,8 @@ from ..errors import KilnError
 from .load import LoadResult
 
 RunAt = Callable[[float], LoadResult]
+# An inference that takes at most this share of the objective cannot be why the lowest rate fails it.
+FAR_BELOW = 0.25
 
 
 def sweep(run_at: RunAt, rates: Sequence[float]) -> list[dict[str, Any]]:
@@ -93,12 +95,19 @@ def max_rate_at_slo(
     if not ok:
         compute = float(np.median(result.compute_ms)) if len(result.compute_ms) else math.nan
         why = result.saturation() or f"p{percentile:g} is {latency:.4g} ms > {slo_ms:g} ms"
-        return answer(
-            0.0,
-            math.nan,
-            f"even the lowest rate tried ({lo:.4g} requests/s) misses the objective: {why}; an inference alone takes "
-            f"{compute:.4g} ms (median): a faster engine, a smaller batch or less batching delay, or a looser objective",
+        missed = (
+            f"even the lowest rate tried ({lo:.4g} requests/s) misses the objective: {why}; "
+            f"an inference alone takes {compute:.4g} ms (median)"
         )
+        if compute <= FAR_BELOW * slo_ms:  # the engine is not what is slow: its own time leaves most of the objective
+            return answer(
+                0.0,
+                math.nan,
+                f"{missed}, far below the {slo_ms:g} ms objective, so the engine is not the cause: the probes were too short "
+                "to settle (raise serving.seconds_per_rate or serving.min_requests) or the machine was busy with other work "
+                "(run again on a quiet machine)",
+            )
+        return answer(0.0, math.nan, f"{missed}: a faster engine, a smaller batch or less batching delay, or a looser objective")
     best, best_latency = lo, latency
     ok, latency, _ = probe(hi)
     for _ in range(2):  # hi passed (its bound came from a noisy figure): raise it, twice at most
