@@ -58,3 +58,27 @@ def venv_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH", "")]))
     env["DVC_NO_ANALYTICS"] = "1"
     return env
+
+
+def in_ci() -> bool:
+    """CI sets CI=true (GitHub Actions does, and .ci/run): there every declared capability must run."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """A declared capability (a dependency in pyproject.toml, a tool .ci/run installs) cannot run here: a skip on a
+    developer's machine, a failure in CI, where a broken install must not pass as a skip. Skips are for what a
+    machine truly lacks (a GPU, TensorRT): those call pytest.skip themselves."""
+    if in_ci():
+        pytest.fail(f"CI: {reason} (a declared dependency or CI tool is missing: the install is broken)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_module(name: str, reason: str) -> Any:
+    """Import a declared dependency, or unavailable(reason)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        unavailable(f"{reason} ({type(e).__name__}: {e})")

@@ -186,3 +186,51 @@ def test_contention_between_two_built_engines_from_the_command_line(project):
     assert "onnxruntime (batch 8, 1 threads):" in out.stdout and "beside the other" in out.stdout
     record = json.loads((project["root"] / "reports" / "contention" / "onnxruntime+openvino-int8.json").read_text())
     assert set(record) == {"onnxruntime", "openvino-int8"} and all(r["slowdown"] > 0 and r["runs"] >= 10 for r in record.values())
+
+
+def test_openvino_simulated_boundaries_still_find_the_layer(project):
+    """The fallback when OpenVINO cannot expose its fused int8 kernels' outputs: the same IR with quantization simulated
+    in f32. Asked for here (on this machine the engine's own kernels may be readable): the mode says so, and the
+    simulated int8 still departs from fp32 where the engine does, at every boundary with the tensor of that name."""
+    from kiln.debug import compare_boundaries, reference_boundaries
+    from kiln.runtimes import Boundaries
+    from kiln.runtimes.openvino.boundaries import ov_boundaries
+
+    root = project["root"] / "artifacts"
+    feeds = eval_feeds(project["reference"], 16)
+    name = "openvino-int8"
+    mode, names, arrays, note = ov_boundaries(root / "engines" / name, root / "model.onnx", target(project, name), feeds, simulate=True)
+    assert mode == "simulated" and "simulation asked for" in note and "LP_TRANSFORMS_MODE NO" in note, note
+    got = dict(zip(names, arrays))
+    ref = reference_boundaries(root / "model.onnx", feeds, names)
+    assert all(got[x].shape == ref.tensors[x].shape for x in names)
+    result = compare_boundaries(ref, Boundaries(mode, note, got))
+    rows = {r["boundary"]: r for r in result["boundaries"]}
+    assert {"relu", "relu_1", "logits"} <= set(rows) and rows["relu"]["sqnr_db"] > 20, rows
+    assert result["first_divergent"]["boundary"] == "relu_1", result["first_divergent"]
+    # Simulated, not fp32: the int8 damage shows in the final logits too, as in the engine itself.
+    session, _ = load_engine(root / "engines" / name, target(project, name))
+    engine_logits = session.infer(feeds)["logits"]
+    agree = lambda a, b: float((a.argmax(1) == b.argmax(1)).mean())  # noqa: E731
+    assert agree(got["logits"], ref.tensors["logits"]) < 0.9 and agree(got["logits"], engine_logits) > agree(
+        got["logits"], ref.tensors["logits"]
+    )
+    # ...and not the engine's int8 kernels either: f32 arithmetic on fake-quantized values rounds differently.
+    assert not np.array_equal(got["logits"], engine_logits)
+
+
+def test_onnxruntime_boundaries_say_when_the_final_outputs_differ(project):
+    """ONNX Runtime's boundaries are read from the engine run with added outputs; its final outputs are checked against
+    the engine's normal ones, and a difference is said in the mode and the note (here the normal outputs given are
+    another engine's: the fp32 one)."""
+    from kiln.runtimes.onnxruntime.boundaries import ort_boundaries
+
+    root = project["root"] / "artifacts"
+    feeds = eval_feeds(project["reference"], 8)
+    name = "onnxruntime-int8"
+    own, _ = load_engine(root / "engines" / name, target(project, name))
+    mode, names, _, note = ort_boundaries(root / "engines" / name, root / "model.onnx", feeds, reference=own.infer(feeds))
+    assert mode == "engine" and note.startswith("final outputs bit-identical") and "relu_1" in names, note
+    other, _ = load_engine(root / "engines" / "onnxruntime", target(project, "onnxruntime"))
+    mode, names, _, note = ort_boundaries(root / "engines" / name, root / "model.onnx", feeds, reference=other.infer(feeds))
+    assert mode == "engine (outputs differ)" and note.startswith("FINAL OUTPUTS DIFFER") and "relu_1" in names, note

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, venv_env
+from conftest import ROOT, require_module, venv_env
 from test_pipeline import make_project, run, stages_run
 
 # The two quickest targets: enough to show engines, calibration, metrics and the report travelling.
@@ -49,9 +49,9 @@ def timed(cmd: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess[str], 
 @pytest.fixture
 def s3(monkeypatch):
     """moto's S3 server on 127.0.0.1 with an empty bucket 'kiln'; yields its endpoint URL."""
-    pytest.importorskip("dvc_s3", reason="dvc-s3 (DVC's S3 plugin) is not installed")
-    boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
-    server_mod = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    require_module("dvc_s3", "dvc-s3 (DVC's S3 plugin, a test dependency) is not installed: pip install -e '.[test]'")
+    boto3 = require_module("boto3", "boto3 (a test dependency) is not installed: pip install -e '.[test]'")
+    server_mod = require_module("moto.server", "moto[server] (a test dependency) is not installed: pip install -e '.[test]'")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     # Fake credentials, for moto and for the DVC subprocesses (venv_env copies os.environ).
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
@@ -149,7 +149,7 @@ def test_default_remote_is_a_local_folder_beside_the_repo(tmp_path):
 
 
 def test_unreachable_s3_endpoint_fails_fast_with_one_line(tmp_path, monkeypatch):
-    pytest.importorskip("dvc_s3", reason="dvc-s3 (DVC's S3 plugin) is not installed")
+    require_module("dvc_s3", "dvc-s3 (DVC's S3 plugin, a test dependency) is not installed: pip install -e '.[test]'")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     project = bare_repo(tmp_path)

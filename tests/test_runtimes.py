@@ -126,15 +126,38 @@ def test_failed_build_leaves_no_engine_and_keeps_the_old_one(tmp_path, tiny_onnx
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_every_runtime_module_implements_the_protocol():
+# The runtimes whose libraries are declared dependencies and that run on any CPU: each must work here.
+EVERYWHERE = {"torch", "onnxruntime", "openvino"}
+
+
+@pytest.mark.parametrize("name", list(RUNTIMES))
+def test_every_registered_runtime_runs_through_the_protocol_or_says_why_not(tmp_path, tiny_onnx, name):
+    """Each runtime of the registry (a new one included, with no test of its own yet), driven only through the
+    protocol: available here, it builds, loads and infers what eager PyTorch computes; not, it says why, and the
+    build refuses with that reason and leaves nothing."""
     from kiln.runtimes import get_runtime
 
-    for name in RUNTIMES:
-        rt = get_runtime(name)
-        assert rt.name == name
-        assert "fp32" in rt.precisions
-        for method in ("unavailable_reason", "build", "load"):
-            assert callable(getattr(rt, method))
+    path, spec, _ = tiny_onnx
+    device = "cuda" if name == "tensorrt" else "cpu"
+    t = Target.from_params(name, {"targets": {name: {"runtime": name, "device": device, "threads": 1}}})
+    runtime = get_runtime(name)
+    assert runtime.name == name and "fp32" in runtime.precisions
+    reason = runtime.unavailable_reason(t)
+    if reason is not None:
+        assert name not in EVERYWHERE, f"{name} is a declared dependency that runs on any CPU, yet: {reason}"
+        assert isinstance(reason, str) and reason.strip()
+        with pytest.raises(KilnError) as refused:
+            build_engine(t, BuildSource(path, spec), tmp_path / "e")
+        assert reason in str(refused.value)
+        assert not (tmp_path / "e").exists()
+        return
+    manifest = build_engine(t, BuildSource(path, spec), tmp_path / "e")
+    assert manifest["runtime"] == name and manifest["precision"]["executed"]
+    session, _ = load_engine(tmp_path / "e", t)
+    assert session.input_names == ["input"] and session.output_names == ["output"]
+    feeds = make_inputs(spec.inputs, 3, 5)
+    ref = reference_outputs(build_model(spec), spec, ["output"], samples=3, seed=5)
+    np.testing.assert_allclose(session.infer(feeds)["output"], ref["output"], atol=1e-4, rtol=1e-3)
 
 
 def native_bf16() -> bool:

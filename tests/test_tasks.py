@@ -12,13 +12,14 @@ from kiln.tasks.detection import Detection
 from kiln.tasks.segmentation import mean_iou
 
 
-def padded(dets: list[list[tuple[float, float, float, float, float, int]]], k: int = 4) -> dict[str, np.ndarray]:
-    """Per image [(x1, y1, x2, y2, score, label)] -> kiln's padded detection outputs."""
+def padded(dets: list[list[tuple[float, float, float, float, float, int]]], k: int = 4, best_first: bool = True) -> dict[str, np.ndarray]:
+    """Per image [(x1, y1, x2, y2, score, label)] -> kiln's padded detection outputs (rows best first, as kiln's
+    detectors answer, or in the order given)."""
     n = len(dets)
     out = {"boxes": np.zeros((n, k, 4), np.float32), "scores": np.zeros((n, k), np.float32), "labels": -np.ones((n, k), np.int64)}
     out["num_detections"] = np.array([len(d) for d in dets], np.int64)
     for i, image in enumerate(dets):
-        for j, (*box, score, label) in enumerate(sorted(image, key=lambda d: -d[4])):
+        for j, (*box, score, label) in enumerate(sorted(image, key=lambda d: -d[4]) if best_first else image):
             out["boxes"][i, j], out["scores"][i, j], out["labels"][i, j] = box, score, label
     return out
 
@@ -48,9 +49,15 @@ def test_the_task_is_inferred_from_names_and_shapes():
 def test_detections_match_whatever_their_order_and_not_across_classes():
     ref = padded([[CAT, DOG, BIRD]])
     task = detection_task(ref)
-    reordered = padded([[DOG, BIRD, CAT]])
-    reordered["scores"][0, :3] += 0.001  # same objects, slightly different scores
-    assert task.compare(ref, reordered)["detection_f1"] == 1.0
+    # Same objects in other rows: the engine's rows are not in the reference's order (the cat's and the dog's
+    # scores swapped, so even best-first rows differ), and an unsorted list too.
+    swapped = padded([[CAT[:4] + (0.8, 1), DOG[:4] + (0.9, 2), BIRD]])
+    unsorted = padded([[BIRD, DOG, CAT]], best_first=False)
+    unsorted["scores"][0, :3] += 0.001  # slightly different scores
+    for got in (swapped, unsorted):
+        assert [tuple(b) for b in got["boxes"][0, :3]] != [tuple(b) for b in ref["boxes"][0, :3]]  # really reordered
+        result = task.compare(ref, got)
+        assert result["detection_f1"] == 1.0 and result["detection_mean_iou"] == 1.0, result
     wrong_class = padded([[CAT, DOG, BIRD[:5] + (1,)]])
     moved = padded([[CAT, DOG, (40, 70, 65, 95, 0.3, 3)]])  # IoU with the bird under 0.5
     for got in (wrong_class, moved):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import unavailable
 
 from kiln.calibration import CalibrationSettings
 from kiln.config import InputSpec, Target
@@ -484,7 +485,7 @@ def _repaired_stubs(dest: Path) -> Path:
     `tensorrt_libs`, and lacks a py.typed marker, so mypy ignores it. Copy it and repair exactly those."""
     spec = importlib.util.find_spec("tensorrt_stubs")
     if spec is None or spec.origin is None:
-        pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)")
+        unavailable("tensorrt-stubs is not installed (.ci/test-deps installs it: pip install --no-deps tensorrt-stubs==10.13.0.35.1)")
     site = Path(spec.origin).parent.parent
     for package in ("tensorrt", "tensorrt_bindings"):
         shutil.copytree(site / package, dest / package, ignore=shutil.ignore_patterns("*.py", "*.so", "__pycache__"))
@@ -498,7 +499,7 @@ def _repaired_stubs(dest: Path) -> Path:
 
 def test_mypy_passes_against_tensorrt_stubs(tmp_path):
     if importlib.util.find_spec("mypy") is None:
-        pytest.skip("mypy is not installed (pip install mypy)")
+        unavailable("mypy (a test dependency) is not installed: pip install -e '.[test]'")
     stubs = _repaired_stubs(tmp_path / "stubs")
     config = tmp_path / "mypy.ini"
     config.write_text(

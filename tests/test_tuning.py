@@ -15,7 +15,7 @@ from kiln.errors import KilnError
 from kiln.inputs import make_inputs
 from kiln.runtimes import BuildSource, Knob, ThroughputSession, get_runtime
 from kiln.runtimes.onnxruntime import OnnxRuntimeOptions, OnnxRuntimeRuntime
-from kiln.tuning import TuningSettings, tune_engine, tuned_target, with_settings
+from kiln.tuning import TuningSettings, tune_engine, with_settings
 
 QUICK = TuningSettings(budget_s=20.0, rounds=3, round_s=0.03, warmup_iters=1)
 
@@ -100,15 +100,50 @@ def test_tuned_settings_go_into_the_manifest_and_are_applied_on_load(tmp_path, t
     assert tuning["rebuild_knobs"] == ["graph_optimization_level"]
     tried = [next(iter(t["set"])) for t in tuning["trials"]]
     assert "graph_optimization_level" in tried  # a rebuild knob builds a candidate engine beside the default
-    assert all("won" in t or "skipped" in t for t in tuning["trials"]) and tuning["seconds"] <= QUICK.budget_s + 5
+    assert all("won" in t or "skipped" in t for t in tuning["trials"])
     assert not list(tmp_path.glob(".e.tune-*")) and not list(tmp_path.glob(".e.tuned-*"))  # no scratch left behind
 
-    # Loading applies the recorded winner, whatever it was on this machine.
-    forced = {**manifest, "tuning": {**tuning, "changed": {"allow_spinning": False, "threads": 1}}}
-    applied = tuned_target(target, forced)
-    assert applied.options["allow_spinning"] is False and applied.threads == 1
+    # Loading applies the recorded winner, whatever it was on this machine: the ONNX Runtime session that
+    # load_engine returns runs with the winning settings (the defaults where nothing won).
     session, _ = load_engine(tmp_path / "e", target)
+    settings = ort_settings(session)
+    assert settings["threads"] == tuning["changed"].get("threads", target.effective_threads), tuning
+    assert settings["allow_spinning"] == tuning["changed"].get("allow_spinning", OnnxRuntimeOptions().allow_spinning), tuning
     assert session.infer(make_inputs(spec.inputs, 2, 0))["output"].shape == (2, 10)
+
+    # Winners unlike the defaults, recorded in the engine's manifest (not hashed: it is the record of the build), are
+    # what the next load_engine runs with. Threads are capped at the cores, and ONNX Runtime runs a parallel session
+    # with one inter-op thread sequentially: fewer threads, and the parallel mode at all the cores, each in turn.
+    cores = target.effective_threads
+    for won, expected in (
+        ({"allow_spinning": False, "threads": 1}, {"threads": 1, "allow_spinning": False, "parallel": False}),
+        ({"execution_mode": "parallel"}, {"threads": cores, "allow_spinning": True, "parallel": cores > 1}),
+    ):
+        write_manifest_tuning(tmp_path / "e", won)
+        session, _ = load_engine(tmp_path / "e", target)
+        assert ort_settings(session) == expected, won
+        assert session.infer(make_inputs(spec.inputs, 2, 0))["output"].shape == (2, 10)
+
+
+def ort_settings(session) -> dict:
+    """What the loaded ONNX Runtime session really runs with, read back from ONNX Runtime itself."""
+    import onnxruntime as ort
+
+    so = session.session.get_session_options()
+    return {
+        "threads": so.intra_op_num_threads,
+        "allow_spinning": so.get_session_config_entry("session.intra_op.allow_spinning") == "1",
+        "parallel": so.execution_mode == ort.ExecutionMode.ORT_PARALLEL,
+    }
+
+
+def write_manifest_tuning(engine_dir, changed: dict) -> None:
+    import json
+
+    path = engine_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["tuning"]["changed"] = changed
+    path.write_text(json.dumps(manifest))
 
 
 def test_with_settings_puts_threads_on_the_target_and_the_rest_in_options():

