@@ -28,7 +28,7 @@ READS: dict[str, tuple[str, ...]] = {
 }
 # Per-target stages read their own target (targets.<name>) and these.
 PER_TARGET_READS: dict[str, tuple[str, ...]] = {
-    "calibrate": ("model", "export", "calibration", "data"),
+    "calibrate": ("model", "export", "calibration", "data.calibration_dir", "data.eval_dir", "data.preprocess"),
     "build": ("model", "export", "data.preprocess", "tuning"),
     "benchmark": ("model", "export", "data.preprocess", "benchmark", "serving"),
 }

@@ -1,0 +1,68 @@
+"""Is anything else using this machine's cores right now? A measurement taken beside other work is low.
+
+Two cores shared with a test run or another pipeline gave a peak 2.5x below the machine's real one, and a
+cached figure keeps such a mistake. `other_load` samples /proc/stat over a short window and subtracts
+this process's own CPU time: what is left is other processes (and the hypervisor's steal), in cores.
+Linux only; elsewhere it says it cannot tell.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Other work above this many cores' worth, while measuring, makes a figure suspect.
+BUSY_CORES = 0.25
+
+
+@dataclass(frozen=True)
+class Load:
+    cores: int
+    others: float | None  # cores' worth of CPU time other processes (and steal) used in the window; None: unknown
+    steal: float | None  # of which the hypervisor took (steal time), in cores
+
+    @property
+    def busy(self) -> bool:
+        return self.others is not None and self.others > BUSY_CORES
+
+    def describe(self) -> str:
+        if self.others is None:
+            return "unknown (no /proc/stat)"
+        return f"{self.others:.2f} of {self.cores} cores used by other work" + (f" ({self.steal:.2f} stolen)" if self.steal else "")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"cores": self.cores, "others": self.others, "steal": self.steal, "busy": self.busy}
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, steal) jiffies of all CPUs since boot."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    values = [int(v) for v in fields]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    guest = sum(values[8:10]) if len(values) > 9 else 0  # counted in user/nice already
+    return sum(values) - idle - guest, values[7] if len(values) > 7 else 0
+
+
+def other_load(seconds: float = 0.5) -> Load:
+    """How many cores' worth of CPU other processes used over the next `seconds` (this process idles meanwhile)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    before, own_before, start = _cpu_jiffies(), sum(os.times()[:2]), time.monotonic()
+    time.sleep(seconds)
+    after, own_after, elapsed = _cpu_jiffies(), sum(os.times()[:2]), time.monotonic() - start
+    if before is None or after is None:
+        return Load(cores, None, None)
+    busy = (after[0] - before[0]) / hz - (own_after - own_before)
+    steal = (after[1] - before[1]) / hz
+    online = os.cpu_count() or cores
+    # /proc/stat counts every CPU of the machine; scale to the cores this process may use.
+    scale = cores / online if online > cores else 1.0
+    return Load(cores, max(0.0, busy / elapsed * scale), max(0.0, steal / elapsed * scale))
