@@ -21,7 +21,7 @@ import torch
 import yaml
 from conftest import ROOT, venv_env
 from PIL import Image
-from test_pipeline import make_project, run, stages_run
+from test_pipeline import make_project, run, stages_run, stale_stages
 
 pytestmark = pytest.mark.slow
 
@@ -96,13 +96,6 @@ def test_each_stage_digest_covers_the_code_it_ran_and_no_stage_reaches_the_repai
         assert ran <= digest, f"{stage} ran code its digest leaves out (a stale result waiting): {sorted(ran - digest)}"
     # Command lines are apart from the library: an edit of the repair search re-runs no stage.
     assert not [f for files in digests.values() for f in files if f == "kiln/repair.py" or f.startswith("kiln/cli/")]
-
-
-def stale_stages(project: Path) -> set[str]:
-    """The stages `dvc repro` would re-run now, once the stages that decide it have run."""
-    run(["dvc", "repro", "--single-item", "probe/dvc.yaml:probe", "configure", "data"], project)
-    status = json.loads(run(["dvc", "status", "--json"], project).stdout)
-    return {name.split(":")[-1] for name in status} - {"probe"}
 
 
 def test_each_change_re_runs_exactly_the_stages_that_read_it(project):

@@ -68,9 +68,7 @@ def test_queued_sweep_show_and_metrics_diff(tmp_path):
         time.sleep(3)
     assert "Failed" not in status, run(["dvc", "queue", "logs", status.split()[-4]], project, check=False).stdout
 
-    start = time.perf_counter()
     shown = run(["dvc", "exp", "show", "--json"], project)
-    show_seconds = time.perf_counter() - start
     rows = json.loads(shown.stdout)
     exps = [e for commit in rows for e in (commit.get("experiments") or [])]
     assert len(exps) == 2
@@ -91,7 +89,6 @@ def test_queued_sweep_show_and_metrics_diff(tmp_path):
         precisions[openvino] = metrics
     assert set(precisions) == {"fp32", "int8"}
     assert precisions["fp32"]["top1_agreement"] == 1.0
-    assert show_seconds < 3.0, f"dvc exp show took {show_seconds:.1f} s"
 
     # kiln's short table: one row per experiment and target, the params that differ, the headline metrics.
     short = run(["python", "-m", "kiln.experiments", "--target", "openvino"], project).stdout

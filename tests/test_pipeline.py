@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +37,14 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 def stages_run(output: str) -> set[str]:
     # The probe lives in probe/dvc.yaml, so DVC calls it 'probe/dvc.yaml:probe'.
     return {name.split(":")[-1] for name in re.findall(r"Running stage '([^']+)'", output)}
+
+
+def stale_stages(project: Path) -> set[str]:
+    """The stages `dvc repro` would re-run now (their own dependencies changed), once the stages that decide it
+    (probe, configure, data) have run: what a change re-runs, without paying for the re-run."""
+    run(["dvc", "repro", "--single-item", "probe/dvc.yaml:probe", "configure", "data"], project)
+    status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    return {name.split(":")[-1] for name in status} - {"probe"}
 
 
 def make_project(tmp_path: Path, *overrides: str) -> Path:
@@ -167,15 +174,9 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     assert "Accuracy against eager fp32, on 64 images from data/eval" in report
     assert len(list((project / "data" / "calibration").glob("*.jpg"))) == 300
 
-    # Nothing changed: only the probe runs, quickly. (DVC's own per-stage work, about 30 ms a stage
-    # for its locks and hash checks, grows with the number of stages: 44 for this twelve-target set.)
-    timings = []
-    for _ in range(3):
-        start = time.perf_counter()
-        noop = run(["dvc", "repro"], project)
-        timings.append(time.perf_counter() - start)
-        assert stages_run(noop.stdout) == {"probe"}, noop.stdout
-    assert min(timings) < 3.0, f"no-op dvc repro took {timings}"  # ~2.0-2.9 s measured for these 44 stages
+    # Nothing changed: only the probe runs (how long that takes is measured by benchmarks/noop_repro.py).
+    noop = run(["dvc", "repro"], project)
+    assert stages_run(noop.stdout) == {"probe"}, noop.stdout
 
     # One target changed: only its stages and the report.
     run(["python", "-m", "kiln.params", "targets.openvino.threads=1"], project)
@@ -196,18 +197,21 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     assert "data/calibration holds 300 images: left as it is" in recal.stderr
     assert first_image.read_bytes() == (project / "data" / "eval" / "0000.jpg").read_bytes()
 
-    # The model changed (in conf/, where `dvc exp run` will find it too): everything from export on.
+    # The model changed (in conf/, where `dvc exp run` will find it too): every stage from export on reads it
+    # (the report only through their outputs). Checked without paying for a second full run, then undone.
     tiny = project / "conf" / "model" / "tiny.yaml"
-    tiny.write_text(tiny.read_text().replace("kwargs: {}", "kwargs: {num_classes: 5}"))
+    original = tiny.read_text()
+    tiny.write_text(original.replace("kwargs: {}", "kwargs: {num_classes: 5}"))
     run(["python", "-m", "kiln.params", "targets.openvino.threads=1"], project)
-    remodel = run(["dvc", "repro"], project)
-    assert stages_run(remodel.stdout) == {"probe", "configure"} | from_export
-    assert json.loads((project / "artifacts" / "export.json").read_text())["outputs"]["logits"]["shape"] == ["batch", 5]
+    assert stale_stages(project) == from_export - {"report"}
+    tiny.write_text(original)
+    run(["python", "-m", "kiln.params", "targets.openvino.threads=1"], project)
+    assert stale_stages(project) == set()
 
     # An experiment with Hydra overrides re-composes params.yaml (DVC's composition, with kiln's resolvers
     # from hydra_plugins/) and re-runs one target: made int8, it gets a calibrate stage.
     run(["git", "add", "-A"], project)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "five classes"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one target changed"], project)
     exp = run(["dvc", "exp", "run", "-S", "targets.openvino.threads=2", "-S", "targets.openvino.precision=int8"], project)
     assert stages_run(exp.stdout) == {"probe", "configure", "calibrate@openvino", "build@openvino", "benchmark@openvino", "report"}
     composed = yaml.safe_load((project / "params.yaml").read_text())
