@@ -91,6 +91,8 @@ def check_paths(params: Mapping[str, Any]) -> None:
         module = str(entrypoint).partition(":")[0]
         raise KilnError(f"model.entrypoint: module '{module}' not found in the project root ({Path.cwd()}) or on PYTHONPATH")
     for key, sample in (("calibration_dir", SAMPLE_CALIBRATION_DIR), ("eval_dir", SAMPLE_EVAL_DIR)):
+        if key not in data:  # params composed from conf/ always hold it (conf/data/default.yaml)
+            continue
         folder = data.get(key)
         if not folder or not isinstance(folder, str):
             raise KilnError(f"data.{key} must be a folder of images, got {folder!r} ({sample} holds kiln's sample images)")
