@@ -15,7 +15,10 @@ The module exposes `RUNTIME`, an object that satisfies `Runtime`:
   manifest fields (at least `executed_precision`; optionally `graph`, what the compiler did:
   `{"nodes_in", "nodes_out", "fusions", "layer_precisions", "source"}`, and `compile_seconds`);
 - `load(engine_dir, manifest, target) -> Session`: `input_names`, `output_names` and
-  `infer(feeds) -> dict[str, np.ndarray]`.
+  `infer(feeds) -> dict[str, np.ndarray]`, and `max_concurrent`: how many threads may be inside `infer` at
+  once (None: any number; 1: one at a time). kiln.serving runs `serving.workers` threads on one session
+  and refuses more than a session declares (`concurrency_limit`); a session keeps per-call state (an
+  infer request, an execution context) per caller, e.g. in an `InstancePool`, so that several are safe.
 
 Optional capabilities, each a protocol of its own that callers test with isinstance:
 
@@ -41,9 +44,11 @@ Stages and the benchmark only talk to these protocols. Importing this package im
 from __future__ import annotations
 
 import importlib
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, Mapping, Protocol, TypeVar, runtime_checkable
 
 from ..errors import KilnError, close_matches
 
@@ -105,6 +110,49 @@ class Session(Protocol):
     output_names: list[str]
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def concurrency_limit(session: Any) -> int | None:
+    """How many threads may call `session.infer` at once: its `max_concurrent` (None: any number). kiln's
+    runtimes all declare it; a session from elsewhere (a test's fake, a remote endpoint) that does not is
+    taken as safe with any number, as an HTTP client is."""
+    limit = getattr(session, "max_concurrent", None)
+    return None if limit is None else int(limit)
+
+
+T = TypeVar("T")
+
+
+class InstancePool(Generic[T]):
+    """Per-call state (an OpenVINO infer request, a TensorRT execution context and its stream) for sessions
+    called from several threads: `with pool.take() as item:` hands each caller an instance no other caller
+    holds, making a new one when all are busy and keeping it for later callers. As many exist as calls were
+    ever in flight at once (the serving workers), and they outlive the threads (a run's workers are new
+    threads each time, so thread-local state would be made again on every run)."""
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make = make
+        self._free: list[T] = []
+        self._lock = threading.Lock()
+        self.made = 0
+
+    def _get(self) -> T:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        item = self._make()
+        with self._lock:
+            self.made += 1
+        return item
+
+    @contextmanager
+    def take(self) -> Iterator[T]:
+        item = self._get()
+        try:
+            yield item
+        finally:
+            with self._lock:
+                self._free.append(item)
 
 
 @runtime_checkable

@@ -18,11 +18,16 @@ import numpy as np
 from ..config import InputSpec
 from ..errors import KilnError
 from ..inputs import make_inputs
-from ..runtimes import Session
+from ..runtimes import Session, concurrency_limit
 from .arrivals import Request
 from .batcher import BatcherSettings, DynamicBatcher, Queued
 
 FeedsFor = Callable[[int], Mapping[str, np.ndarray]]
+# A request's own inputs (its position in the arrivals -> feeds of its size), for runs that check answers.
+RequestFeeds = Callable[[int], Mapping[str, np.ndarray]]
+# Whether the requests completed so far (their end-to-end ms) settle the question the run asks: it may stop early.
+Settled = Callable[[np.ndarray], bool]
+SETTLE_EVERY = 16  # releases between two looks at `settled`
 GROWTH_QUARTER = 10  # the queue-growth test compares the first and last quarter of at least this many requests each
 
 
@@ -70,6 +75,9 @@ class LoadResult:
     not_sent: int  # arrivals after max_seconds, never released
     abandoned: int  # released but still queued when max_drain_s ran out
     lag_ms: np.ndarray  # how late the generator released each sent request
+    stopped_early: bool = False  # `settled` said the requests so far answer the question before max_seconds
+    # With request_feeds: each completed request's own outputs (its rows of the batch's), by its position in the arrivals.
+    outputs: dict[int, dict[str, np.ndarray]] | None = None
 
     @property
     def queue_ms(self) -> np.ndarray:
@@ -126,6 +134,17 @@ class LoadResult:
         return out
 
 
+def check_workers(session: Session, workers: int) -> None:
+    """Refuse more workers than the session can run at once (its `max_concurrent`, see kiln.runtimes)."""
+    limit = concurrency_limit(session)
+    if limit is not None and workers > limit:
+        raise KilnError(
+            f"serving.workers is {workers}, but this engine ({type(session).__name__}) runs at most {limit} "
+            f"inference{'s' if limit > 1 else ''} at once safely: set serving.workers: {limit} "
+            "(or serve it from several processes, each loading its own copy)"
+        )
+
+
 def run_load(
     session: Session,
     feeds_for: FeedsFor,
@@ -133,12 +152,25 @@ def run_load(
     batcher: BatcherSettings,
     max_seconds: float,
     max_drain_s: float | None = None,
+    request_feeds: RequestFeeds | None = None,
+    settled: Settled | None = None,
+    min_seconds: float = 0.0,
 ) -> LoadResult:
     """Release `arrivals` on schedule for up to `max_seconds`, let `batcher.workers` threads serve them, drain, join.
 
     `max_drain_s` bounds the wait after the last release (None: drain everything); requests still queued then
     are abandoned and the run reads as saturated. The first exception a worker raised is re-raised after
-    every thread has been joined."""
+    every thread has been joined.
+
+    `settled`: once `min_seconds` of arrivals were released, the generator asks it every few releases with the
+    end-to-end ms of the requests completed so far, and stops releasing (drains and returns) when it says yes:
+    a probe runs until it can decide or until `max_seconds`.
+
+    `request_feeds`: each request's own inputs (by its position in `arrivals`); a batch is then the requests'
+    inputs concatenated, and each request's rows of the outputs are kept in `LoadResult.outputs`, to check
+    that every answer is the right one (several workers on one engine). Without it a batch is one cached tensor
+    of its size (`feeds_for`): the engine's time, not numpy's copies."""
+    check_workers(session, batcher.workers)
     if not arrivals:
         raise KilnError("no requests to send: draw some with poisson_arrivals(rate, requests, sizes, seed)")
     if any(b.arrival_s < a.arrival_s for a, b in zip(arrivals, arrivals[1:])):
@@ -149,6 +181,7 @@ def run_load(
     queue = DynamicBatcher(batcher)
     errors: list[BaseException] = []
     inferences = [0]
+    outputs: dict[int, dict[str, np.ndarray]] = {}
     count_lock = threading.Lock()
     failed = threading.Event()  # wakes the generator from its sleep when a worker fails
 
@@ -156,12 +189,21 @@ def run_load(
         try:
             while (items := queue.next_batch()) is not None:
                 images = sum(item.size for item in items)
-                # The engine's cost depends on the batch size only, so one cached tensor per size stands in for
-                # the concatenated requests: copying real inputs would time numpy, not the engine.
-                feeds = feeds_for(images)
+                if request_feeds is None:
+                    # The engine's cost depends on the batch size only, so one cached tensor per size stands in for
+                    # the concatenated requests: copying real inputs would time numpy, not the engine.
+                    feeds = feeds_for(images)
+                else:
+                    own = [request_feeds(item.index) for item in items]
+                    feeds = {name: np.concatenate([f[name] for f in own]) for name in own[0]}
                 t0 = time.perf_counter()
-                session.infer(feeds)
+                result = session.infer(feeds)
                 t1 = time.perf_counter()
+                if request_feeds is not None:
+                    row = 0
+                    for item in items:
+                        outputs[item.index] = {name: np.array(out[row : row + item.size]) for name, out in result.items()}
+                        row += item.size
                 for item in items:  # each index is written by one worker only: no lock needed
                     start[item.index], end[item.index], formed[item.index] = t0, t1, images
                 with count_lock:
@@ -175,11 +217,19 @@ def run_load(
     for t in workers:
         t.start()
     sent = 0
+    stopped_early = False
+    arrival = np.array([r.arrival_s for r in arrivals])
     t_zero = time.perf_counter()
     try:
         for position, request in enumerate(arrivals):  # positions, not Request.index, address the arrays
             if request.arrival_s > max_seconds or failed.is_set():
                 break
+            if settled is not None and request.arrival_s >= min_seconds and position % SETTLE_EVERY == 0:
+                done_so_far = np.flatnonzero(~np.isnan(end[:position]))  # workers write end[] last for a request
+                e2e_so_far = (end[done_so_far] - t_zero - arrival[done_so_far]) * 1e3
+                if settled(e2e_so_far):
+                    stopped_early = True
+                    break
             due = t_zero + request.arrival_s
             left = due - time.perf_counter()
             if left > 0:
@@ -207,7 +257,6 @@ def run_load(
         raise errors[0]
     done = ~np.isnan(end)
     idx = np.flatnonzero(done)
-    arrival = np.array([r.arrival_s for r in arrivals])
     rel_start, rel_end = start[idx] - t_zero, end[idx] - t_zero
     sizes = np.array([r.size for r in arrivals], dtype=np.int64)
     sent_arrivals = arrival[:sent]
@@ -229,4 +278,6 @@ def run_load(
         not_sent=n - sent,
         abandoned=sent - len(idx),
         lag_ms=lag[:sent],
+        stopped_early=stopped_early,
+        outputs=outputs if request_feeds is not None else None,
     )

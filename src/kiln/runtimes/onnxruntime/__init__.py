@@ -81,6 +81,11 @@ def _options(target: Target, level: ort.GraphOptimizationLevel, threads: int | N
 
 
 class OrtSession:
+    """One InferenceSession; its `run` is thread-safe (ONNX Runtime documents concurrent Run calls on one session
+    as supported: each call gets its own execution frame), so serving workers share it."""
+
+    max_concurrent: int | None = None
+
     def __init__(self, session: ort.InferenceSession, parallel: Callable[[int], ort.InferenceSession] | None = None, runs: int = 1):
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]

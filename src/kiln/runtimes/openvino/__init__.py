@@ -17,7 +17,7 @@ import numpy as np
 import openvino as ov
 
 from ...config import Target, default_threads
-from .. import Boundaries, BuildSource, Knob, RegisteredRuntime, runtime_options
+from .. import Boundaries, BuildSource, InstancePool, Knob, RegisteredRuntime, runtime_options
 
 if TYPE_CHECKING:
     from ...calibration import CalibrationSet, CalibrationSettings
@@ -157,19 +157,28 @@ def graph_info(model: ov.Model, compiled: ov.CompiledModel) -> dict[str, Any]:
 
 
 class OpenVinoSession:
+    """A compiled model is safe to share between threads, an InferRequest is not (it holds the input and output
+    tensors of one inference): each concurrent caller of `infer` gets an infer request of its own from a pool."""
+
+    max_concurrent: int | None = None  # any number of threads: one infer request each
+
     def __init__(
         self, compiled: ov.CompiledModel, throughput_model: Callable[[], ov.CompiledModel] | None = None, requests: int | None = None
     ):
         self.compiled = compiled
-        self.request = compiled.create_infer_request()
+        self.requests: InstancePool[ov.InferRequest] = InstancePool(compiled.create_infer_request)
+        with self.requests.take():  # the first request now: a compiled model that cannot make one fails at load
+            pass
         self.input_names = [i.get_any_name() for i in compiled.inputs]
         self.output_names = [o.get_any_name() for o in compiled.outputs]
         self._throughput_model = throughput_model
         self._requests = requests
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        result = self.request.infer(dict(feeds))
-        return {name: result[i] for i, name in enumerate(self.output_names)}
+        with self.requests.take() as request:
+            # share_outputs=False: the arrays are copies, so the request can serve the next caller while they are read.
+            result = request.infer(dict(feeds), share_outputs=False)
+            return {name: result[i] for i, name in enumerate(self.output_names)}
 
     def throughput(self, feeds: Mapping[str, np.ndarray], seconds: float, min_runs: int) -> dict[str, Any]:
         """benchmark_app's throughput method: the engine compiled with the THROUGHPUT hint, an AsyncInferQueue of

@@ -25,7 +25,7 @@ import numpy as np
 
 from ...config import Target
 from ...errors import EngineMismatch, KilnError
-from .. import BuildSource, NoOptions, RegisteredRuntime
+from .. import BuildSource, InstancePool, NoOptions, RegisteredRuntime
 from ..qdq import QDQ
 from .plan import (
     ENGINE,
@@ -117,16 +117,39 @@ def _make_logger() -> Any:
     return Logger()
 
 
+class _Context:
+    """What one inference in flight needs of its own: an execution context (TensorRT's IExecutionContext is not
+    thread-safe: it holds the input shapes, tensor addresses and active profile of one enqueue), its CUDA stream,
+    and the optimization profile it has active."""
+
+    def __init__(self, engine: trt.ICudaEngine, device: Any) -> None:
+        import torch
+
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise KilnError("TensorRT could not create an execution context (out of GPU memory? see the TensorRT log above)")
+        self.stream = torch.cuda.Stream(device)
+        self.active = 0
+
+
 class TensorRTSession:
-    """Device buffers are torch CUDA tensors; execute_async_v3 runs on a torch CUDA stream."""
+    """Device buffers are torch CUDA tensors; execute_async_v3 runs on a torch CUDA stream.
+
+    Several threads may call `infer` at once (kiln.serving's workers): each call takes an execution context of
+    its own, with its own stream, from a pool (one is made per call in flight, as TensorRT's guide advises for
+    concurrent inference: contexts from one engine share its weights). Contexts may select the same optimization
+    profile: profile sharing is TensorRT 10's default (PreviewFeature.PROFILE_SHARING_0806 in 8.6)."""
+
+    max_concurrent: int | None = None
 
     def __init__(self, engine: trt.ICudaEngine, manifest: Mapping[str, Any], index: int):
         import tensorrt as trt
         import torch
 
         self.engine, self.device = engine, torch.device("cuda", index)
-        self.context = engine.create_execution_context()
-        self.stream = torch.cuda.Stream(self.device)
+        self.contexts: InstancePool[_Context] = InstancePool(lambda: _Context(engine, self.device))
+        with self.contexts.take():  # the first context now: an engine that cannot make one fails at load
+            pass
         io = manifest["io"]
         self.input_names, self.output_names = list(io["inputs"]), list(io["outputs"])
         engine_io = {engine.get_tensor_name(i): engine.get_tensor_mode(engine.get_tensor_name(i)) for i in range(engine.num_io_tensors)}
@@ -135,9 +158,8 @@ class TensorRTSession:
             raise KilnError(f"the engine's inputs/outputs {sorted(engine_io)} are not the manifest's {sorted(expected)}: rebuild it")
         self.dtypes = {n: getattr(torch, TORCH_DTYPES[engine.get_tensor_dtype(n).name]) for n in engine_io}
         self.profiles = manifest["profiles"]
-        self.active = 0
 
-    def _prepare(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    def _prepare(self, slot: _Context, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
         missing = [n for n in self.input_names if n not in feeds]
@@ -145,34 +167,36 @@ class TensorRTSession:
             raise KilnError(f"the engine needs inputs {', '.join(self.input_names)}; missing: {', '.join(missing)}")
         index = select_profile(self.profiles, {n: tuple(feeds[n].shape) for n in self.input_names})
         buffers: dict[str, Any] = {}
-        with torch.cuda.stream(self.stream):
-            if index != self.active:
-                self.context.set_optimization_profile_async(index, self.stream.cuda_stream)
-                self.active = index
+        context = slot.context
+        with torch.cuda.stream(slot.stream):
+            if index != slot.active:
+                context.set_optimization_profile_async(index, slot.stream.cuda_stream)
+                slot.active = index
             for name in self.input_names:
                 t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device).to(self.dtypes[name])
-                if not self.context.set_input_shape(name, tuple(t.shape)):
+                if not context.set_input_shape(name, tuple(t.shape)):
                     raise KilnError(
                         f"TensorRT refused shape {list(t.shape)} for input '{name}' (profile {index}: {self.profiles[index].get(name)})"
                     )
                 buffers[name] = t
             for name in self.output_names:
-                dims = self.context.get_tensor_shape(name)
+                dims = context.get_tensor_shape(name)
                 buffers[name] = torch.empty(tuple(dims[i] for i in range(len(dims))), dtype=self.dtypes[name], device=self.device)
             for name, t in buffers.items():
-                self.context.set_tensor_address(name, t.data_ptr())
+                context.set_tensor_address(name, t.data_ptr())
         return buffers
 
-    def _execute(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+    def _execute(self, slot: _Context) -> None:
+        if not slot.context.execute_async_v3(slot.stream.cuda_stream):
             raise KilnError("TensorRT failed to enqueue the engine (execute_async_v3 returned false; see the TensorRT log above)")
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        buffers = self._prepare(feeds)
-        self._execute()
-        self.stream.synchronize()
+        with self.contexts.take() as slot:
+            buffers = self._prepare(slot, feeds)
+            self._execute(slot)
+            slot.stream.synchronize()
         # numpy has no bfloat16: such outputs come back as float32
         return {n: (buffers[n].float() if self.dtypes[n] == torch.bfloat16 else buffers[n]).cpu().numpy() for n in self.output_names}
 
@@ -180,13 +204,14 @@ class TensorRTSession:
         """One inference timed on the GPU with CUDA events (host-to-device copies not included)."""
         import torch
 
-        self._prepare(feeds)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(self.stream)
-        self._execute()
-        end.record(self.stream)
-        end.synchronize()
-        return float(start.elapsed_time(end))
+        with self.contexts.take() as slot:
+            self._prepare(slot, feeds)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(slot.stream)
+            self._execute(slot)
+            end.record(slot.stream)
+            end.synchronize()
+            return float(start.elapsed_time(end))
 
 
 class TensorRTRuntime(RegisteredRuntime):

@@ -169,6 +169,10 @@ class TorchSession:
         # with different threads (kiln.tuning compares them in turns) each run with theirs.
         self.threads = target.effective_threads if device.type == "cpu" else None
         self.load_seconds: float | None = None  # set by load: rebuild + (re)compile or package load + warm-up
+        # Eager forward passes in inference mode are safe from several threads. A torch.compile'd function may
+        # re-trace or re-compile on a call (dynamo's caches are not documented as thread-safe) and an AOTInductor
+        # package is loaded here with one runner: compiled engines take one call at a time.
+        self.max_concurrent: int | None = None if mode == "eager" else 1
 
     def _tensors(self, feeds: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
         missing = [n for n in self.input_names if n not in feeds]
