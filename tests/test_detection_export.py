@@ -153,3 +153,36 @@ def test_a_two_stage_detector_is_refused_at_export():
     )
     with pytest.raises(KilnError, match=r"FasterRCNN is a two-stage detector .*does not export Faster/Mask/Keypoint R-CNN"):
         build_model(spec)
+
+
+def export_tiny_detector(tmp_path, build: str = "tiny_ssd") -> dict:
+    from conftest import tiny_model_params
+
+    from kiln.config import ModelSpec
+    from kiln.export import ExportSettings, export_onnx
+    from kiln.models import build_model
+
+    spec = ModelSpec.from_params(
+        tiny_model_params(f"test_detection_export:{build}", inputs={"images": {"shape": [3, SIZE, SIZE], "dtype": "float32"}})
+    )
+    return export_onnx(build_model(spec), spec, ExportSettings(), tmp_path / "model.onnx")
+
+
+def test_export_records_how_well_kiln_nms_agrees_with_the_detector_own_postprocessing(tmp_path):
+    fidelity = export_tiny_detector(tmp_path)["export_path"]["nms_fidelity"]
+    assert fidelity["images"] == 8 and fidelity["iou"] == 0.5 and fidelity["min_f1"] == 0.9
+    assert fidelity["detections_torchvision"] > 8  # the sample photographs give the tiny SSD something to find
+    assert fidelity["f1"] == 1.0 and fidelity["detections_kiln"] == fidelity["detections_torchvision"]
+
+
+def test_a_wrapper_whose_nms_keeps_everything_fails_export_in_one_line(tmp_path, monkeypatch):
+    import kiln.export.detection as detection
+
+    def keep_everything(boxes, labels, scores, iou_thresh, iterations, offset):
+        return (scores > 0).to(boxes.dtype)
+
+    monkeypatch.setattr(detection, "cluster_nms", keep_everything)
+    disagrees = r"in-graph NMS disagrees with the torchvision detector's own postprocessing: detection F1 0\.\d+ < 0\.9"
+    with pytest.raises(KilnError, match=disagrees) as err:
+        export_tiny_detector(tmp_path, "tiny_retinanet")
+    assert "\n" not in str(err.value) and not (tmp_path / "model.onnx").exists()

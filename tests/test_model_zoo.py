@@ -277,3 +277,39 @@ def test_a_detector_through_dvc_repro_reports_f1_and_map(tmp_path, detector):
     report = (project / "reports" / "benchmark.md").read_text()
     assert "detection F1" in report and "mAP@0.5:0.95" in report and "Outputs judged as task detection (inferred" in report
     assert "kiln's fixed-shape NMS" in report
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "kwargs", "atol"),
+    [
+        ("deeplabv3_mobilenet_v3_large", 64, {}, 1e-3),  # bilinear upsampling: ~2e-4 float noise (conf/model/deeplabv3.yaml)
+        ("vit_b_16", 32, {"image_size": 32}, 1e-4),  # a zero-initialised head: every output exactly 0 without demo weights
+    ],
+)
+def test_a_name_only_random_model_gets_demo_weights_and_passes_validate(tmp_path, caplog, name, size, kwargs, atol):
+    """A model file that gives only the name (and its input): demo_weights' defaults live in kiln, not in conf/model."""
+    import logging
+
+    from kiln.config import engine_spec
+    from kiln.export import ExportSettings, export_onnx
+    from kiln.models import build_model
+    from kiln.validate import ValidateSettings, reference_set, validate_export
+
+    params = {
+        "model": {"name": name, "kwargs": kwargs, "inputs": {"input": {"shape": [3, size, size]}}},
+        "data": {"preprocess": {"resize": size, "crop": size}},
+    }
+    off = {**params, "model": {**params["model"], "demo_weights": False}}
+    assert engine_spec(off).demo is None  # turned off, the reference proves nothing (test_export_validate)
+    spec = engine_spec(params)
+    assert spec.demo and spec.demo["batchnorm"] and spec.demo["redraw_zero_layers"]
+    with caplog.at_level(logging.INFO, logger="kiln.demo_weights"):
+        model = build_model(spec)
+    assert any("model.demo_weights applied" in r.message and "model.demo_weights: false" in r.message for r in caplog.records)
+    path = tmp_path / "model.onnx"
+    manifest = export_onnx(model, spec, ExportSettings(), path)
+    settings = ValidateSettings(atol=atol, batch_sizes=(1, 3), reference_samples=4)
+    report = validate_export(build_model(spec), path, spec, settings, 2)
+    assert report["passed"] and report["degenerate"] is None
+    reference = reference_set(build_model(spec), spec, list(manifest["outputs"]), {}, settings)
+    assert reference["degenerate"] is None

@@ -10,8 +10,11 @@ evidence. `model.demo_weights` fixes the two, the same way before export and in 
   folders), through data.preprocess;
 - `redraw_zero_layers`: re-draw, with PyTorch's default init and the model's seed, every Conv/Linear
   layer whose weights are all zero.
-The weights stay random: speed figures are real, accuracy against labels is not. Trained weights
-(model.checkpoint or model.weights) never need it.
+Both are on by default for every model taken as random (config.ModelSpec.trained_weights: a model.name with
+neither checkpoint nor weights, or model.trained: false), wherever its model file came from, and the log
+says so in one line. Turn them off with `model.demo_weights: false` (or each part with
+`{batchnorm: false, redraw_zero_layers: false}`). The weights stay random: speed figures are real, accuracy
+against labels is not. Trained weights (model.checkpoint or model.weights) never get it.
 """
 
 from __future__ import annotations
@@ -29,20 +32,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The start of the one log line (per model built): demo weights were applied, what they did, how to turn them off.
+APPLIED = "model.demo_weights applied (random weights; turn off with model.demo_weights: false)"
+
 
 @dataclass(frozen=True)
 class DemoWeights:
-    """`model.demo_weights` (read by config.engine_spec, which imports no framework: torch stays in the functions below)."""
+    """`model.demo_weights` (read by config.engine_spec, which imports no framework: torch stays in the functions below).
+    The defaults live here, not in the model files: on, for random weights only."""
 
-    batchnorm: bool = False
-    redraw_zero_layers: bool = False
+    batchnorm: bool = True
+    redraw_zero_layers: bool = True
     images: int = 32
 
     @classmethod
-    def from_params(cls, raw: Mapping[str, Any] | None) -> "DemoWeights":
+    def from_params(cls, raw: Mapping[str, Any] | bool | None) -> "DemoWeights":
+        """A mapping of the fields above; `false` turns both parts off, `true` (or nothing) is the defaults."""
         from .settings import parse
 
-        return parse(cls, raw, "model.demo_weights")
+        if raw is False:
+            return cls(batchnorm=False, redraw_zero_layers=False)
+        return parse(cls, None if raw is True else raw, "model.demo_weights")
 
     def check(self, where: str) -> None:
         if self.images < 2:
@@ -93,6 +103,12 @@ def redraw_zero_layers(model: nn.Module, seed: int) -> list[str]:
     return redrawn
 
 
+def _has_batchnorm(model: nn.Module) -> bool:
+    from torch import nn
+
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def reestimate_batchnorm(model: nn.Module, batch: np.ndarray, chunk: int = 8) -> int:
     """Running statistics from `batch` (a cumulative average over its chunks); returns how many layers."""
     import torch
@@ -117,8 +133,12 @@ def reestimate_batchnorm(model: nn.Module, batch: np.ndarray, chunk: int = 8) ->
     return len(norms)
 
 
-def make_meaningful(model: nn.Module, demo: Mapping[str, Any], seed: int) -> list[str]:
-    """Apply `model.demo_weights` to `model` (in place); returns lines for the log and the manifest."""
+def make_meaningful(model: nn.Module, demo: Mapping[str, Any], seed: int, inputs: list[tuple[int, ...]] | None = None) -> list[str]:
+    """Apply `model.demo_weights` to `model` (in place); returns lines for the log and the manifest. `inputs`: the
+    model's per-sample input shapes (None: one image input, as data.preprocess makes it). BatchNorm statistics are
+    re-estimated only for a model that takes one image shaped like data.preprocess makes it."""
+    from .images import Preprocess
+
     settings = DemoWeights.from_params({k: v for k, v in demo.items() if k != "preprocess"})
     notes = []
     if settings.redraw_zero_layers:
@@ -128,13 +148,19 @@ def make_meaningful(model: nn.Module, demo: Mapping[str, Any], seed: int) -> lis
             notes.append(
                 f"re-drew {len(redrawn)} all-zero layer(s) with PyTorch's default init, seed {seed}: {', '.join(redrawn[:5])}{more}"
             )
-    if settings.batchnorm:
+    image = tuple(Preprocess.from_params(demo["preprocess"]).sample_shape()) if settings.batchnorm else ()
+    if settings.batchnorm and inputs is not None and [tuple(i) for i in inputs] != [image] and _has_batchnorm(model):
+        notes.append(
+            f"BatchNorm statistics not re-estimated: the model's inputs {[list(i) for i in inputs]} are not one image "
+            f"shaped like data.preprocess makes it {list(image)}"
+        )
+    elif settings.batchnorm and (inputs is None or [tuple(i) for i in inputs] == [image]):
         count = settings.images
         batch = sample_batch(demo["preprocess"], count, seed)
         layers = reestimate_batchnorm(model, batch)
         if layers:
             notes.append(f"re-estimated {layers} BatchNorm layer(s) on {count} crops of kiln's sample photographs")
     model.eval()
-    for line in notes:
-        log.info("model.demo_weights: %s", line)
+    if notes:
+        log.info("%s: %s", APPLIED, "; ".join(notes))
     return notes

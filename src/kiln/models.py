@@ -143,7 +143,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.demo:
         from .demo_weights import make_meaningful
 
-        make_meaningful(model, spec.demo, spec.seed)
+        # With spec.fold the model under FoldedPreprocess takes data.preprocess's image (engine_spec checked it).
+        make_meaningful(model, spec.demo, spec.seed, None if spec.fold else [tuple(i.shape) for i in spec.inputs])
     if spec.fold:
         model = FoldedPreprocess(model, spec.fold["mean"], spec.fold["std"], spec.fold["layout"])
     return model.eval()

@@ -90,7 +90,12 @@ def _summarize_failure(e: BaseException) -> str:
 
 
 def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out_path: str | Path) -> dict[str, Any]:
-    """Export `model` to `out_path` and return the export manifest. Raises KilnError on any failure."""
+    """Export `model` to `out_path` and return the export manifest. Raises KilnError on any failure.
+
+    A wrapped torchvision detector (kiln.export.detection) is first checked against its own forward on
+    sample photographs: the agreement goes to manifest["export_path"]["nms_fidelity"], and a detection F1
+    below detection.MIN_NMS_F1 (a fixed constant, 0.9: the detection gate's default; the export stage reads
+    no benchmark settings) fails the export."""
     was_training = model.training
     model.eval()
     if was_training:
@@ -122,6 +127,15 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
     if callable(describe):
         path["model_wrapper"] = describe()
         path["why"] += "; the torchvision detector's postprocessing is replaced by kiln's fixed-shape NMS (kiln.export.detection)"
+    from .detection import check_nms_fidelity, find_wrapper, nms_fidelity
+
+    wrapper = find_wrapper(model)
+    if wrapper is not None:
+        # Before the export's cost: kiln's NMS must find what the detector's own postprocessing finds
+        # (detection.MIN_NMS_F1, a fixed constant: this stage reads no benchmark settings).
+        path["nms_fidelity"] = fidelity = nms_fidelity(wrapper, seed=settings.seed)
+        log.info("in-graph NMS against the detector's own: detection F1 %s on %d sample photographs", fidelity["f1"], fidelity["images"])
+        check_nms_fidelity(fidelity)
 
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp, warnings.catch_warnings(record=True) as caught:

@@ -191,3 +191,81 @@ def cluster_nms(
         suppressed = (upper * keep.unsqueeze(-1)).amax(dim=1)
         keep = valid * (suppressed <= iou_thresh).to(boxes.dtype)
     return keep
+
+
+# How well kiln's postprocessing must agree with the detector's own (detection F1, matched by class and
+# IoU >= 0.5) for the export to go on: a fixed constant, the default of the detection gate
+# (benchmark.accuracy_budget.min_detection_f1), since the export stage reads model, export and data.preprocess only.
+MIN_NMS_F1 = 0.9
+NMS_FIDELITY_IMAGES = 8  # crops of kiln's sample photographs the two are compared on
+
+
+def sample_images(height: int, width: int, count: int, seed: int) -> torch.Tensor:
+    """`count` random square crops of kiln's sample photographs resized to [3, height, width], in [0, 1]
+    (the detector's own input, before normalisation): pictures with objects in them, not noise."""
+    import numpy as np
+    from PIL import Image
+
+    from ..demo_weights import PHOTOGRAPHS
+    from ..images import photograph, random_square_crop
+
+    rng = np.random.default_rng(seed)
+    sources = [photograph(n) for n in PHOTOGRAPHS]
+    out = []
+    for i in range(count):
+        src = sources[i % len(sources)]
+        src = np.stack([src] * 3, axis=-1) if src.ndim == 2 else src[..., :3]
+        crop = Image.fromarray(np.ascontiguousarray(random_square_crop(src, rng))).resize((width, height), Image.BILINEAR)
+        out.append(torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def nms_fidelity(wrapper: PaddedDetections, count: int = NMS_FIDELITY_IMAGES, seed: int = 0) -> dict[str, Any]:
+    """kiln's fixed-shape postprocessing against the torchvision detector's own forward (eval mode, its own
+    transform, postprocess and batched_nms) on sample photographs: detection F1 by class and IoU (kiln.tasks.detection),
+    the detector's list cut to kiln's max_detections (best first) so that only the postprocessing differs."""
+    from ..tasks.detection import MATCH_IOU, agreement, unpad
+
+    images = sample_images(wrapper.height, wrapper.width, count, seed)
+    was_training = wrapper.training
+    wrapper.eval()
+    try:
+        with torch.no_grad():
+            ours = unpad({k: v.numpy() for k, v in wrapper((images - wrapper.mean) / wrapper.std).items()})
+            theirs = []
+            for found in wrapper.model(list(images)):
+                order = torch.argsort(found["scores"], descending=True)[: wrapper.max_detections]
+                theirs.append({k: found[k][order].numpy() for k in ("boxes", "scores", "labels")})
+    finally:
+        wrapper.train(was_training)
+    agreed = agreement(theirs, ours)
+    return {
+        "f1": agreed["detection_f1"],
+        "mean_iou": agreed["detection_mean_iou"],
+        "images": count,
+        "iou": MATCH_IOU,
+        "detections_torchvision": agreed["detections_ref"],
+        "detections_kiln": agreed["detections"],
+        "min_f1": MIN_NMS_F1,
+        "compared_with": "the torchvision detector's own forward (its postprocess and batched_nms), cut to max_detections",
+    }
+
+
+def check_nms_fidelity(fidelity: Mapping[str, Any]) -> None:
+    """One line when kiln's postprocessing finds other detections than the detector's own."""
+    f1 = fidelity["f1"]
+    if f1 is not None and f1 < fidelity["min_f1"]:
+        raise KilnError(
+            f"kiln's in-graph NMS disagrees with the torchvision detector's own postprocessing: detection F1 {f1:.3g} < "
+            f"{fidelity['min_f1']} on {fidelity['images']} sample photographs ({fidelity['detections_kiln']} detections "
+            f"against {fidelity['detections_torchvision']}, matched by class and IoU >= {fidelity['iou']}); raise "
+            "model.detection.candidates or nms_iterations"
+        )
+
+
+def find_wrapper(model: nn.Module) -> PaddedDetections | None:
+    """The PaddedDetections inside `model` (itself, or under FoldedPreprocess), if any."""
+    for m in (model, getattr(model, "model", None)):
+        if isinstance(m, PaddedDetections):
+            return m
+    return None
