@@ -214,8 +214,17 @@ def test_ensure_builds_a_missing_or_stale_page_only(tmp_path, html_template):
     assert plots_page.ensure_html_template(out) is True and out.read_text() == html_template.read_text()
 
 
+def write_report_params(root: Path, params: dict) -> None:
+    """params.yaml and the report stage's slice of it, as the configure stage writes it (kiln.stage_params)."""
+    from kiln.stage_params import GLOBAL_DIR, global_slice, slice_text
+
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / GLOBAL_DIR).mkdir(parents=True, exist_ok=True)
+    (root / GLOBAL_DIR / "report.json").write_text(slice_text(global_slice(params, "report")))
+
+
 def test_report_stage_warns_and_goes_on_without_vl_convert(in_tmp, monkeypatch, caplog):
-    (in_tmp / "params.yaml").write_text("targets: {torch-eager: {}}\nreport: {}\n")
+    write_report_params(in_tmp, {"targets": {"torch-eager": {}}, "report": {}})
     monkeypatch.setitem(sys.modules, "vl_convert", None)
     runpy.run_path(str(ROOT / "stages" / "report.py"), run_name="__main__")
     assert (in_tmp / "reports" / "benchmark.md").is_file() and not (in_tmp / "plots" / "offline.html").exists()
@@ -275,7 +284,7 @@ def dvc_repo(tmp_path_factory) -> Path:
     shutil.copytree(VEGA_TEMPLATES, repo / "plots" / "templates")
     (repo / ".gitignore").write_text("/plots/offline.html\n/dvc_plots/\n/out-*/\n")
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": _plots_section()}, sort_keys=False))
-    (repo / "params.yaml").write_text(yaml.safe_dump({"targets": {t: {} for t in LATENCY}, "report": {}}))
+    write_report_params(repo, {"targets": {t: {} for t in LATENCY}, "report": {}})
     report = _run([sys.executable, str(ROOT / "stages" / "report.py")], repo)  # the report stage's command
     assert "plots/offline.html: built" in report.stderr, report.stderr
     assert not (repo / "plots" / "node_modules").exists()
