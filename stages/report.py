@@ -37,7 +37,7 @@ def main() -> None:
     plot_csvs = {n: paths.PLOTS / f"{n}.csv" for n in names}  # missing files count as "not measured"
     write_latency_csv(plot_csvs, paths.LATENCY_CSV)
     render_latency_png(plot_csvs, paths.LATENCY_PNG)
-    write_text(paths.BENCHMARK_MD, render(results, validate, baseline, export, missing, previous, "HEAD"))
+    write_text(paths.BENCHMARK_MD, render(results, validate, baseline, export, missing, previous, "HEAD", params.get("study")))
     log.info("%s: %d targets", paths.BENCHMARK_MD, len(results))
     if results:
         log.info("%s", verdict_lines(verdict(results))[0])  # the report's first line: the engine to ship and why

@@ -30,7 +30,10 @@ def every_target(params: dict, inductor: bool = True) -> list[str]:
 
 
 def cpu_params(**model: object) -> dict:
-    params = compose([], config_dir=ROOT / "conf")
+    # The deep study's CPU set: the default one and the PyTorch compilers, untuned (kiln.tuning has its own tests).
+    params = compose(["targets=cpu_deep"], config_dir=ROOT / "conf")
+    for target in params["targets"].values():
+        target["tune"] = False
     # Entrypoints without a checkpoint return random weights here: say so (kiln takes them as trained otherwise).
     trained = "auto" if model.get("checkpoint") else False
     params["model"] = {

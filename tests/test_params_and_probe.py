@@ -37,7 +37,7 @@ def test_every_default_target_parses():
 
 
 def test_overrides_with_hyphenated_target_names():
-    params = compose(["targets.torch-eager.threads=1", "benchmark=quick"], config_dir=ROOT / "conf")
+    params = compose(["targets.torch-eager.threads=1", "benchmark=smoke"], config_dir=ROOT / "conf")
     assert params["targets"]["torch-eager"]["threads"] == 1
     assert params["benchmark"]["batch_sizes"] == [1, 4]
 

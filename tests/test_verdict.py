@@ -90,6 +90,24 @@ def test_served_traffic_decides_when_every_target_was_served_under_load():
     assert verdict(results)["runner_up"]["close"]
 
 
+def test_an_erratic_rate_search_ranks_nothing_and_served_traffic_decides():
+    results = candidates()
+    del results["fp16"]
+    for name, rate in (("fp32", 30.0), ("slow", 40.0), ("int8", 90.0), ("bf16", 10.0), ("noisy", 5.0)):
+        results[name]["run"]["open_loop"] = {**open_loop(rate, rate, rate * 1.2), "slo_ms": 100.0}
+        ips = {"fp32": 95.0, "slow": 48.0}.get(name, 10.0)
+        results[name]["run"]["served"] = {"distribution": {"1": 1.0}, "requests": 60, "p50_ms": 1e3 / ips, "p90_ms": 1e3 / ips}
+        results[name]["run"]["served"].update(p99_ms=1e3 / ips, ms_per_image=1e3 / ips, images_per_s=ips)
+    results["slow"]["run"]["open_loop"]["search"]["reason"] = "bisected; ... latency at these rates is erratic (a noisy machine?)"
+    v = verdict(results)
+    # The erratic 40 requests/s of `slow` would have won on rates; on served images/s fp32 is twice as fast.
+    assert v["reading"]["kind"] == "served" and v["ship"]["target"] == "fp32"
+    assert "`slow`" in v["reading"]["instead"] and "erratic" in v["reading"]["instead"]
+    assert "Reading: served images/s" in render(results, None, "fp32") and "were erratic" in render(results, None, "fp32")
+    results["slow"]["run"]["open_loop"]["search"]["reason"] = "bisected"
+    assert verdict(results)["reading"]["kind"] == "open_loop" and verdict(results)["ship"]["target"] == "slow"
+
+
 def open_loop(current_rate, recommended_rate, failed_at):
     return {
         "slo_ms": 250.0,

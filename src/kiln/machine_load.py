@@ -48,19 +48,44 @@ def _cpu_jiffies() -> tuple[int, int] | None:
     return sum(values) - idle - guest, values[7] if len(values) > 7 else 0
 
 
+def _process_jiffies(pid: int) -> int:
+    """utime + stime of one process, in clock ticks; 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _ancestors() -> list[int]:
+    """This process's parents up to init: the `dvc repro` (and its shell) that runs a stage is not other work."""
+    out, pid = [], os.getppid()
+    while pid > 1 and len(out) < 8:
+        out.append(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return out
+
+
 def other_load(seconds: float = 0.5) -> Load:
-    """How many cores' worth of CPU other processes used over the next `seconds` (this process idles meanwhile)."""
+    """How many cores' worth of CPU other processes used over the next `seconds` (this process idles meanwhile).
+    This process's ancestors are left out: DVC tidying up after the previous stage is the pipeline itself."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
     hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    parents = _ancestors()
+    parents_before = sum(_process_jiffies(p) for p in parents)
     before, own_before, start = _cpu_jiffies(), sum(os.times()[:2]), time.monotonic()
     time.sleep(seconds)
     after, own_after, elapsed = _cpu_jiffies(), sum(os.times()[:2]), time.monotonic() - start
     if before is None or after is None:
         return Load(cores, None, None)
-    busy = (after[0] - before[0]) / hz - (own_after - own_before)
+    parents_used = max(0, sum(_process_jiffies(p) for p in parents) - parents_before) / hz
+    busy = (after[0] - before[0]) / hz - (own_after - own_before) - parents_used
     steal = (after[1] - before[1]) / hz
     online = os.cpu_count() or cores
     # /proc/stat counts every CPU of the machine; scale to the cores this process may use.

@@ -110,6 +110,12 @@ def summary_csv(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def study_line(study: Mapping[str, Any]) -> str:
+    """Which study this report is, and what the other one would add: conf/study/<name>.yaml says both."""
+    name = study.get("name") or "unnamed"
+    return f"Study: **{name}**" + (" (the default)" if name == "quick" else "") + (f"; {study['adds']}." if study.get("adds") else ".")
+
+
 def render(
     results: Mapping[str, Mapping[str, Any]],
     validate: Mapping[str, Any] | None,
@@ -118,10 +124,14 @@ def render(
     missing: list[str] | None = None,
     previous: Mapping[str, Mapping[str, Any]] | None = None,
     previous_label: str = "HEAD",
+    study: Mapping[str, Any] | None = None,
 ) -> str:
     lines = ["# Kiln benchmark", ""]
     if results:
         lines += verdict_lines(verdict(results)) + legend(results)
+    if study:
+        lines += [study_line(study), ""]
+    if results:
         machine = next((r["run"]["machine"] for r in results.values() if r["run"].get("machine")), "unknown")
         lines += [f"Machine: {machine}.", ""]
     if export:

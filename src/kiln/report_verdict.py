@@ -5,9 +5,10 @@ them). One function, `verdict`, so the markdown report and anything else that sh
 The rule:
 
 - the reading: where every built target was served under open-loop load, the highest request rate within
-  the p99 objective (`open_loop.max_rate_at_slo`); else, where every one served the configured traffic,
-  served images/s (`served.images_per_s`); else images/s at the main batch (the profile's opt). One reading
-  for all, so the figures compare.
+  the p99 objective (`open_loop.max_rate_at_slo`), unless a search was erratic (its rate did not hold with
+  other arrivals: such rates rank nothing, and the served images/s are used instead, saying why); else, where
+  every one served the configured traffic, served images/s (`served.images_per_s`); else images/s at the main
+  batch (the profile's opt). One reading for all, so the figures compare.
 - a target is eligible when it ran here, is within its accuracy budget (enforced or not: a budget not
   enforced because the weights are random still says the engine computes something else), executed the
   precision it asked for, and its reading is not marked noisy.
@@ -78,13 +79,27 @@ BEST = {
 }
 
 
-def _reading_kind(built: Mapping[str, Mapping[str, Any]]) -> str:
-    runs = [r["run"] for r in built.values()]
-    if runs and all(r.get("open_loop") for r in runs):
-        return "open_loop"
-    if runs and all((r.get("served") or {}).get("images_per_s") is not None for r in runs):
-        return "served"
-    return "main"
+def _erratic(run: Mapping[str, Any]) -> bool:
+    return "erratic" in ((run["open_loop"].get("search") or {}).get("reason") or "")
+
+
+def _reading_kind(built: Mapping[str, Mapping[str, Any]]) -> tuple[str, str | None]:
+    """(the reading, why a better one was not used or None)."""
+    runs = {n: r["run"] for n, r in built.items()}
+    served = bool(runs) and all((r.get("served") or {}).get("images_per_s") is not None for r in runs.values())
+    if runs and all(r.get("open_loop") for r in runs.values()):
+        erratic = sorted(n for n, r in runs.items() if _erratic(r))
+        if not (erratic and served):
+            return "open_loop", None
+        # A rate a search could not confirm ranks nothing: the probes were too short for this engine or the machine.
+        return "served", (
+            f"the open-loop rate searches of {', '.join(f'`{n}`' for n in erratic)} were erratic (their rates did not hold "
+            "with other arrivals), so the rates do not rank the engines; a longer search (study=deep, or "
+            "serving.seconds_per_rate) may settle them"
+        )
+    if served:
+        return "served", None
+    return "main", None
 
 
 def _value(run: Mapping[str, Any], kind: str) -> float | None:
@@ -141,9 +156,10 @@ def verdict(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     "not_run": [{target, reason}] (skipped on this machine)}."""
     not_run = [{"target": n, "reason": r["run"]["skipped"]} for n, r in results.items() if r["run"].get("skipped")]
     built = {n: r for n, r in results.items() if not r["run"].get("skipped")}
-    kind = _reading_kind(built)
+    kind, instead = _reading_kind(built)
     slo = next((r["run"]["open_loop"].get("slo_ms") for r in built.values() if r["run"].get("open_loop")), 0.0)
     reading = {"kind": kind, "what": READINGS[kind].format(slo=slo or 0.0), "unit": UNITS[kind], "best": BEST[kind].format(slo=slo or 0.0)}
+    reading["instead"] = instead
     ranked = []
     for name, res in built.items():
         value = _value(res["run"], kind)
@@ -200,7 +216,8 @@ def verdict_lines(v: Mapping[str, Any]) -> list[str]:
     if v["not_run"]:
         names = ", ".join(f"`{n['target']}`" for n in v["not_run"])
         lines += [f"Not run on this machine: {names} (the reasons are under the latency table).", ""]
-    lines += [f"Reading: {v['reading']['what']}" + _why_reading(v["reading"]["kind"]) + ".", ""]
+    why = f", because {v['reading']['instead']}" if v["reading"].get("instead") else _why_reading(v["reading"]["kind"])
+    lines += [f"Reading: {v['reading']['what']}" + why + ".", ""]
     return lines
 
 

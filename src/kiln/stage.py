@@ -86,11 +86,14 @@ def run_stage(main: Callable[[], None]) -> None:
     logging.getLogger("kiln").setLevel(logging.INFO)
     if Path("/proc/self/stat").is_file():
         die_with_parent()
+    started = time.perf_counter()
     try:
         from .params import check_fresh
 
         check_fresh()
         main()
+        # One line per stage in `dvc repro`'s output, the same wording every time: benchmarks/stage_times.py reads it.
+        logging.getLogger("kiln").info("%s finished in %.1f s", stage_name(), time.perf_counter() - started)
     except KeyboardInterrupt:
         print("kiln: interrupted; no output was written", file=sys.stderr)
         sys.exit(130)
@@ -108,10 +111,15 @@ def run_stage(main: Callable[[], None]) -> None:
             _write_trace(Path(os.environ[TRACE]))
 
 
+def stage_name() -> str:
+    """The stage as dvc.yaml names it: `stages/build.py onnxruntime` is build@onnxruntime."""
+    return Path(sys.argv[0]).stem.replace("_", "-") + "".join(f"@{a}" for a in sys.argv[1:2])
+
+
 def _write_trace(folder: Path) -> None:
     import json
 
-    stage = Path(sys.argv[0]).stem.replace("_", "-") + "".join(f"@{a}" for a in sys.argv[1:2])
+    stage = stage_name()
     modules = sorted(name for name, module in sys.modules.items() if name.split(".")[0] == "kiln" and getattr(module, "__file__", None))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stage}.json").write_text(json.dumps(modules))

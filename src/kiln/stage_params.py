@@ -24,7 +24,7 @@ READS: dict[str, tuple[str, ...]] = {
     "data": ("data.calibration_dir", "data.eval_dir"),
     "export": ("model", "export", "data.preprocess"),
     "validate": ("model", "export", "validate", "data.eval_dir", "data.eval_limit", "data.preprocess"),
-    "report": ("targets", "report"),
+    "report": ("targets", "report", "study"),
 }
 # Per-target stages read their own target (targets.<name>) and these.
 PER_TARGET_READS: dict[str, tuple[str, ...]] = {

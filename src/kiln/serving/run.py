@@ -40,6 +40,7 @@ class ServingSettings:
     search_iterations: int = 4  # bisections of the rate search after its lowest and highest probe
     curve_rates: int = 0  # extra evenly spaced rates for the latency-throughput curve (the full sweep: e.g. 8)
     contention: bool = False  # also time the engine while a second copy of it runs beside it (doubles that time)
+    measure_recommended: bool = False  # search again with the recommended batcher (the deep study): offered only when better
     seed: int = 7
 
     @classmethod
@@ -160,6 +161,8 @@ def serve_under_load(
     rec_batcher = BatcherSettings(rec["max_batch"], rec["max_queue_delay_ms"], current.workers)
     if rec_batcher == current:
         record["recommended_max_rate_at_slo"] = rate
+    elif not settings.measure_recommended:
+        record["recommended_note"] = "not measured: serving.measure_recommended is off (study=deep measures it)"
     elif target.profile.contains(rec_batcher.max_batch):
         again, _ = search(rec_batcher)
         record["recommended_max_rate_at_slo"] = again["max_rate"]
