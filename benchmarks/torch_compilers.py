@@ -8,9 +8,10 @@ machine noise hits all alike); the table gives medians over all iterations. bf16
 they were skipped where this machine has no native bf16. Then, in fresh processes:
 
 - the AOTInductor package: load + first batch (what a server pays before its first answer);
-- the torch.compile engine with an empty inductor cache, with and without the portable compile
-  caches kiln saved in the engine folder (torch.compiler.save_cache_artifacts), to show what
-  those caches buy at load time on a machine that never compiled the model.
+- the torch.compile engine with an empty inductor cache, with and without what kiln saved in the engine
+  folder (the portable compile caches of torch.compiler.save_cache_artifacts, and Inductor's compiled
+  kernels, inductor_kernels.tar), to show what they buy at load time on a machine that never compiled
+  the model (the benchmark stage is such a process).
 """
 
 from __future__ import annotations
@@ -99,6 +100,16 @@ LOAD_AND_FIRST = """
         out["torch_api_load_first_batch_s"] = time.perf_counter() - t5
     print(json.dumps(out))
 """
+
+
+def without(engine: Path, names: list[str]) -> None:
+    """The engine as if its build had saved none of `names` (the manifest's file digests too, so it still loads)."""
+    manifest_path = engine / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for name in names:
+        (engine / name).unlink()
+        manifest["files_sha256"].pop(name, None)
+    manifest_path.write_text(json.dumps(manifest, indent=2))
 
 
 def load_in_fresh_process(
@@ -222,16 +233,17 @@ def main() -> None:
     for r in live:
         if r["mode"] != "compile":
             continue
-        cases = [("empty inductor cache, no saved caches (cold)", False)]
-        if (r["engine"] / "compile_cache.bin").is_file():
-            cases.append(("empty inductor cache + the engine's saved caches (warm)", True))
+        saved = [n for n in ("compile_cache.bin", "inductor_kernels.tar") if (r["engine"] / n).is_file()]
+        cases = [("empty inductor cache, nothing the build saved (cold)", False)]
+        if saved:
+            cases.append((f"empty inductor cache + the engine's {' and '.join(saved)} (warm)", True))
         else:
             print(f"| {r['name']} | no saved caches: {r['manifest']['compile_cache'].get('why', '')} | | | | |")
         for label, keep_cache in cases:
             engine = Path(tempfile.mkdtemp(prefix="kiln-engine-")) / r["name"]
             shutil.copytree(r["engine"], engine)
             if not keep_cache:
-                (engine / "compile_cache.bin").unlink(missing_ok=True)
+                without(engine, saved)
             cache_dir = tempfile.mkdtemp(prefix="kiln-inductor-")
             res = load_in_fresh_process(r["name"], r["raw"], engine, args.batch, env={"TORCHINDUCTOR_CACHE_DIR": cache_dir})
             shutil.rmtree(cache_dir, ignore_errors=True)

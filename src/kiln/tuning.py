@@ -215,8 +215,9 @@ def tune_engine(
                 trials.append({"set": {knob.name: value}, "against": dict(best.changed), **_rounded(result, batch), "won": won})
                 trial_s.append(time.perf_counter() - t0)
                 log.info(
-                    "%s: %s=%s %.3f vs %.3f ms/batch (ratio %.3f, spread %.3f)%s",
+                    "%s: trial %d, %s=%s %.3f vs %.3f ms/batch (ratio %.3f, spread %.3f)%s; %.0f s of the %g s budget left",
                     target.name,
+                    len(trial_s),
                     knob.name,
                     value,
                     result["candidate_ms"],
@@ -224,6 +225,8 @@ def tune_engine(
                     result["ratio"],
                     result["spread"],
                     ": better" if won else "",
+                    max(0.0, settings.budget_s - (time.perf_counter() - start)),
+                    settings.budget_s,
                 )
                 if won:
                     if best is not default:

@@ -82,6 +82,38 @@ def _requests(rate: float, seconds: float) -> int:
     return max(20, math.ceil(rate * seconds * 1.1))
 
 
+def expected_probes(settings: ServingSettings) -> int:
+    """Probes a search usually takes: lo, hi, the bisections, one confirmation, and the 50% and 90% points; the
+    recommended batcher's search as many again where it is measured."""
+    one = 2 + settings.search_iterations + 1
+    return one + 2 + (one if settings.measure_recommended else 0)
+
+
+class ProbeProgress:
+    """One line per probe, with a rough time left: a search takes minutes on a slow engine."""
+
+    def __init__(self, name: str, settings: ServingSettings) -> None:
+        self.name, self.settings, self.done, self.start = name, settings, 0, time.perf_counter()
+
+    def probe(self, rate: float, seconds: float, result: LoadResult) -> None:
+        self.done += 1
+        expected = max(expected_probes(self.settings), self.done)
+        p99 = result.summary()["e2e_p99_ms"]
+        within = p99 <= self.settings.slo_ms and result.saturation() is None
+        left = (time.perf_counter() - self.start) / self.done * (expected - self.done)
+        log.info(
+            "%s: open-loop probe %d of about %d: %.3g requests/s for %.1f s, p99 %.4g ms (%s the objective); about %.0f s left",
+            self.name,
+            self.done,
+            expected,
+            rate,
+            seconds,
+            p99,
+            "within" if within else "over",
+            left,
+        )
+
+
 def check_slo_reachable(slo_ms: float, latency: Mapping[str, Mapping[str, float]], sizes: Mapping[int, float], name: str) -> None:
     """An objective below one inference of the smallest served request cannot be met at any rate: a config error."""
     smallest = min(b for b, share in sizes.items() if share > 0)
@@ -113,6 +145,7 @@ def serve_under_load(
     profiles = runtime_info(target.runtime).profiles
     shapes = {i.name: i.shape for i in inputs}
     recommended = recommend_profile(sizes, by_batch, settings.slo_ms, target.profile, target.name, profiles, shapes)
+    progress = ProbeProgress(target.name, settings)
 
     def search(batcher: BatcherSettings) -> tuple[dict[str, Any], Any]:
         warm_up(session, feeds_for, batcher.max_batch)
@@ -126,7 +159,9 @@ def serve_under_load(
             def run_at(rate: float) -> LoadResult:
                 seconds = _seconds(rate, settings, sanity=rate <= lo * 1.0001)
                 arrivals = poisson_arrivals(rate, _requests(rate, seconds), sizes, seed)
-                return run_load(session, feeds_for, arrivals, batcher, seconds, max_drain_s=settings.seconds_per_rate)
+                result = run_load(session, feeds_for, arrivals, batcher, seconds, max_drain_s=settings.seconds_per_rate)
+                progress.probe(rate, seconds, result)
+                return result
 
             return run_at
 

@@ -4,10 +4,11 @@
   holds the model's spec and weights; loading rebuilds the module from the spec (eager execution
   needs the model's Python code anyway) and loads the weights.
 - `compile`: `torch.compile` with inductor. Same engine files as eager plus torch's portable
-  compile caches (`torch.compiler.save_cache_artifacts()`): the build compiles once and times it,
+  compile caches (`torch.compiler.save_cache_artifacts()`) and Inductor's compiled C++ kernels
+  (`inductor_kernels.tar`, the build's TORCHINDUCTOR_CACHE_DIR): the build compiles once and times it,
   loading rebuilds the module, hot-loads the caches and compiles again, warm. (With freezing on the
-  CPU Inductor caches nothing: oneDNN-packed weights cannot be pickled. The load then compiles cold;
-  the manifest's `compile_cache.why` says so.)
+  CPU the FX graph cache keeps nothing: oneDNN-packed weights cannot be pickled; the manifest's
+  `compile_cache.why` says so. Tracing and lowering then run again at load, the C++ compiler does not.)
 - `aoti`: `torch.export` + AOTInductor. The engine folder holds a `.pt2` package (compiled code
   and frozen weights); loading it needs neither the model's code nor a compiler.
 
@@ -39,10 +40,12 @@ Devices: cpu, cuda, cuda:N. CUDA sessions move inputs to the device, return CPU 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +67,10 @@ from .compile import (
     example_batch,
     example_inputs,
     fresh_cache_artifacts,
+    inductor_cache_dir,
     inductor_counters,
+    pack_inductor_cache,
+    unpack_inductor_cache,
 )
 
 log = logging.getLogger(__name__)
@@ -73,6 +79,7 @@ WEIGHTS = "state_dict.pt"
 SPEC = "model.json"
 PACKAGE = "model.pt2"  # aoti: the AOTInductor package
 COMPILE_CACHE = "compile_cache.bin"  # compile: torch.compiler.save_cache_artifacts() bytes
+KERNELS = "inductor_kernels.tar"  # compile: Inductor's compiled C++ kernels, so a load skips the C++ compiler
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -321,9 +328,10 @@ class TorchRuntime(RegisteredRuntime):
     def _build_compiled(
         self, served: EngineModule, spec: ModelSpec, target: Target, settings: TorchOptions, device: torch.device, engine_dir: Path
     ) -> dict[str, Any]:
-        with fresh_cache_artifacts():
+        with tempfile.TemporaryDirectory(prefix="kiln-inductor-") as tmp, inductor_cache_dir(Path(tmp)), fresh_cache_artifacts():
             _, seconds, counts = compile_engine(served, spec, target, settings, device)
             saved = torch.compiler.save_cache_artifacts()
+            kernels = pack_inductor_cache(Path(tmp), engine_dir / KERNELS)
         if saved:
             (engine_dir / COMPILE_CACHE).write_bytes(saved[0])
             cache: dict[str, Any] = {"file": COMPILE_CACHE, "bytes": len(saved[0])}
@@ -332,6 +340,7 @@ class TorchRuntime(RegisteredRuntime):
             if settings.freeze and device.type == "cpu":
                 why += " (with freezing on CPU they hold oneDNN-packed weights, which cannot be pickled); loading recompiles from scratch"
             cache = {"file": None, "why": why}
+        cache["kernels"] = {"file": KERNELS, "bytes": kernels}
         return {
             "compile_mode": settings.compile_mode_or_default,
             "compile_seconds": round(seconds, 3),
@@ -427,7 +436,11 @@ class TorchRuntime(RegisteredRuntime):
             cache = engine_dir / COMPILE_CACHE
             if cache.is_file():
                 torch.compiler.load_cache_artifacts(cache.read_bytes())
-            compiled, seconds, _ = compile_engine(served, spec, target, settings, device)
+            kernels = engine_dir / KERNELS
+            # The build's compiled kernels: tracing and lowering run again, the C++ compiler does not.
+            warm = inductor_cache_dir(unpack_inductor_cache(kernels)) if kernels.is_file() else contextlib.nullcontext()
+            with warm:
+                compiled, seconds, _ = compile_engine(served, spec, target, settings, device)
             session = cls(compiled, input_names, saved["outputs"], device, target, "compile")
             session.compile_seconds = seconds  # type: ignore[attr-defined]
         session.load_seconds = time.perf_counter() - start

@@ -4,10 +4,16 @@ kiln.runtimes.torch holds the modes, the sessions and the engine files."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
+import shutil
+import tarfile
+import tempfile
 import time
 import types
-from typing import TYPE_CHECKING, Any, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
@@ -121,6 +127,45 @@ def fresh_cache_artifacts():
         ctx = contextlib.nullcontext()
     with ctx:
         yield
+
+
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+@contextlib.contextmanager
+def inductor_cache_dir(folder: Path) -> Iterator[Path]:
+    """Inductor's on-disk cache in `folder` for what runs inside. The C++ it generates is compiled to a shared
+    object named by the source's hash, and skipped when that object exists: with freezing on the CPU nothing
+    else can be cached (the FX graph cache bypasses graphs holding oneDNN-packed weights), so this is what lets
+    a load skip the C++ compiler. Inductor reads the variable on every use (cache_dir_utils.cache_dir)."""
+    before = os.environ.get(INDUCTOR_CACHE_ENV)
+    os.environ[INDUCTOR_CACHE_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if before is None:
+            os.environ.pop(INDUCTOR_CACHE_ENV, None)
+        else:
+            os.environ[INDUCTOR_CACHE_ENV] = before
+
+
+def pack_inductor_cache(folder: Path, archive: Path) -> int:
+    """The compiled kernels of `folder` (shared objects and their sources; no locks, no Triton) as one file."""
+    with tarfile.open(archive, "w") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.name.endswith(".lock"):
+                tar.add(path, arcname=str(path.relative_to(folder)))
+    return archive.stat().st_size
+
+
+def unpack_inductor_cache(archive: Path) -> Path:
+    """A private copy of an engine's packed cache (the engine folder stays as built: its files are hashed),
+    removed when the process ends."""
+    folder = Path(tempfile.mkdtemp(prefix="kiln-inductor-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
 
 
 class FrozenCall:
