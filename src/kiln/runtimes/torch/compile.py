@@ -139,14 +139,27 @@ def inductor_cache_dir(folder: Path) -> Iterator[Path]:
     else can be cached (the FX graph cache bypasses graphs holding oneDNN-packed weights), so this is what lets
     a load skip the C++ compiler. Inductor reads the variable on every use (cache_dir_utils.cache_dir)."""
     before = os.environ.get(INDUCTOR_CACHE_ENV)
+    _clear_memory_caches()
     os.environ[INDUCTOR_CACHE_ENV] = str(folder)
     try:
         yield folder
     finally:
+        _clear_memory_caches()
         if before is None:
             os.environ.pop(INDUCTOR_CACHE_ENV, None)
         else:
             os.environ[INDUCTOR_CACHE_ENV] = before
+
+
+def _clear_memory_caches() -> None:
+    """Inductor keeps the kernels it loaded in memory, keyed by source hash: a kernel an earlier compile in this
+    process made (another engine, a test) is then not written to the new folder, and a later load misses it.
+    torch's own fresh_cache() clears the same registry."""
+    try:
+        from torch._inductor.utils import clear_caches
+    except ImportError:  # private API moved: the folder may then miss a kernel, which only costs a compile at load
+        return
+    clear_caches()
 
 
 def pack_inductor_cache(folder: Path, archive: Path) -> int:
