@@ -82,3 +82,8 @@ def main(argv: list[str] | None = None, compare_mode: bool = False) -> int:
 
     run_stage(run)
     return 0
+
+
+def compare(argv: list[str] | None = None) -> int:
+    """`kiln compare <a> <b>` (and `python -m kiln.compare`): two engines, boundary by boundary."""
+    return main(argv, compare_mode=True)
