@@ -369,3 +369,20 @@ def test_contention_between_two_engines_sees_a_shared_device():
         assert 1.5 < r["slowdown"] < 3.0, result
     apart = contention_between(FakeSession(base_ms=4.0), FakeSession(base_ms=4.0), feeds_for(1), feeds_for(1), seconds=0.3)
     assert all(apart[k]["slowdown"] < 1.5 for k in ("a", "b")), apart
+
+
+def test_a_search_where_only_the_lowest_probe_held_says_so_and_is_not_settled():
+    # p99 = 60 ms above 10 requests/s, 5 ms at it: every bisection fails, and no confirmation has anything to try.
+    found = max_rate_at_slo(lambda r: Measured(5.0 if r <= 10.0 else 60.0), 50.0, lo=10.0, hi=100.0, iterations=3, confirm=Measured)
+    assert found["max_rate"] == 10.0 and found["settled"] is False and found["confirmed"] == []
+    assert "only the lowest probe (10 requests/s) met the objective" in found["reason"] and "the lowest at 21.25" in found["reason"]
+    assert "erratic" not in found["reason"] and "failed with other arrivals" not in found["reason"]  # it said so before
+    steady = max_rate_at_slo(lambda r: Measured(r), 50.0, lo=10.0, hi=100.0, iterations=3, confirm=lambda r: Measured(r))
+    assert steady["settled"] is True
+
+
+def test_a_hi_that_still_passes_is_confirmed_too():
+    held = max_rate_at_slo(lambda r: Measured(1.0), 50.0, lo=10.0, hi=100.0, iterations=3, confirm=lambda r: Measured(1.0))
+    assert held["max_rate"] == 225.0 and held["confirmed"] == [(225.0, 1.0, True)] and held["settled"]
+    lucky = max_rate_at_slo(lambda r: Measured(1.0), 50.0, lo=10.0, hi=100.0, iterations=3, confirm=lambda r: Measured(r))
+    assert lucky["confirmed"] == [(225.0, 225.0, False)] and not lucky["settled"] and lucky["max_rate"] == 150.0

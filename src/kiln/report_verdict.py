@@ -5,8 +5,8 @@ them). One function, `verdict`, so the markdown report and anything else that sh
 The rule:
 
 - the reading: where every built target was served under open-loop load, the highest request rate within
-  the p99 objective (`open_loop.max_rate_at_slo`), unless a search was erratic (its rate did not hold with
-  other arrivals: such rates rank nothing, and the served images/s are used instead, saying why); else, where
+  the p99 objective (`open_loop.max_rate_at_slo`), unless a search did not settle (erratic, or only its lowest
+  probe held: such rates rank nothing, and the served images/s are used instead, saying why); else, where
   every one served the configured traffic, served images/s (`served.images_per_s`); else images/s at the main
   batch (the profile's opt). One reading for all, so the figures compare.
 - a target is eligible when it ran here, is within its accuracy budget (enforced or not: a budget not
@@ -79,8 +79,15 @@ BEST = {
 }
 
 
-def _erratic(run: Mapping[str, Any]) -> bool:
-    return "erratic" in ((run["open_loop"].get("search") or {}).get("reason") or "")
+def _unsettled(run: Mapping[str, Any]) -> str | None:
+    """Why a target's open-loop rate is not a measured maximum (kiln.serving.slo: search.settled), or None."""
+    search = run["open_loop"].get("search") or {}
+    reason = search.get("reason") or ""
+    if "erratic" in reason:
+        return "erratic: its rate did not hold with other arrivals"
+    if search.get("settled") is False:
+        return "only its lowest probe held" if "only the lowest probe" in reason else "not settled: " + reason.split(":")[0]
+    return None
 
 
 def _reading_kind(built: Mapping[str, Mapping[str, Any]]) -> tuple[str, str | None]:
@@ -88,14 +95,14 @@ def _reading_kind(built: Mapping[str, Mapping[str, Any]]) -> tuple[str, str | No
     runs = {n: r["run"] for n, r in built.items()}
     served = bool(runs) and all((r.get("served") or {}).get("images_per_s") is not None for r in runs.values())
     if runs and all(r.get("open_loop") for r in runs.values()):
-        erratic = sorted(n for n, r in runs.items() if _erratic(r))
-        if not (erratic and served):
+        unsettled = {n: why for n, r in sorted(runs.items()) if (why := _unsettled(r))}
+        if not (unsettled and served):
             return "open_loop", None
-        # A rate a search could not confirm ranks nothing: the probes were too short for this engine or the machine.
+        # A rate a search could not settle ranks nothing: the probes were too short for this engine or the machine.
         return "served", (
-            f"the open-loop rate searches of {', '.join(f'`{n}`' for n in erratic)} were erratic (their rates did not hold "
-            "with other arrivals), so the rates do not rank the engines; a longer search (study=deep, or "
-            "serving.seconds_per_rate) may settle them"
+            "the open-loop rate searches did not settle for "
+            + ", ".join(f"`{n}` ({why})" for n, why in unsettled.items())
+            + ", so the rates do not rank the engines; a longer search (study=deep, or serving.seconds_per_rate) may settle them"
         )
     if served:
         return "served", None
@@ -113,8 +120,8 @@ def _value(run: Mapping[str, Any], kind: str) -> float | None:
 def _noise(run: Mapping[str, Any], kind: str) -> str | None:
     """Why this target's reading cannot be trusted, where the run record says so."""
     if kind == "open_loop":
-        reason = (run["open_loop"].get("search") or {}).get("reason") or ""
-        return "its rate search was erratic (only its lowest probe held with other arrivals)" if "erratic" in reason else None
+        why = _unsettled(run)
+        return f"its rate search did not settle ({why})" if why else None
     stats = _main_stats(run)
     if stats.get("noisy"):
         spread = stats.get("robust_cv", stats.get("cv"))

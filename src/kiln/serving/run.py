@@ -181,6 +181,7 @@ def serve_under_load(
             "tried": [[r, lat, ok] for r, lat, ok in found["tried"]],
             "confirmed": [[r, lat, ok] for r, lat, ok in found["confirmed"]],
             "reason": found["reason"],
+            "settled": found["settled"],
         },
     }
     if rate > 0:

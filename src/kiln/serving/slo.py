@@ -63,14 +63,15 @@ def max_rate_at_slo(
       15%, 30% and 45% below it are tried with `confirm`, so the answer errs low, not high.
 
     Returns {"max_rate", "p99_ms_at_max" (at `percentile`), "percentile", "tried": [(rate, latency, ok)...],
-    "confirmed": [(rate, latency, ok)...], "reason"}.
+    "confirmed": [(rate, latency, ok)...], "reason", "settled"}: settled is False where the answer is not a measured
+    maximum (only the lowest probe held, the confirmations failed, or the probes were too short to tell).
     """
     _check(slo_ms, lo, hi, iterations, percentile)
     tried: list[tuple[float, float, bool]] = []
 
     confirmed: list[tuple[float, float, bool]] = []
 
-    def answer(rate: float, latency: float, reason: str) -> dict[str, Any]:
+    def answer(rate: float, latency: float, reason: str, settled: bool = True) -> dict[str, Any]:
         return {
             "max_rate": rate,
             "p99_ms_at_max": latency,
@@ -78,6 +79,7 @@ def max_rate_at_slo(
             "tried": tried,
             "confirmed": confirmed,
             "reason": reason,
+            "settled": settled,
         }
 
     def measure(run: RunAt, rate: float) -> tuple[bool, float, LoadResult]:
@@ -106,6 +108,7 @@ def max_rate_at_slo(
                 f"{missed}, far below the {slo_ms:g} ms objective, so the engine is not the cause: the probes were too short "
                 "to settle (raise serving.seconds_per_rate or serving.min_requests) or the machine was busy with other work "
                 "(run again on a quiet machine)",
+                settled=False,
             )
         return answer(0.0, math.nan, f"{missed}: a faster engine, a smaller batch or less batching delay, or a looser objective")
     best, best_latency = lo, latency
@@ -116,7 +119,14 @@ def max_rate_at_slo(
         lo, best, best_latency, hi = hi, hi, latency, 1.5 * hi
         ok, latency, _ = probe(hi)
     if ok:
-        return answer(hi, latency, f"hi ({hi:.4g} requests/s) still meets the objective: the maximum is at least that; raise hi")
+        reason = f"hi ({hi:.4g} requests/s) still meets the objective: the maximum is at least that; raise hi"
+        if confirm is None:
+            return answer(hi, latency, reason)
+        held, again, _ = measure(confirm, hi)
+        confirmed.append((hi, again, held))
+        if held:
+            return answer(hi, latency, f"{reason} (confirmed with other arrivals)")
+        return answer(lo, best_latency, f"{reason}, but it failed with other arrivals ({again:.4g} ms): only {lo:.4g} is claimed", False)
     low, high = lo, hi
     for _ in range(iterations):
         mid = (low + high) / 2
@@ -126,6 +136,15 @@ def max_rate_at_slo(
         else:
             high = mid
     reason = f"bisected between {lo:.4g} and {hi:.4g} requests/s to within {high - low:.3g}"
+    if best == lo:  # no probe above the lowest held: the maximum lies below the lowest failing rate, unmeasured
+        return answer(
+            lo,
+            best_latency,
+            f"{reason}: only the lowest probe ({lo:.4g} requests/s) met the objective and every rate tried above it failed, "
+            f"the lowest at {high:.4g}; the maximum lies between them (a longer search with more bisections, study=deep, "
+            "narrows it)",
+            settled=False,
+        )
     if confirm is None:
         return answer(best, best_latency, reason)
     # Step down from the rate found, 15% at a time, until one holds with other arrivals too (four tries).
@@ -142,6 +161,7 @@ def max_rate_at_slo(
         dict((r, lat) for r, lat, _ in tried)[lo],
         f"{reason}; {best:.4g} requests/s and 15%, 30% and 45% below it failed with other arrivals, so only the lowest probe "
         f"({lo:.4g} requests/s) is claimed: latency at these rates is erratic (a noisy machine?)",
+        settled=False,
     )
 
 
