@@ -386,3 +386,18 @@ def test_a_hi_that_still_passes_is_confirmed_too():
     assert held["max_rate"] == 225.0 and held["confirmed"] == [(225.0, 1.0, True)] and held["settled"]
     lucky = max_rate_at_slo(lambda r: Measured(1.0), 50.0, lo=10.0, hi=100.0, iterations=3, confirm=lambda r: Measured(r))
     assert lucky["confirmed"] == [(225.0, 225.0, False)] and not lucky["settled"] and lucky["max_rate"] == 150.0
+
+
+def test_a_raised_hi_that_held_is_confirmed_not_called_the_lowest_probe():
+    # Holds up to 105 requests/s: hi = 100 passes and is raised (150 fails), and no bisection above 100 holds. 100 is a
+    # measured rate, not the sanity probe: it is confirmed with other arrivals (it was called erratic, none tried).
+    steady = max_rate_at_slo(
+        lambda r: Measured(5.0 if r <= 105 else 90.0),
+        50.0,
+        lo=10.0,
+        hi=100.0,
+        iterations=2,
+        confirm=lambda r: Measured(5.0 if r <= 105 else 90.0),
+    )
+    assert steady["max_rate"] == 100.0 and steady["settled"] and "only the lowest probe" not in steady["reason"]
+    assert steady["confirmed"] == [(100.0, 5.0, True)]

@@ -93,6 +93,7 @@ def max_rate_at_slo(
         tried.append((rate, latency, ok))
         return ok, latency, result
 
+    floor = lo  # the sanity probe: a rate far below the answer, never claimed as a measured maximum
     ok, latency, result = probe(lo)
     if not ok:
         compute = float(np.median(result.compute_ms)) if len(result.compute_ms) else math.nan
@@ -136,11 +137,11 @@ def max_rate_at_slo(
         else:
             high = mid
     reason = f"bisected between {lo:.4g} and {hi:.4g} requests/s to within {high - low:.3g}"
-    if best == lo:  # no probe above the lowest held: the maximum lies below the lowest failing rate, unmeasured
+    if best == floor:  # no probe above the lowest held: the maximum lies below the lowest failing rate, unmeasured
         return answer(
-            lo,
+            floor,
             best_latency,
-            f"{reason}: only the lowest probe ({lo:.4g} requests/s) met the objective and every rate tried above it failed, "
+            f"{reason}: only the lowest probe ({floor:.4g} requests/s) met the objective and every rate tried above it failed, "
             f"the lowest at {high:.4g}; the maximum lies between them (a longer search with more bisections, study=deep, "
             "narrows it)",
             settled=False,
@@ -149,18 +150,20 @@ def max_rate_at_slo(
         return answer(best, best_latency, reason)
     # Step down from the rate found, 15% at a time, until one holds with other arrivals too (four tries).
     for rate in (best, 0.85 * best, 0.7 * best, 0.55 * best):
-        if rate <= lo:
+        if rate <= floor:
             break
         ok, latency, _ = measure(confirm, rate)
         confirmed.append((rate, latency, ok))
         if ok:
             fallback = "" if rate == best else f"; {best:.4g} requests/s failed with other arrivals, so the highest rate below it that held"
             return answer(rate, latency, f"{reason}, confirmed with other arrivals{fallback}")
+    failed = ", ".join(f"{r:.4g}" for r, _, _ in confirmed)
     return answer(
-        lo,
-        dict((r, lat) for r, lat, _ in tried)[lo],
-        f"{reason}; {best:.4g} requests/s and 15%, 30% and 45% below it failed with other arrivals, so only the lowest probe "
-        f"({lo:.4g} requests/s) is claimed: latency at these rates is erratic (a noisy machine?)",
+        floor,
+        dict((r, lat) for r, lat, _ in tried)[floor],
+        f"{reason}; with other arrivals {failed} requests/s failed (the rate found and steps of 15% below it, down to the "
+        f"lowest probe), so only the lowest probe ({floor:.4g} requests/s) is claimed: latency at these rates is erratic "
+        "(a noisy machine?)",
         settled=False,
     )
 
