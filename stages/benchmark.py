@@ -23,6 +23,7 @@ from kiln.engine import load_engine, read_manifest
 from kiln.errors import KilnError
 from kiln.images import preprocess_for
 from kiln.inputs import make_inputs
+from kiln.machine_load import other_load
 from kiln.reference import load_reference
 from kiln.roofline import roofline_inputs
 from kiln.serving.run import ServingSettings, contention_slowdown, preprocessing_cost, serve_under_load
@@ -65,6 +66,8 @@ def main() -> None:
 
         enforce_budget(verdict, name, accuracy["source"], diagnose(name, target, paths.ENGINES / name, paths.ONNX, reference))
 
+    # Other work on the cores makes every figure below low: sampled around the timing, said in the report.
+    load_before = other_load(0.5)
     with MemoryWatch() as run_watch:
         stats, raw, notes = benchmark_latency(session, spec.inputs, target.profile, settings)
         served, requests = benchmark_served(session, spec.inputs, target.serve, settings) if target.serve else (None, [])
@@ -78,6 +81,15 @@ def main() -> None:
             second, _ = load_engine(paths.ENGINES / name, target, machine)
             open_loop["contention"] = contention_slowdown(session, second, main_feeds, max(settings.min_time_s, 1.0))
             del second
+    load_after = other_load(0.5)
+    busy = load_before.busy or load_after.busy
+    if busy:
+        log.warning(
+            "%s: other work ran beside the timing (before: %s; after: %s): its figures are low",
+            name,
+            load_before.describe(),
+            load_after.describe(),
+        )
     costs = engine_costs(manifest, cold, load_watch.result(), run_watch.result(), throughput_watch.result())
     try:
         roofline = roofline_inputs(paths.ONNX, json.loads(paths.PEAK.read_text()))
@@ -109,6 +121,7 @@ def main() -> None:
         costs,
     )
     run["roofline"] = roofline
+    run["machine_load"] = {"before": load_before.to_dict(), "after": load_after.to_dict(), "busy": busy}
     run["open_loop"] = open_loop
     metrics = headline_metrics(target.main_batch, stats[f"b{target.main_batch}"], accuracy, served, throughput, costs)
     if open_loop:

@@ -196,3 +196,17 @@ def test_a_change_within_the_measured_noise_is_said_as_such():
     assert "| workspace | p=1 | ov | 5 | 200.0 | 1.0000 |  | ±3.1% |" in out  # the reference row: no change
     assert "| exp-noise | p=2 | ov | 5.1 (within noise) | 196.1 (within noise) | 1.0000 |  | ±2% |" in out
     assert "| exp-real | p=3 | ov | 4 (-20.0%) | 250.0 (+25.0%) | 1.0000 |  | ±2% |" in out
+
+
+def test_a_target_timed_beside_other_work_is_named_under_the_verdict():
+    results = candidates()
+    quiet = {"cores": 2, "others": 0.01, "steal": 0.0, "busy": False}
+    for r in results.values():
+        r["run"]["machine_load"] = {"before": quiet, "after": quiet, "busy": False}
+    assert verdict(results)["busy"] == [] and "Timed while other work" not in render(results, None, "fp32")
+    busy = {"cores": 2, "others": 0.9, "steal": 0.1, "busy": True}
+    results["slow"]["run"]["machine_load"] = {"before": quiet, "after": busy, "busy": True}
+    v = verdict(results)
+    assert v["busy"] == [{"target": "slow", "others": 0.9}]
+    head = render(results, None, "fp32").split("## ")[0]  # on the first screen, with the verdict
+    assert "Timed while other work used the cores: `slow` (0.90 cores)" in head

@@ -160,7 +160,7 @@ def _close(a: Mapping[str, Any], b: Mapping[str, Any], kind: str, va: float, vb:
 def verdict(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """{"reading": {kind, what, unit, best}, "ship": {target, value, why} | None, "runner_up": {target, value, close} | None,
     "passed_over": [{target, value, reasons}] (every target read better than the pick, best first),
-    "not_run": [{target, reason}] (skipped on this machine)}."""
+    "not_run": [{target, reason}] (skipped on this machine), "busy": [{target, others}] (timed beside other work, in cores)}."""
     not_run = [{"target": n, "reason": r["run"]["skipped"]} for n, r in results.items() if r["run"].get("skipped")]
     built = {n: r for n, r in results.items() if not r["run"].get("skipped")}
     kind, instead = _reading_kind(built)
@@ -194,7 +194,13 @@ def verdict(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             "that ran as asked"
             + (f"; {len(passed)} faster {'engine was' if len(passed) == 1 else 'engines were'} passed over" if passed else "")
         )
-    return {"reading": reading, "ship": ship, "runner_up": runner_up, "passed_over": passed, "not_run": not_run}
+    busy = [{"target": n, "others": _busy_cores(r["run"])} for n, r in built.items() if (r["run"].get("machine_load") or {}).get("busy")]
+    return {"reading": reading, "ship": ship, "runner_up": runner_up, "passed_over": passed, "not_run": not_run, "busy": busy}
+
+
+def _busy_cores(run: Mapping[str, Any]) -> float:
+    load = run["machine_load"]
+    return max((load.get(k) or {}).get("others") or 0.0 for k in ("before", "after"))
 
 
 def verdict_lines(v: Mapping[str, Any]) -> list[str]:
@@ -220,6 +226,13 @@ def verdict_lines(v: Mapping[str, Any]) -> list[str]:
             for p in v["passed_over"]
         ]
         lines.append("")
+    if v.get("busy"):
+        names = ", ".join(f"`{b['target']}` ({b['others']:.2f} cores)" for b in v["busy"])
+        lines += [
+            f"Timed while other work used the cores: {names}. Their figures are low and the ranking may be off: run "
+            "`dvc repro --force` for those benchmark stages on a quiet machine.",
+            "",
+        ]
     if v["not_run"]:
         names = ", ".join(f"`{n['target']}`" for n in v["not_run"])
         lines += [f"Not run on this machine: {names} (the reasons are under the latency table).", ""]
