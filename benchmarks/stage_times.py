@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from kiln import fingerprint  # noqa: E402
 from kiln.machine_load import other_load  # noqa: E402
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
@@ -37,15 +37,8 @@ FINISHED = re.compile(r"^kiln: (\S+) finished in ([\d.]+) s")
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0]
-                isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "avx_vnni") if f" {f}" in flags]
-                return f"{line.split(':', 1)[1].strip()} ({', '.join(isa)}), {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    """The CPU and its ISA features as the probe sees them (kiln.fingerprint), and the cores."""
+    return f"{fingerprint.describe_hardware(fingerprint.collect()['hardware'])}, {os.cpu_count()} cores"
 
 
 def timed_repro(clone: Path, env: dict[str, str]) -> tuple[list[tuple[str, float, float | None]], float, int]:
