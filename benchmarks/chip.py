@@ -59,15 +59,16 @@ def main() -> None:
     import os
 
     os.chdir(ROOT)
-    from kiln import paths
-    from kiln.benchmark import BenchmarkSettings, latency_stats, time_infer
-    from kiln.config import Target, engine_spec, load_params
-    from kiln.engine import load_engine, read_manifest
-    from kiln.fingerprint import collect, describe_hardware
-    from kiln.inputs import make_inputs
-    from kiln.roofline import count_macs
+    from kiln.config.views import Target, load_params
+    from kiln.core import paths
+    from kiln.data.engine_input import engine_spec
+    from kiln.data.inputs import make_inputs
+    from kiln.measure.benchmark import BenchmarkSettings, latency_stats, time_infer
+    from kiln.measure.roofline import count_macs
+    from kiln.measure.tuning import TuningSettings, _Candidate, _Timer, with_settings
+    from kiln.pipeline.engine import load_engine, read_manifest
     from kiln.runtimes import ThroughputSession, get_runtime
-    from kiln.tuning import TuningSettings, _Candidate, _Timer, with_settings
+    from kiln.runtimes.fingerprint import collect, describe_hardware
 
     params = load_params()
     spec = engine_spec(params)

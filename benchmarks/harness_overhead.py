@@ -20,11 +20,11 @@ from typing import Callable
 
 import numpy as np
 
-from kiln import paths
-from kiln.benchmark import BenchmarkSettings, time_infer
-from kiln.config import ModelSpec, Target, load_params
-from kiln.engine import load_engine, read_manifest
-from kiln.inputs import make_inputs
+from kiln.config.views import ModelSpec, Target, load_params
+from kiln.core import paths
+from kiln.data.inputs import make_inputs
+from kiln.measure.benchmark import BenchmarkSettings, time_infer
+from kiln.pipeline.engine import load_engine, read_manifest
 
 
 def bare_loop(target: Target, engine: Path, feeds: dict[str, np.ndarray]) -> Callable[[], None]:
@@ -50,7 +50,7 @@ def bare_loop(target: Target, engine: Path, feeds: dict[str, np.ndarray]) -> Cal
     if target.runtime == "torch":
         import torch
 
-        from kiln.models import build_model
+        from kiln.export.models import build_model
 
         torch.set_num_threads(threads)
         spec = ModelSpec.from_params(json.loads((engine / "model.json").read_text())["model"])

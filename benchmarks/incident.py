@@ -29,12 +29,13 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(ROOT)
 
-    from kiln import paths
-    from kiln.benchmark import BenchmarkSettings, latency_stats, time_infer
-    from kiln.config import Target, engine_spec, load_params
-    from kiln.engine import load_engine
-    from kiln.fingerprint import collect, describe_hardware
-    from kiln.inputs import make_inputs
+    from kiln.config.views import Target, load_params
+    from kiln.core import paths
+    from kiln.data.engine_input import engine_spec
+    from kiln.data.inputs import make_inputs
+    from kiln.measure.benchmark import BenchmarkSettings, latency_stats, time_infer
+    from kiln.pipeline.engine import load_engine
+    from kiln.runtimes.fingerprint import collect, describe_hardware
     from kiln.serving import BatcherSettings, feeds_cache, max_rate_at_slo, poisson_arrivals, recommend_profile, run_load, warm_up
 
     params = load_params()

@@ -37,10 +37,10 @@ TARGETS = ["torch-eager", "onnxruntime", "onnxruntime-int8", "openvino", "openvi
 
 
 def main() -> None:
-    from kiln.fingerprint import collect, describe_hardware
-    from kiln.images import make_sample_images, photograph
-    from kiln.params import compose
-    from kiln.quickrun import prepare, run_target
+    from kiln.config.params import compose
+    from kiln.data.images import make_sample_images, photograph
+    from kiln.pipeline.quickrun import prepare, run_target
+    from kiln.runtimes.fingerprint import collect, describe_hardware
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=MODELS)

@@ -29,15 +29,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from kiln import fingerprint  # noqa: E402
-from kiln.machine_load import other_load  # noqa: E402
+from kiln.measure.machine_load import other_load  # noqa: E402
+from kiln.runtimes import fingerprint  # noqa: E402
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
 FINISHED = re.compile(r"^kiln: (\S+) finished in ([\d.]+) s")
 
 
 def cpu_model() -> str:
-    """The CPU and its ISA features as the probe sees them (kiln.fingerprint), and the cores."""
+    """The CPU and its ISA features as the probe sees them (kiln.runtimes.fingerprint), and the cores."""
     return f"{fingerprint.describe_hardware(fingerprint.collect()['hardware'])}, {os.cpu_count()} cores"
 
 
@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setup", action="store_true", help="run ./setup.sh in the clone first and time it")
     parser.add_argument("--keep", action="store_true", help="keep the clone (its reports/ and logs) and print where it is")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for `python -m kiln.params` (after --)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for `kiln params` (after --)")
     args = parser.parse_args()
 
     before = other_load(2.0)
@@ -87,7 +87,7 @@ def main() -> None:
         bindir = Path(sys.executable).parent
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
     if args.overrides:
-        subprocess.run([str(bindir / "python"), "-m", "kiln.params", *args.overrides], cwd=clone, env=env, check=True)
+        subprocess.run([str(bindir / "python"), "-m", "kiln", "params", *args.overrides], cwd=clone, env=env, check=True)
     rows, total, code = timed_repro(clone, env)
     after = other_load(2.0)
 

@@ -2,7 +2,7 @@
 
     python benchmarks/torch_compilers.py [--model resnet18] [--batch 8] [--rounds 5] [--iters 10]
 
-Builds one engine per (mode, precision) with kiln.engine.build_engine, loads them with
+Builds one engine per (mode, precision) with kiln.pipeline.engine.build_engine, loads them with
 load_engine, and times Session.infer in alternating rounds (every engine once per round, so
 machine noise hits all alike); the table gives medians over all iterations. bf16 rows say why
 they were skipped where this machine has no native bf16. Then, in fresh processes:
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from kiln.benchmark import BenchmarkSettings, time_infer
-from kiln.config import ModelSpec, Target
-from kiln.engine import build_engine, load_engine
-from kiln.inputs import make_inputs
+from kiln.config.views import ModelSpec, Target
+from kiln.data.inputs import make_inputs
+from kiln.measure.benchmark import BenchmarkSettings, time_infer
+from kiln.pipeline.engine import build_engine, load_engine
 from kiln.runtimes import BuildSource
 
 GOALS = {  # speed-up over eager fp32 the issue asks for
@@ -76,10 +76,10 @@ LOAD_AND_FIRST = """
     import json, sys, time
     t0 = time.perf_counter()
     import torch
-    from kiln.config import Target
-    from kiln.engine import load_engine
-    from kiln.config import InputSpec
-    from kiln.inputs import make_inputs
+    from kiln.config.views import Target
+    from kiln.pipeline.engine import load_engine
+    from kiln.config.views import InputSpec
+    from kiln.data.inputs import make_inputs
     t1 = time.perf_counter()
     name, raw, engine, batch = {args}
     target = Target.from_params(name, {{"targets": {{name: raw}}}})
@@ -136,8 +136,8 @@ def main() -> None:
     spec = ModelSpec.from_params({"name": args.model, "inputs": {"input": {"shape": [3, 224, 224]}}})
     onnx_path = workdir / "model.onnx"
     if not onnx_path.is_file():  # the torch runtime reads only the output names from it
-        from kiln.export import ExportSettings, export_onnx
-        from kiln.models import build_model
+        from kiln.export.models import build_model
+        from kiln.export.onnx import ExportSettings, export_onnx
 
         export_onnx(build_model(spec), spec, ExportSettings(), onnx_path)
     source = BuildSource(onnx_path, spec)

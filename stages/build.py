@@ -4,13 +4,14 @@ import json
 import logging
 import sys
 
-from kiln import paths
-from kiln.config import Target, engine_spec
-from kiln.engine import build_engine
+from kiln.config.slices import load_stage_params
+from kiln.config.views import Target
+from kiln.core import paths
+from kiln.data.engine_input import engine_spec
+from kiln.measure.tuning import TuningSettings
+from kiln.pipeline.engine import build_engine
+from kiln.pipeline.stage import run_stage
 from kiln.runtimes import BuildSource
-from kiln.stage import run_stage
-from kiln.stage_params import load_stage_params
-from kiln.tuning import TuningSettings
 
 
 def main() -> None:

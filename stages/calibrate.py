@@ -8,11 +8,12 @@ saying no calibration is needed.
 import logging
 import sys
 
-from kiln import paths
-from kiln.calibration import calibrate_target
-from kiln.config import Target, engine_spec
-from kiln.stage import run_stage
-from kiln.stage_params import load_stage_params
+from kiln.config.slices import load_stage_params
+from kiln.config.views import Target
+from kiln.core import paths
+from kiln.data.engine_input import engine_spec
+from kiln.pipeline.calibrate import calibrate_target
+from kiln.pipeline.stage import run_stage
 
 
 def main() -> None:

@@ -1,20 +1,20 @@
-"""configure: check params (every check params alone decide: kiln.checks), then write each stage's slice.
+"""configure: check params (every check params alone decide: kiln.pipeline.checks), then write each stage's slice.
 
 This stage depends on all of params.yaml; every other stage depends on its own slice
 (artifacts/params/<stage>.json, or artifacts/targets/<target>/<stage>.json per target) instead of
-tracking params itself. What a stage reads is declared once, in kiln.stage_params: a slice only
+tracking params itself. What a stage reads is declared once, in kiln.config.slices: a slice only
 changes when what its stage reads changes, so a change re-runs exactly the stages that read it
 (and a no-op `dvc repro` parses params.yaml once, not once per stage).
 """
 
 import logging
 
-from kiln import paths
-from kiln.atomic import atomic_path
-from kiln.checks import check_params
-from kiln.config import load_params
-from kiln.stage import run_stage
-from kiln.stage_params import READS, global_slice, slice_text, target_slices
+from kiln.config.slices import READS, global_slice, slice_text, target_slices
+from kiln.config.views import load_params
+from kiln.core import paths
+from kiln.core.atomic import atomic_path
+from kiln.pipeline.checks import check_params
+from kiln.pipeline.stage import run_stage
 
 
 def main() -> None:

@@ -8,11 +8,11 @@ hundreds of images each, which DVC would otherwise re-check once per dependent s
 import logging
 from pathlib import Path
 
-from kiln import paths
-from kiln.atomic import write_json
-from kiln.hashing import digest_files
-from kiln.stage import run_stage
-from kiln.stage_params import load_stage_params
+from kiln.config.slices import load_stage_params
+from kiln.core import paths
+from kiln.core.atomic import write_json
+from kiln.core.hashing import digest_files
+from kiln.pipeline.stage import run_stage
 
 
 def digest(folder: Path) -> dict:

@@ -2,13 +2,13 @@
 
 import logging
 
-from kiln import paths
-from kiln.atomic import write_json
-from kiln.config import engine_spec
-from kiln.export import ExportSettings, export_onnx
-from kiln.models import build_model
-from kiln.stage import run_stage
-from kiln.stage_params import load_stage_params
+from kiln.config.slices import load_stage_params
+from kiln.core import paths
+from kiln.core.atomic import write_json
+from kiln.data.engine_input import engine_spec
+from kiln.export.models import build_model
+from kiln.export.onnx import ExportSettings, export_onnx
+from kiln.pipeline.stage import run_stage
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
 
 def check_normalisation(manifest: dict, params: dict) -> None:
     """A wrapped detector takes images normalised by data.preprocess: say so when its own mean/std differ."""
-    from kiln.images import Preprocess
+    from kiln.data.images import Preprocess
 
     wrapper = (manifest.get("export_path") or {}).get("model_wrapper") or {}
     if "image_mean" not in wrapper:

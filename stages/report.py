@@ -3,21 +3,21 @@
 import json
 import logging
 
-from kiln import paths
-from kiln.atomic import write_text
-from kiln.plots import render_latency_png, write_latency_csv
-from kiln.plots_page import HTML_TEMPLATE, PlotsSetupError, ensure_html_template
-from kiln.report import load_results, render, stale_result_files, summary_csv, summary_rows
-from kiln.report_sections import committed_metrics
-from kiln.report_serving import curve_csv, curve_rows
-from kiln.report_tuning import roofline
-from kiln.report_verdict import verdict, verdict_lines
-from kiln.stage import run_stage
-from kiln.stage_params import load_stage_params
+from kiln.config.slices import load_stage_params
+from kiln.core import paths
+from kiln.core.atomic import write_text
+from kiln.pipeline.stage import run_stage
+from kiln.report.markdown import load_results, render, stale_result_files, summary_csv, summary_rows
+from kiln.report.plots import render_latency_png, write_latency_csv
+from kiln.report.plots_page import HTML_TEMPLATE, PlotsSetupError, ensure_html_template
+from kiln.report.sections import committed_metrics
+from kiln.report.serving import curve_csv, curve_rows
+from kiln.report.tuning import roofline
+from kiln.report.verdict import verdict, verdict_lines
 
 
 def main() -> None:
-    log = logging.getLogger("kiln.report")
+    log = logging.getLogger("kiln.report.markdown")
     params = load_stage_params("report")
     names = list(params.get("targets") or {})
     # A target set that shrank leaves the removed targets' files behind; they must not count anywhere

@@ -13,10 +13,10 @@ Reproduce by hand: `python stages/sample_data.py` in an empty checkout.
 
 import logging
 
-from kiln import paths
-from kiln.atomic import atomic_path
-from kiln.images import check_user_folder, folder_contents, make_sample_images, photograph
-from kiln.stage import run_stage
+from kiln.core import paths
+from kiln.core.atomic import atomic_path
+from kiln.data.images import check_user_folder, folder_contents, make_sample_images, photograph
+from kiln.pipeline.stage import run_stage
 
 CALIBRATION = {
     "dir": paths.SAMPLE_CALIBRATION_DIR,

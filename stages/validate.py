@@ -2,15 +2,15 @@
 
 import logging
 
-from kiln import paths
-from kiln.atomic import write_json
-from kiln.config import engine_spec
-from kiln.export import ExportSettings
-from kiln.models import build_model
-from kiln.reference import save_reference
-from kiln.stage import run_stage
-from kiln.stage_params import load_stage_params
-from kiln.validate import ValidateSettings, reference_set, validate_export
+from kiln.config.slices import load_stage_params
+from kiln.core import paths
+from kiln.core.atomic import write_json
+from kiln.data.engine_input import engine_spec
+from kiln.data.reference import save_reference
+from kiln.export.models import build_model
+from kiln.export.onnx import ExportSettings
+from kiln.export.validate import ValidateSettings, reference_set, validate_export
+from kiln.pipeline.stage import run_stage
 
 
 def main() -> None:
@@ -26,9 +26,9 @@ def main() -> None:
     report["reference_degenerate"] = reference["degenerate"]
     if reference["degenerate"]:
         # The gate's own inputs passed; the eval set's reference can still prove nothing: every engine's figures say so.
-        logging.getLogger("kiln.validate").warning("the eval reference proves little: %s", reference["degenerate"])
+        logging.getLogger("kiln.export.validate").warning("the eval reference proves little: %s", reference["degenerate"])
     write_json(paths.VALIDATE, report)
-    logging.getLogger("kiln.validate").info(
+    logging.getLogger("kiln.export.validate").info(
         "passed: %s", ", ".join(f"{n} max abs {o['max_abs_err']:.3g}" for n, o in report["outputs"].items())
     )
 

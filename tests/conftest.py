@@ -29,7 +29,7 @@ def tiny_model_params(entrypoint: str = "tinymodels:tiny_cnn", **extra: Any) -> 
 
 @pytest.fixture
 def tiny_spec():
-    from kiln.config import ModelSpec
+    from kiln.config.views import ModelSpec
 
     return ModelSpec.from_params(tiny_model_params())
 
@@ -37,8 +37,8 @@ def tiny_spec():
 @pytest.fixture
 def tiny_onnx(tmp_path, tiny_spec):
     """A tiny classifier exported to ONNX, with its spec."""
-    from kiln.export import ExportSettings, export_onnx
-    from kiln.models import build_model
+    from kiln.export.models import build_model
+    from kiln.export.onnx import ExportSettings, export_onnx
 
     path = tmp_path / "model.onnx"
     manifest = export_onnx(build_model(tiny_spec), tiny_spec, ExportSettings(), path)
@@ -86,9 +86,9 @@ def require_module(name: str, reason: str) -> Any:
 
 @pytest.fixture(scope="session", autouse=True)
 def peak_measured_once(tmp_path_factory):
-    """Every test project's peak stage measures this machine once and reuses it (kiln.peak_cache): the roof's
+    """Every test project's peak stage measures this machine once and reuses it (kiln.measure.peak_cache): the roof's
     figures are not what the tests check, so a measurement beside other tests is kept too."""
-    from kiln.peak_cache import CACHE_ENV, KEEP_BUSY_ENV
+    from kiln.measure.peak_cache import CACHE_ENV, KEEP_BUSY_ENV
 
     saved = {k: os.environ.get(k) for k in (CACHE_ENV, KEEP_BUSY_ENV)}
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("kiln-cache"))

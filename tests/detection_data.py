@@ -53,7 +53,7 @@ def make_shapes_dataset(
     """`count` PNGs with 1-3 non-overlapping shapes each, and ``out_dir/annotations.json`` (COCO).
 
     Returns per image ``{"file_name", "boxes": float32 [n, 4] xyxy, "labels": int64 [n]}``: the
-    format of kiln.tasks.detection_labels, plus the file's name inside `out_dir`."""
+    format of kiln.accuracy.tasks.detection_labels, plus the file's name inside `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -233,7 +233,7 @@ def train_detector(
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch: int = 16) -> list[dict[str, np.ndarray]]:
-    """The eager model's detections as kiln.tasks.detection_labels dicts."""
+    """The eager model's detections as kiln.accuracy.tasks.detection_labels dicts."""
     model.eval()
     out = []
     for start in range(0, len(images), batch):
@@ -243,7 +243,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch: int = 16) -> list[dic
 
 
 def evaluate(model: nn.Module, dataset_dir: str | Path, ground_truth: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    from kiln.tasks.detection_labels import detection_map
+    from kiln.accuracy.tasks.detection_labels import detection_map
 
     return detection_map(predict(model, load_images(dataset_dir, ground_truth)), list(ground_truth))
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tinymodels import TinyCNN
 
-from kiln.images import ImageSet, Preprocess
+from kiln.data.images import ImageSet, Preprocess
 
 PREPROCESS = {"resize": 16, "crop": 16, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "layout": "NCHW", "dtype": "float32"}
 

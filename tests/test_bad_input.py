@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import tiny_model_params
 
-from kiln.config import ModelSpec, Target
-from kiln.errors import KilnError
-from kiln.export import ExportSettings, export_onnx
-from kiln.models import build_model
+from kiln.config.views import ModelSpec, Target
+from kiln.core.errors import KilnError
+from kiln.export.models import build_model
+from kiln.export.onnx import ExportSettings, export_onnx
 from kiln.runtimes import get_runtime
 
 
@@ -115,7 +115,7 @@ def test_bad_profiles(profile, match):
 
 
 def test_precision_a_runtime_does_not_offer(tmp_path, tiny_onnx):
-    from kiln.engine import build_engine
+    from kiln.pipeline.engine import build_engine
     from kiln.runtimes import BuildSource
 
     path, s, _ = tiny_onnx

@@ -44,7 +44,7 @@ def write_images(folder: Path, count: int, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from kiln.params import compose
+    from kiln.config.params import compose
 
     root = tmp_path_factory.mktemp("contract")
     calibration = root / "my-calibration"  # outside the project: digested wherever it is
@@ -65,7 +65,7 @@ def project(tmp_path_factory):
 
     torch.manual_seed(0)
     torch.save(TinyCNN().state_dict(), project / "ckpt.pt")
-    trace = root / "trace"  # every stage writes the kiln modules it ran (kiln.stage.TRACE)
+    trace = root / "trace"  # every stage writes the kiln modules it ran (kiln.pipeline.stage.TRACE)
     first = subprocess.run(
         ["dvc", "repro"], cwd=project, env={**venv_env(), "KILN_TRACE_IMPORTS": str(trace)}, capture_output=True, text=True
     )
@@ -74,7 +74,7 @@ def project(tmp_path_factory):
 
 
 def test_each_stage_digest_covers_the_code_it_ran_and_no_stage_reaches_the_repair(project):
-    from kiln import codedeps
+    from kiln.pipeline import codedeps
 
     root = project["root"]
     targets = yaml.safe_load((root / "params.yaml").read_text())["targets"]
@@ -96,7 +96,7 @@ def test_each_stage_digest_covers_the_code_it_ran_and_no_stage_reaches_the_repai
         }
         assert ran <= digest, f"{stage} ran code its digest leaves out (a stale result waiting): {sorted(ran - digest)}"
     # Command lines are apart from the library: an edit of the repair search re-runs no stage.
-    assert not [f for files in digests.values() for f in files if f == "kiln/repair.py" or f.startswith("kiln/cli/")]
+    assert not [f for files in digests.values() for f in files if f == "kiln/diagnose/repair.py" or f.startswith("kiln/cli/")]
 
 
 def test_each_change_re_runs_exactly_the_stages_that_read_it(project):
@@ -112,7 +112,7 @@ def test_each_change_re_runs_exactly_the_stages_that_read_it(project):
         ("validate.atol=0.001", {"validate"}),
         ("report.baseline=onnxruntime", {"report"}),
     ):
-        out = run([sys.executable, "-m", "kiln.params", override], root)
+        out = run([sys.executable, "-m", "kiln", "params", override], root)
         # It says what will re-run, before `dvc status` can (configure has not run yet).
         said = next(line for line in out.stdout.splitlines() if "re-runs" in line)
         assert stale_stages(root) == expected, override
@@ -154,7 +154,7 @@ def test_a_missing_folder_or_file_fails_configure_with_one_line(project):
             ("model.checkpoint=gone.pt", "model.checkpoint: file 'gone.pt' not found"),
             ("model.entrypoint=nosuchmodule:build", "model.entrypoint: module 'nosuchmodule' not found"),
         ):
-            run([sys.executable, "-m", "kiln.params", override], root)
+            run([sys.executable, "-m", "kiln", "params", override], root)
             result = run(["dvc", "repro", "configure"], root, check=False)
             errors = [line for line in result.stderr.splitlines() if line.startswith("kiln: error:")]
             assert result.returncode != 0 and len(errors) == 1 and message in errors[0], (override, result.stderr)
@@ -168,12 +168,12 @@ def test_two_params_calls_keep_the_first_override(project):
     root = project["root"]
     params = (root / "params.yaml").read_text()
     try:
-        run([sys.executable, "-m", "kiln.params", "serving.slo_ms=100"], root)
-        second = run([sys.executable, "-m", "kiln.params", "benchmark.min_time_s=0.8"], root)
+        run([sys.executable, "-m", "kiln", "params", "serving.slo_ms=100"], root)
+        second = run([sys.executable, "-m", "kiln", "params", "benchmark.min_time_s=0.8"], root)
         composed = yaml.safe_load((root / "params.yaml").read_text())
         assert composed["serving"]["slo_ms"] == 100 and composed["benchmark"]["min_time_s"] == 0.8
         assert "kept the overrides params.yaml held: " in second.stdout and "serving.slo_ms=100" in second.stdout
-        run([sys.executable, "-m", "kiln.params", "--reset"], root)
+        run([sys.executable, "-m", "kiln", "params", "--reset"], root)
         assert yaml.safe_load((root / "params.yaml").read_text())["serving"]["slo_ms"] == 250
     finally:
         (root / "params.yaml").write_text(params)
@@ -182,7 +182,7 @@ def test_two_params_calls_keep_the_first_override(project):
 ORPHAN_STAGE = """\
 import subprocess, sys, time
 from pathlib import Path
-from kiln.stage import run_stage
+from kiln.pipeline.stage import run_stage
 
 def main():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -235,7 +235,7 @@ def test_an_entrypoint_model_whose_int8_collapses_fails_at_the_budget(tmp_path):
     from digits import PREPROCESS, train, write_digits
     from outlier import write_outlier_checkpoint
 
-    from kiln.params import compose
+    from kiln.config.params import compose
 
     dirs = write_digits(tmp_path / "digits")
     weights = write_outlier_checkpoint(train(dirs["train"]), tmp_path / "weights.pt")

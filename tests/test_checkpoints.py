@@ -10,10 +10,10 @@ import torch
 from conftest import tiny_model_params
 from torch import nn
 
-from kiln.checkpoints import apply_state_dict, load_state_dict_file
-from kiln.config import ModelSpec
-from kiln.errors import KilnError
-from kiln.models import build_model
+from kiln.config.views import ModelSpec
+from kiln.core.errors import KilnError
+from kiln.export.checkpoints import apply_state_dict, load_state_dict_file
+from kiln.export.models import build_model
 
 ENTRYPOINT = f"{__name__}:tiny"
 
@@ -70,7 +70,7 @@ def error(fn, *args) -> str:
 
 @pytest.fixture
 def kiln_log(caplog):
-    caplog.set_level(logging.INFO, logger="kiln.models")
+    caplog.set_level(logging.INFO, logger="kiln.export.models")
     return caplog
 
 

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from kiln import costs
-from kiln.costs import MemoryWatch, cold_start, engine_size_bytes
+from kiln.measure import costs
+from kiln.measure.costs import MemoryWatch, cold_start, engine_size_bytes
 
 
 def clear_refs_works() -> bool:

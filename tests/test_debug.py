@@ -1,4 +1,4 @@
-"""kiln.debug (first divergence at fusion-surviving boundaries), kiln.repair and `python -m kiln.compare`, on a
+"""kiln.diagnose.debug (first divergence at fusion-surviving boundaries), kiln.diagnose.repair and `kiln compare`, on a
 trained model whose int8 fails by construction on every CPU (tests/outlier.py: an outlier activation channel)."""
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from conftest import venv_env
 from digits import digits_params, train, write_digits
 from outlier import write_outlier_checkpoint
 
-from kiln.accuracy import accuracy_against_reference
-from kiln.calibration import calibrate_target
-from kiln.config import ModelSpec, Target
-from kiln.debug import debug_engines, diagnose, eval_feeds
-from kiln.engine import build_engine, load_engine
-from kiln.export import ExportSettings, export_onnx
-from kiln.models import build_model
-from kiln.reference import load_reference, save_reference
+from kiln.accuracy.budgets import accuracy_against_reference
+from kiln.config.views import ModelSpec, Target
+from kiln.data.reference import load_reference, save_reference
+from kiln.diagnose.debug import debug_engines, diagnose, eval_feeds
+from kiln.export.models import build_model
+from kiln.export.onnx import ExportSettings, export_onnx
+from kiln.export.validate import ValidateSettings, reference_set
+from kiln.pipeline.calibrate import calibrate_target
+from kiln.pipeline.engine import build_engine, load_engine
 from kiln.runtimes import BuildSource
-from kiln.validate import ValidateSettings, reference_set
 
 INT8 = {"onnxruntime-int8": "onnxruntime", "openvino-int8": "openvino"}
 
@@ -100,7 +100,7 @@ def test_the_fp32_engine_does_not_diverge(project):
 
 @pytest.mark.parametrize("name", list(INT8))
 def test_repair_returns_the_second_conv_to_float_and_brings_agreement_back(project, name, monkeypatch):
-    from kiln.repair import repair_target
+    from kiln.diagnose.repair import repair_target
 
     monkeypatch.chdir(project["root"])
     root = project["root"] / "artifacts"
@@ -136,7 +136,7 @@ def test_diagnose_says_where_and_writes_no_undeclared_file(project, monkeypatch)
         root / "model.onnx",
         project["reference"],
     )
-    assert "first divergent boundary 'relu_1'" in sentence and "python -m kiln.debug onnxruntime-int8" in sentence
+    assert "first divergent boundary 'relu_1'" in sentence and "kiln debug onnxruntime-int8" in sentence
     # The benchmark stage calls it, and dvc.yaml declares no reports/debug output for that stage.
     assert not (project["root"] / "reports" / "debug" / "onnxruntime-int8.json").exists()
     broken = diagnose("x", target(project, "onnxruntime-int8"), root / "engines" / "missing", root / "model.onnx", project["reference"])
@@ -148,10 +148,10 @@ def run_cli(project, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_debug_and_compare_from_the_command_line(project):
-    out = run_cli(project, "-m", "kiln.debug", "openvino-int8", "--samples", "8")
+    out = run_cli(project, "-m", "kiln", "debug", "openvino-int8", "--samples", "8")
     assert out.returncode == 0, out.stderr
     assert "first divergent boundary 'relu_1'" in out.stdout and "openvino-int8: engine" in out.stdout
-    compared = run_cli(project, "-m", "kiln.compare", "onnxruntime-int8", "openvino-int8", "--samples", "8")
+    compared = run_cli(project, "-m", "kiln", "compare", "onnxruntime-int8", "openvino-int8", "--samples", "8")
     assert compared.returncode == 0, compared.stderr
     assert "openvino-int8 against onnxruntime-int8" in compared.stdout
     table = (project["root"] / "reports" / "debug.csv").read_text().splitlines()
@@ -159,15 +159,15 @@ def test_debug_and_compare_from_the_command_line(project):
     pairs = {tuple(line.split(",")[:2]) for line in table[1:]}
     assert {("openvino-int8", "fp32"), ("openvino-int8", "onnxruntime-int8")} <= pairs
     assert (project["root"] / "reports" / "debug" / "openvino-int8-vs-onnxruntime-int8.json").is_file()
-    missing = run_cli(project, "-m", "kiln.debug", "nope")
+    missing = run_cli(project, "-m", "kiln", "debug", "nope")
     assert missing.returncode != 0 and "nope" in missing.stderr
-    bad = run_cli(project, "-m", "kiln.debug", "openvino-int8", "--repair", "--budget", "min_top1_agreement")
+    bad = run_cli(project, "-m", "kiln", "debug", "openvino-int8", "--repair", "--budget", "min_top1_agreement")
     assert bad.returncode == 1 and "--budget takes KEY=NUMBER" in bad.stderr
 
 
 def test_boundaries_follow_graph_order_and_compare_needs_shared_names():
-    from kiln.debug import compare_boundaries
-    from kiln.errors import KilnError
+    from kiln.core.errors import KilnError
+    from kiln.diagnose.debug import compare_boundaries
     from kiln.runtimes import Boundaries
 
     a = {"x": np.ones((2, 3), np.float32), "y": np.arange(6, dtype=np.float32).reshape(2, 3)}
@@ -181,7 +181,7 @@ def test_boundaries_follow_graph_order_and_compare_needs_shared_names():
 
 def test_contention_between_two_built_engines_from_the_command_line(project):
     # kiln.serving.contention, here because this module's project has built engines to load.
-    out = run_cli(project, "-m", "kiln.serving.contention", "onnxruntime", "openvino-int8", "--seconds", "0.3")
+    out = run_cli(project, "-m", "kiln", "contention", "onnxruntime", "openvino-int8", "--seconds", "0.3")
     assert out.returncode == 0, out.stderr
     assert "onnxruntime (batch 8, 1 threads):" in out.stdout and "beside the other" in out.stdout
     record = json.loads((project["root"] / "reports" / "contention" / "onnxruntime+openvino-int8.json").read_text())
@@ -192,7 +192,7 @@ def test_openvino_simulated_boundaries_still_find_the_layer(project):
     """The fallback when OpenVINO cannot expose its fused int8 kernels' outputs: the same IR with quantization simulated
     in f32. Asked for here (on this machine the engine's own kernels may be readable): the mode says so, and the
     simulated int8 still departs from fp32 where the engine does, at every boundary with the tensor of that name."""
-    from kiln.debug import compare_boundaries, reference_boundaries
+    from kiln.diagnose.debug import compare_boundaries, reference_boundaries
     from kiln.runtimes import Boundaries
     from kiln.runtimes.openvino.boundaries import ov_boundaries
 

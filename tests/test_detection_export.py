@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
-from kiln.errors import KilnError
+from kiln.core.errors import KilnError
 from kiln.export.detection import DetectionSettings, PaddedDetections, cluster_nms
 
 SIZE = 64
@@ -145,8 +145,8 @@ def test_padded_detections_find_what_the_torchvision_detector_finds(build, famil
 def test_a_two_stage_detector_is_refused_at_export():
     from conftest import tiny_model_params
 
-    from kiln.config import ModelSpec
-    from kiln.models import build_model
+    from kiln.config.views import ModelSpec
+    from kiln.export.models import build_model
 
     spec = ModelSpec.from_params(
         tiny_model_params("test_detection_export:tiny_faster_rcnn", inputs={"images": {"shape": [3, SIZE, SIZE], "dtype": "float32"}})
@@ -158,9 +158,9 @@ def test_a_two_stage_detector_is_refused_at_export():
 def export_tiny_detector(tmp_path, build: str = "tiny_ssd") -> dict:
     from conftest import tiny_model_params
 
-    from kiln.config import ModelSpec
-    from kiln.export import ExportSettings, export_onnx
-    from kiln.models import build_model
+    from kiln.config.views import ModelSpec
+    from kiln.export.models import build_model
+    from kiln.export.onnx import ExportSettings, export_onnx
 
     spec = ModelSpec.from_params(
         tiny_model_params(f"test_detection_export:{build}", inputs={"images": {"shape": [3, SIZE, SIZE], "dtype": "float32"}})

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from kiln.errors import KilnError
-from kiln.tasks.detection_labels import detection_map, find_labels, read_coco_labels, read_yolo_labels, unpad
+from kiln.accuracy.tasks.detection_labels import detection_map, find_labels, read_coco_labels, read_yolo_labels, unpad
+from kiln.core.errors import KilnError
 
 
 def write_coco(path, images, annotations, **extra):

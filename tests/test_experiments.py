@@ -9,10 +9,10 @@ import pytest
 from conftest import ROOT
 from test_pipeline import make_project, run, stages_run
 
-from kiln.benchmark import significant
-from kiln.config import Target
-from kiln.errors import KilnError
-from kiln.params import compose
+from kiln.config.params import compose
+from kiln.config.views import Target
+from kiln.core.errors import KilnError
+from kiln.measure.benchmark import significant
 
 # A small target set for the sweep: the baseline and two fp32 runtimes.
 MINI = """\
@@ -50,7 +50,7 @@ def test_queued_sweep_show_and_metrics_diff(tmp_path):
     (project / "conf" / "targets" / "mini.yaml").write_text(MINI)
     config = project / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("- targets: cpu", "- targets: mini"))
-    run(["python", "-m", "kiln.params"], project)
+    run(["python", "-m", "kiln", "params"], project)
     run(["dvc", "repro"], project)
     # As a user would: commit the results, so experiments start from them and re-run only what they change.
     run(["git", "add", "-A"], project)
@@ -91,7 +91,7 @@ def test_queued_sweep_show_and_metrics_diff(tmp_path):
     assert precisions["fp32"]["top1_agreement"] == 1.0
 
     # kiln's short table: one row per experiment and target, the params that differ, the headline metrics.
-    short = run(["python", "-m", "kiln.experiments", "--target", "openvino"], project).stdout
+    short = run(["python", "-m", "kiln", "experiments", "--target", "openvino"], project).stdout
     assert short.count("| openvino |") >= 3  # the workspace, the baseline commit and the two experiments
     assert all(f"| {name} |" in short for name in names)
     assert "targets.openvino.precision=int8" in short and "targets.openvino.precision=fp32" in short

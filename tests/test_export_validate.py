@@ -6,11 +6,11 @@ import onnx
 import pytest
 from conftest import tiny_model_params
 
-from kiln.config import ModelSpec
-from kiln.errors import KilnError, ValidationFailed
-from kiln.export import ExportSettings, check_exported_graph, export_onnx
-from kiln.models import build_model
-from kiln.validate import ValidateSettings, validate_export
+from kiln.config.views import ModelSpec
+from kiln.core.errors import KilnError, ValidationFailed
+from kiln.export.models import build_model
+from kiln.export.onnx import ExportSettings, check_exported_graph, export_onnx
+from kiln.export.validate import ValidateSettings, validate_export
 
 
 def export_and_validate(tmp_path, entrypoint: str, exporter: str = "dynamo", fallback: bool = False, **validate: object) -> dict:

@@ -8,15 +8,15 @@ import pytest
 import torch
 from digits import digits_params, train, write_digits
 
-from kiln.accuracy import accuracy_against_reference, budget_violations
-from kiln.calibration import calibrate_target, read_marker
-from kiln.config import ModelSpec, Target
-from kiln.engine import build_engine, load_engine
-from kiln.errors import KilnError
-from kiln.export import ExportSettings, export_onnx
-from kiln.models import build_model
+from kiln.accuracy.budgets import accuracy_against_reference, budget_violations
+from kiln.config.views import ModelSpec, Target
+from kiln.core.errors import KilnError
+from kiln.export.models import build_model
+from kiln.export.onnx import ExportSettings, export_onnx
+from kiln.export.validate import ValidateSettings, reference_set, validate_export
+from kiln.pipeline.calibrate import calibrate_target, read_marker
+from kiln.pipeline.engine import build_engine, load_engine
 from kiln.runtimes import BuildSource
-from kiln.validate import ValidateSettings, reference_set, validate_export
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +181,8 @@ def test_sensitivity_ranks_quantized_layers(digits, runtime):
 
 
 def test_folded_preprocessing_serves_uint8_images_and_matches_python_preprocessing(digits, tmp_path):
-    from kiln.config import engine_spec
-    from kiln.engine import build_engine, load_engine
+    from kiln.data.engine_input import engine_spec
+    from kiln.pipeline.engine import build_engine, load_engine
 
     params = {**digits["params"], "export": {"fold_preprocess": True}}
     spec = engine_spec(params)
@@ -205,7 +205,7 @@ def test_folded_preprocessing_serves_uint8_images_and_matches_python_preprocessi
 
 
 def test_fold_needs_an_input_shaped_like_the_preprocessing(digits):
-    from kiln.config import engine_spec
+    from kiln.data.engine_input import engine_spec
 
     params = {
         **digits["params"],

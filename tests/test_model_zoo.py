@@ -1,7 +1,7 @@
 """Every model family through every CPU target: a detector, a segmentation net, a ViT and a two-input model.
 
-Tiny members, each exported, validated and judged the way its task says (kiln.tasks), through the same
-library calls the DVC stages make (kiln.quickrun). The detector really learned (a torchvision FCOS trained
+Tiny members, each exported, validated and judged the way its task says (kiln.accuracy.tasks), through the same
+library calls the DVC stages make (kiln.pipeline.quickrun). The detector really learned (a torchvision FCOS trained
 here on coloured shapes, tests/detection_data.py), so its mAP and int8's drop mean something.
 """
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from kiln.params import compose
-from kiln.quickrun import prepare, run_targets
+from kiln.config.params import compose
+from kiln.pipeline.quickrun import prepare, run_targets
 
 # Enough to judge, few enough to keep four families within a few minutes.
 QUICK = {"subset_size": 32, "batch": 8}
@@ -32,7 +32,7 @@ def every_target(params: dict, inductor: str | None = None) -> list[str]:
 
 
 def cpu_params(**model: object) -> dict:
-    # The deep study's CPU set: the default one and the PyTorch compilers, untuned (kiln.tuning has its own tests).
+    # The deep study's CPU set: the default one and the PyTorch compilers, untuned (kiln.measure.tuning has its own tests).
     params = compose(["targets=cpu_deep"], config_dir=ROOT / "conf")
     for target in params["targets"].values():
         target["tune"] = False
@@ -110,7 +110,7 @@ def test_detector_through_every_cpu_target_with_map_and_its_int8_drop(detector):
 
 
 def test_detection_budget_judges_f1_and_map_drop_not_top1(detector):
-    from kiln.accuracy import budget_violations
+    from kiln.accuracy.budgets import budget_violations
 
     _, results = detector
     acc = copy.deepcopy(results["onnxruntime-int8"]["accuracy"])
@@ -133,7 +133,7 @@ def segmentation(tmp_path_factory):
 def _prepared_with_images(params: dict, root, inductor: str | None = None, masks: bool = False):
     from PIL import Image
 
-    from kiln.images import make_sample_images, photograph
+    from kiln.data.images import make_sample_images, photograph
 
     make_sample_images(root / "calibration", [photograph(n) for n in ("astronaut", "chelsea", "rocket")], 32, 1, 96)
     written = make_sample_images(root / "eval", [photograph(n) for n in ("coffee", "china")], 16, 2, 96)
@@ -266,7 +266,7 @@ def test_a_detector_through_dvc_repro_reports_f1_and_map(tmp_path, detector):
         [
             "python",
             "-m",
-            "kiln.params",
+            "kiln.config.params",
             "model=det",
             "targets=mini",
             "data.preprocess.resize=128",
@@ -295,10 +295,10 @@ def test_a_name_only_random_model_gets_demo_weights_and_passes_validate(tmp_path
     """A model file that gives only the name (and its input): demo_weights' defaults live in kiln, not in conf/model."""
     import logging
 
-    from kiln.config import engine_spec
-    from kiln.export import ExportSettings, export_onnx
-    from kiln.models import build_model
-    from kiln.validate import ValidateSettings, reference_set, validate_export
+    from kiln.data.engine_input import engine_spec
+    from kiln.export.models import build_model
+    from kiln.export.onnx import ExportSettings, export_onnx
+    from kiln.export.validate import ValidateSettings, reference_set, validate_export
 
     params = {
         "model": {"name": name, "kwargs": kwargs, "inputs": {"input": {"shape": [3, size, size]}}},
@@ -308,7 +308,7 @@ def test_a_name_only_random_model_gets_demo_weights_and_passes_validate(tmp_path
     assert engine_spec(off).demo is None  # turned off, the reference proves nothing (test_export_validate)
     spec = engine_spec(params)
     assert spec.demo and spec.demo["batchnorm"] and spec.demo["redraw_zero_layers"]
-    with caplog.at_level(logging.INFO, logger="kiln.demo_weights"):
+    with caplog.at_level(logging.INFO, logger="kiln.data.demo_weights"):
         model = build_model(spec)
     assert any("model.demo_weights applied" in r.message and "model.demo_weights: false" in r.message for r in caplog.records)
     path = tmp_path / "model.onnx"

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from kiln.benchmark import NOISE_WINDOW, BenchmarkSettings, latency_stats, robust_cv, time_infer
-from kiln.errors import KilnError
+from kiln.core.errors import KilnError
+from kiln.measure.benchmark import NOISE_WINDOW, BenchmarkSettings, latency_stats, robust_cv, time_infer
 
 FEEDS = {"x": np.zeros((1, 4), np.float32)}
 

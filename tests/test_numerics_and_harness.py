@@ -8,13 +8,13 @@ import time
 import numpy as np
 import pytest
 
-from kiln.accuracy import accuracy_against_reference
-from kiln.atomic import atomic_path, write_json
-from kiln.benchmark import BenchmarkSettings, benchmark_latency, latency_stats, time_infer
-from kiln.compare import compare_output, degenerate_reason, summarize
-from kiln.config import InputSpec, ShapeProfile
-from kiln.errors import KilnError
-from kiln.inputs import make_inputs
+from kiln.accuracy.budgets import accuracy_against_reference
+from kiln.accuracy.numerics import compare_output, degenerate_reason, summarize
+from kiln.config.views import InputSpec, ShapeProfile
+from kiln.core.atomic import atomic_path, write_json
+from kiln.core.errors import KilnError
+from kiln.data.inputs import make_inputs
+from kiln.measure.benchmark import BenchmarkSettings, benchmark_latency, latency_stats, time_infer
 
 
 def test_compare_finds_the_worst_element_against_its_own_allowance():
@@ -146,7 +146,7 @@ def test_atomic_path_leaves_nothing_on_failure_and_replaces_on_success(tmp_path)
 
 
 def test_trained_weights_rule_takes_every_model_but_a_bare_name_as_trained():
-    from kiln.config import ModelSpec
+    from kiln.config.views import ModelSpec
 
     def rule(**model):
         base = {"name": None, "entrypoint": None, "inputs": {"x": {"shape": [3]}}}
@@ -165,7 +165,7 @@ def test_trained_weights_rule_takes_every_model_but_a_bare_name_as_trained():
 
 
 def test_budget_rule_enforces_only_trained_models_with_fail_on_budget():
-    from kiln.accuracy import enforce_budget, judge_budget
+    from kiln.accuracy.budgets import enforce_budget, judge_budget
 
     acc = {"top1_agreement": 0.5, "sqnr_db": 30.0}
     default, own = {"min_top1_agreement": 0.99}, {"min_sqnr_db": 40.0}

@@ -10,18 +10,18 @@ import sys
 import yaml
 from conftest import ROOT, venv_env
 
-from kiln.config import Target
-from kiln.params import compose
+from kiln.config.params import compose
+from kiln.config.views import Target
 
 
 def test_params_yaml_is_the_composition_of_conf():
     committed = yaml.safe_load((ROOT / "params.yaml").read_text())
     composed = compose(config_dir=ROOT / "conf")
-    assert committed == composed, "params.yaml drifted from conf/: run `python -m kiln.params`"
+    assert committed == composed, "params.yaml drifted from conf/: run `kiln params`"
 
 
 def test_committed_params_yaml_passes_the_stale_check(monkeypatch):
-    from kiln.params import check_fresh
+    from kiln.config.params import check_fresh
 
     monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
     monkeypatch.delenv("KILN_ALLOW_STALE_PARAMS", raising=False)
@@ -47,10 +47,10 @@ def test_params_check_command(tmp_path):
     env = venv_env()
     (tmp_path / "conf").symlink_to(conf)
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    ok = subprocess.run([sys.executable, "-m", "kiln.params", "--check"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-m", "kiln", "params", "--check"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("opset: 18", "opset: 17"))
-    stale = subprocess.run([sys.executable, "-m", "kiln.params", "--check"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    stale = subprocess.run([sys.executable, "-m", "kiln", "params", "--check"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert stale.returncode == 1 and "export differ from conf/" in stale.stderr
 
 
@@ -61,7 +61,7 @@ def test_probe_is_quick_and_imports_no_framework(tmp_path):
         "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'openvino', 'numpy') if m in sys.modules]; "
         "print(heavy, time.perf_counter() - t)"
     )
-    shutil.copytree(ROOT / "stages", tmp_path / "stages")  # the probe digests each stage's code (kiln.codedeps)
+    shutil.copytree(ROOT / "stages", tmp_path / "stages")  # the probe digests each stage's code (kiln.pipeline.codedeps)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=venv_env(), capture_output=True, text=True, check=True)
     # Fast because it imports no framework (its time is measured in benchmarks/noop_repro.py, not asserted here).
     heavy, seconds = out.stdout.split("] ")

@@ -11,15 +11,17 @@ import pytest
 import yaml
 from conftest import ROOT, venv_env
 
-from kiln.config import Target
-from kiln.errors import KilnError
-from kiln.params import check_fresh, read_stamp
+from kiln.config.params import check_fresh, read_stamp
+from kiln.config.views import Target
+from kiln.core.errors import KilnError
 
 EVIL = "x;touch PWNED;#"
 
 
-def kiln(cwd: Path, *args: str, module: str = "kiln.params") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=venv_env(), capture_output=True, text=True, timeout=300)
+def kiln(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kiln", "params", *args], cwd=cwd, env=venv_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 def configure(cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -87,12 +89,10 @@ def test_a_hand_edit_of_a_composed_params_yaml_is_caught(conf_copy):
     with pytest.raises(KilnError) as e:
         check_fresh("params.yaml", "conf")
     message = str(e.value)
-    assert (
-        "was edited by hand after `python -m kiln.params` composed it from conf/ with overrides ['targets.openvino.threads=1']" in message
-    )
+    assert "was edited by hand after `kiln params` composed it from conf/ with overrides ['targets.openvino.threads=1']" in message
     assert "(targets.onnxruntime.threads=1)" in message
     # The advice keeps the overrides the file was composed with, and turns the edit into one more.
-    assert "`python -m kiln.params targets.openvino.threads=1 targets.onnxruntime.threads=1`" in message
+    assert "`kiln params targets.openvino.threads=1 targets.onnxruntime.threads=1`" in message
     result = kiln(conf_copy, "targets.openvino.threads=1", "targets.onnxruntime.threads=1")
     assert result.returncode == 0
     assert yaml.safe_load((conf_copy / "params.yaml").read_text()) == params
@@ -107,7 +107,7 @@ def test_check_keeps_the_overrides(conf_copy):
     cpu.write_text(cpu.read_text().replace("performance_hint: LATENCY", "performance_hint: THROUGHPUT", 1))
     result = kiln(conf_copy, "--check")
     assert result.returncode == 1
-    assert "run `python -m kiln.params targets.openvino.threads=1`" in result.stderr
+    assert "run `kiln params targets.openvino.threads=1`" in result.stderr
 
 
 def test_saved_overrides_survive_dvc_experiment_composition(conf_copy):
@@ -117,7 +117,7 @@ def test_saved_overrides_survive_dvc_experiment_composition(conf_copy):
         "onnxruntime: {runtime: onnxruntime, threads: null}\nopenvino: {runtime: openvino, threads: null}\n"
     )
     result = kiln(conf_copy, "targets=small")
-    assert "does not keep these overrides; `python -m kiln.params --save targets=small`" in result.stderr
+    assert "does not keep these overrides; `kiln params --save targets=small`" in result.stderr
     result = kiln(conf_copy, "--save", "targets=small", "targets.openvino.threads=1")
     assert result.returncode == 0, result.stderr
     config = (conf_copy / "conf" / "config.yaml").read_text()
@@ -185,7 +185,7 @@ def test_configure_refuses_what_would_fail_later(conf_copy, override, message):
 
 
 def test_threads_beyond_the_cores_are_capped_with_a_warning(conf_copy):
-    from kiln.config import default_threads
+    from kiln.config.views import default_threads
 
     assert kiln(conf_copy, "targets.openvino.threads=1000").returncode == 0
     result = configure(conf_copy)

@@ -1,23 +1,23 @@
-"""kiln.peak: the measured MAC/s roof, the ISA's bound and the notes said before a build."""
+"""kiln.measure.peak: the measured MAC/s roof, the ISA's bound and the notes said before a build."""
 
 from __future__ import annotations
 
 import pytest
 
-from kiln import peak
-from kiln.fingerprint import collect
-from kiln.peak import isa_peak, machine_peaks, measure_clock_hz, measure_peaks, preflight_notes
+from kiln.measure import peak
+from kiln.measure.peak import isa_peak, machine_peaks, measure_clock_hz, measure_peaks, preflight_notes
+from kiln.runtimes.fingerprint import collect
 
 FEATURES = collect()["hardware"]["cpu"]["features"]
 VNNI = {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def graph_macs(case, tmp_path) -> int:
-    """The multiply-accumulates of the graph a case timed, counted from that ONNX graph by kiln.roofline (the
+    """The multiply-accumulates of the graph a case timed, counted from that ONNX graph by kiln.measure.roofline (the
     counter the roofline's per-image figure uses), not by peak's own arithmetic."""
     import onnx
 
-    from kiln.roofline import count_macs
+    from kiln.measure.roofline import count_macs
 
     graph, shape, _ = peak._model(case["op"], tuple(case["shape"]), case["precision"] == "int8")
     path = tmp_path / f"{case['runtime']}-{case['precision']}-{case['op']}.onnx"

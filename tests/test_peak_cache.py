@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from kiln import peak_cache
-from kiln.machine_load import other_load
+from kiln.measure import peak_cache
+from kiln.measure.machine_load import other_load
 
 
 def test_a_spinning_neighbour_makes_the_machine_busy():

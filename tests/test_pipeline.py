@@ -73,7 +73,7 @@ def make_project(tmp_path: Path, *overrides: str) -> Path:
     run(["git", "init", "-q"], project)
     run(["dvc", "init", "-q"], project)
     shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")
-    run(["python", "-m", "kiln.params", *overrides], project)
+    run(["python", "-m", "kiln", "params", *overrides], project)
     run(["git", "add", "-A"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], project)
     return project
@@ -91,7 +91,7 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
             "    graph_optimization_level: all\nopenvino-int8:", "    graph_optimization_level: all\n  tune: true\nopenvino-int8:"
         )
     )
-    run(["python", "-m", "kiln.params"], project)
+    run(["python", "-m", "kiln", "params"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tune onnxruntime-int8"], project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     targets = list(params["targets"])
@@ -190,7 +190,7 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     assert stages_run(noop.stdout) == {"probe"}, noop.stdout
 
     # One target changed: only its stages and the report.
-    run(["python", "-m", "kiln.params", "targets.openvino.threads=1"], project)
+    run(["python", "-m", "kiln", "params", "targets.openvino.threads=1"], project)
     changed = run(["dvc", "repro"], project)
     assert stages_run(changed.stdout) == {"probe", "configure", "build@openvino", "benchmark@openvino", "report"}
     assert json.loads((project / "reports" / "runs" / "openvino.json").read_text())["threads"] == 1
@@ -213,10 +213,10 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
     tiny = project / "conf" / "model" / "tiny.yaml"
     original = tiny.read_text()
     tiny.write_text(original.replace("kwargs: {}", "kwargs: {num_classes: 5}"))
-    run(["python", "-m", "kiln.params", "targets.openvino.threads=1"], project)
+    run(["python", "-m", "kiln", "params", "targets.openvino.threads=1"], project)
     assert stale_stages(project) == from_export - {"report"}
     tiny.write_text(original)
-    run(["python", "-m", "kiln.params", "targets.openvino.threads=1"], project)
+    run(["python", "-m", "kiln", "params", "targets.openvino.threads=1"], project)
     assert stale_stages(project) == set()
 
     # An experiment with Hydra overrides re-composes params.yaml (DVC's composition, with kiln's resolvers
@@ -240,7 +240,7 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
         [
             "python",
             "-m",
-            "kiln.params",
+            "kiln.config.params",
             "targets.openvino.threads=2",
             "targets.openvino.precision=int8",
             "~targets.openvino-fp16",

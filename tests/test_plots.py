@@ -24,7 +24,7 @@ import pytest
 import yaml
 from conftest import ROOT, unavailable, venv_env
 
-from kiln import plots, plots_page
+from kiln.report.markdown import plots, plots_page
 
 VEGA_TEMPLATES = ROOT / "plots" / "templates"
 CHROMIUM = next(
@@ -200,7 +200,7 @@ def test_template_cli_needs_no_npm(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "vl_convert", None)
     assert plots.main(["template", "--out", str(tmp_path / "x.html")]) == 1
     err = capsys.readouterr().err
-    assert "pip install -e ." in err and "python -m kiln.plots template" in err, err
+    assert "pip install -e ." in err and "kiln plots template" in err, err
     assert not list(tmp_path.glob("x.html*")) and not list(tmp_path.glob(".x.html*"))
 
 
@@ -215,8 +215,8 @@ def test_ensure_builds_a_missing_or_stale_page_only(tmp_path, html_template):
 
 
 def write_report_params(root: Path, params: dict) -> None:
-    """params.yaml and the report stage's slice of it, as the configure stage writes it (kiln.stage_params)."""
-    from kiln.stage_params import GLOBAL_DIR, global_slice, slice_text
+    """params.yaml and the report stage's slice of it, as the configure stage writes it (kiln.config.slices)."""
+    from kiln.config.slices import GLOBAL_DIR, global_slice, slice_text
 
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / GLOBAL_DIR).mkdir(parents=True, exist_ok=True)
@@ -229,7 +229,7 @@ def test_report_stage_warns_and_goes_on_without_vl_convert(in_tmp, monkeypatch, 
     runpy.run_path(str(ROOT / "stages" / "report.py"), run_name="__main__")
     assert (in_tmp / "reports" / "benchmark.md").is_file() and not (in_tmp / "plots" / "offline.html").exists()
     warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("`dvc plots show`" in w and "pip install -e ." in w and "python -m kiln.plots template" in w for w in warning), warning
+    assert any("`dvc plots show`" in w and "pip install -e ." in w and "kiln plots template" in w for w in warning), warning
 
 
 # --------------------------------------------------------------------------- dvc plots show / diff in Chromium
@@ -410,7 +410,7 @@ def test_without_the_page_dvc_fails_as_the_docs_say(dvc_repo, tmp_path):
     )
     assert proc.returncode != 0 and "HTML template has to contain '{plot_divs}'" in proc.stderr, proc.stderr
     docs = (ROOT / "docs" / "plots.md").read_text()
-    assert "HTML template has to contain '{plot_divs}'" in docs and "python -m kiln.plots template" in docs
+    assert "HTML template has to contain '{plot_divs}'" in docs and "kiln plots template" in docs
 
 
 @needs_chromium

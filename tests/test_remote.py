@@ -23,7 +23,7 @@ KEEP = ("torch-eager", "onnxruntime")
 
 
 def two_targets() -> list[str]:
-    from kiln.params import compose
+    from kiln.config.params import compose
 
     every = compose(config_dir=ROOT / "conf")["targets"]
     return [f"~targets.{name}" for name in every if name not in KEEP]

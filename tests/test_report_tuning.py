@@ -6,8 +6,8 @@ from mdtables import assert_row
 from mdtables import rows as table_rows
 from test_serving_and_report import run_record
 
-from kiln.report import render, summary_csv, summary_rows
-from kiln.report_tuning import roofline
+from kiln.report.markdown import render, summary_csv, summary_rows
+from kiln.report.tuning import roofline
 
 FACTS = {
     "cores": 2,

@@ -1,4 +1,4 @@
-"""kiln.roofline: MACs counted from ONNX graphs against counts worked out by hand."""
+"""kiln.measure.roofline: MACs counted from ONNX graphs against counts worked out by hand."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
-from kiln import roofline
-from kiln.errors import KilnError
-from kiln.roofline import count_macs
+from kiln.core.errors import KilnError
+from kiln.measure import roofline
+from kiln.measure.roofline import count_macs
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript exporter announces its retirement
 

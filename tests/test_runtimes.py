@@ -8,14 +8,13 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from kiln import fingerprint
-from kiln.config import Target
-from kiln.engine import build_engine, load_engine, read_manifest
-from kiln.errors import EngineMismatch, KilnError
-from kiln.inputs import make_inputs
-from kiln.models import build_model
-from kiln.runtimes import RUNTIMES, BuildSource
-from kiln.validate import reference_outputs
+from kiln.config.views import Target
+from kiln.core.errors import EngineMismatch, KilnError
+from kiln.data.inputs import make_inputs
+from kiln.export.models import build_model
+from kiln.export.validate import reference_outputs
+from kiln.pipeline.engine import build_engine, load_engine, read_manifest
+from kiln.runtimes import RUNTIMES, BuildSource, fingerprint
 
 CPU_TARGETS = {
     "torch-eager": {"runtime": "torch", "threads": 1},
@@ -204,7 +203,7 @@ BROKEN = {
 
 
 def test_manifest_records_the_hash_of_every_engine_file(tmp_path, tiny_onnx):
-    from kiln.hashing import sha256_file
+    from kiln.core.hashing import sha256_file
 
     path, spec, _ = tiny_onnx
     manifest = build_engine(target("openvino"), BuildSource(path, spec), tmp_path / "e")
@@ -253,8 +252,8 @@ def test_an_engine_without_file_hashes_still_loads_and_a_failed_load_keeps_the_r
 def test_every_registered_runtime_declares_what_kiln_needs():
     import dataclasses
 
+    from kiln.core.settings import parse
     from kiln.runtimes import RUNTIMES, CalibratingRuntime, get_runtime
-    from kiln.settings import parse
 
     for name, info in RUNTIMES.items():
         runtime = get_runtime(name)
@@ -272,8 +271,8 @@ def test_every_registered_runtime_declares_what_kiln_needs():
 def test_a_runtime_whose_libraries_are_unknown_fails_loudly():
     from types import SimpleNamespace
 
-    from kiln import fingerprint
-    from kiln.engine import library_versions
+    from kiln.pipeline.engine import library_versions
+    from kiln.runtimes import fingerprint
 
     machine = fingerprint.collect()
     assert library_versions(SimpleNamespace(name="onnxruntime", libraries=("onnxruntime",)), machine) == {
@@ -290,12 +289,12 @@ import sys, json
 from pathlib import Path
 sys.path.insert(0, str(Path({root!r}) / "stages"))
 import build, benchmark  # the stage scripts' own imports
-from kiln.accuracy import accuracy_against_reference
-from kiln.benchmark import BenchmarkSettings, benchmark_latency
-from kiln.config import ModelSpec, Target
-from kiln.engine import build_engine, load_engine
+from kiln.accuracy.budgets import accuracy_against_reference
+from kiln.measure.benchmark import BenchmarkSettings, benchmark_latency
+from kiln.config.views import ModelSpec, Target
+from kiln.pipeline.engine import build_engine, load_engine
 from kiln.runtimes import BuildSource
-from kiln.reference import load_reference
+from kiln.data.reference import load_reference
 spec = ModelSpec.from_params(json.loads({spec!r}))
 raw = {{"runtime": "onnxruntime", "threads": 1, "profile": {{"min": 1, "opt": 2, "max": 4}}}}
 target = Target.from_params("ort", {{"targets": {{"ort": raw}}}})
@@ -315,8 +314,8 @@ def test_building_and_benchmarking_an_onnxruntime_target_never_imports_torch(tmp
 
     from conftest import ROOT, tiny_model_params, venv_env
 
-    from kiln.inputs import make_inputs
-    from kiln.reference import save_reference
+    from kiln.data.inputs import make_inputs
+    from kiln.data.reference import save_reference
 
     path, spec, _ = tiny_onnx
     feeds = make_inputs(spec.inputs, 4, 0)

@@ -9,12 +9,12 @@ import time
 import numpy as np
 import pytest
 
-from kiln.benchmark import BenchmarkSettings, benchmark_served, headline_metrics, profile_mismatch, significant, time_infer
-from kiln.config import ShapeProfile, Target, served_distribution
-from kiln.errors import KilnError
-from kiln.params import check_fresh, stamped_yaml
-from kiln.report import render, stale_result_files, summary_csv, summary_rows
-from kiln.report_sections import committed_metrics
+from kiln.config.params import check_fresh, stamped_yaml
+from kiln.config.views import ShapeProfile, Target, served_distribution
+from kiln.core.errors import KilnError
+from kiln.measure.benchmark import BenchmarkSettings, benchmark_served, headline_metrics, profile_mismatch, significant, time_infer
+from kiln.report.markdown import render, stale_result_files, summary_csv, summary_rows
+from kiln.report.sections import committed_metrics
 
 PROFILE = ShapeProfile(1, 8, 32)
 
@@ -230,7 +230,7 @@ def test_stale_params_are_refused(in_tmp, monkeypatch):
     with pytest.raises(
         KilnError,
         match=r"params.yaml is stale: conf/ changed since it was composed with overrides \['targets.openvino.threads=1'\]; "
-        r"run `python -m kiln.params targets.openvino.threads=1`",
+        r"run `kiln params targets.openvino.threads=1`",
     ):
         check_fresh("params.yaml", "conf")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc")  # inside `dvc exp run`, DVC composed params.yaml itself

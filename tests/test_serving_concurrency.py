@@ -13,10 +13,10 @@ import threading
 import numpy as np
 import pytest
 
-from kiln.config import Target
-from kiln.engine import build_engine, load_engine
-from kiln.errors import KilnError
-from kiln.inputs import make_inputs
+from kiln.config.views import Target
+from kiln.core.errors import KilnError
+from kiln.data.inputs import make_inputs
+from kiln.pipeline.engine import build_engine, load_engine
 from kiln.runtimes import BuildSource, InstancePool, concurrency_limit
 from kiln.serving import BatcherSettings, poisson_arrivals, run_load, warm_up
 from kiln.serving.load import feeds_cache

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 import numpy as np
 import pytest
 
-from kiln.config import ShapeProfile
-from kiln.errors import KilnError
+from kiln.config.views import ShapeProfile
+from kiln.core.errors import KilnError
 from kiln.serving import (
     BatcherSettings,
     Request,
@@ -319,8 +319,8 @@ def test_check_against_refuses_what_cannot_be_served():
 
 
 def test_real_onnxruntime_engine_under_load(tiny_onnx, tmp_path):
-    from kiln.config import Target
-    from kiln.engine import build_engine, load_engine
+    from kiln.config.views import Target
+    from kiln.pipeline.engine import build_engine, load_engine
     from kiln.runtimes import BuildSource
     from kiln.serving import feeds_cache, warm_up
 

@@ -7,15 +7,15 @@ import pytest
 from mdtables import assert_row
 from test_serving_and_report import run_record
 
-from kiln.benchmark import BenchmarkSettings, benchmark_latency
-from kiln.checks import check_params
-from kiln.config import Target
-from kiln.engine import build_engine, load_engine
-from kiln.errors import KilnError
-from kiln.images import Preprocess
-from kiln.inputs import make_inputs
-from kiln.report import render
-from kiln.report_serving import curve_csv, curve_rows
+from kiln.config.views import Target
+from kiln.core.errors import KilnError
+from kiln.data.images import Preprocess
+from kiln.data.inputs import make_inputs
+from kiln.measure.benchmark import BenchmarkSettings, benchmark_latency
+from kiln.pipeline.checks import check_params
+from kiln.pipeline.engine import build_engine, load_engine
+from kiln.report.markdown import render
+from kiln.report.serving import curve_csv, curve_rows
 from kiln.runtimes import BuildSource
 from kiln.serving.run import ServingSettings, contention_slowdown, preprocessing_cost, serve_under_load
 
@@ -138,7 +138,7 @@ def test_report_shows_the_rate_the_profile_and_the_diagnosis():
             "batcher": {"max_batch": 8, "max_queue_delay_ms": 30.0},
             "changed": True,
             "why": "max 8: fits.",
-            "override": "python -m kiln.params targets.ort.profile.max=8",
+            "override": "kiln params targets.ort.profile.max=8",
         },
         "recommended_max_rate_at_slo": 25.0,
         "cost_per_million": 11.1,
@@ -150,12 +150,12 @@ def test_report_shows_the_rate_the_profile_and_the_diagnosis():
     assert_row(md, "ort", 20.0, 90.0, 40.0, 80.0, 0.25, "1/8/8", 25.0, 11.1)
     # The recommended batcher held 25 requests/s, a rate the current one failed at: measured better, so applied.
     assert "measured better: 25.0 requests/s within the objective with the recommended batcher against 20.0" in md
-    assert "Apply: `python -m kiln.params targets.ort.profile.max=8 serving.max_batch=8 serving.max_queue_delay_ms=30`" in md
+    assert "Apply: `kiln params targets.ort.profile.max=8 serving.max_batch=8 serving.max_queue_delay_ms=30`" in md
     # The diagnosis row: the profile's opt against the mean served batch, the precision that ran, preprocessing's share.
     diagnosis = assert_row(md, "ort", 2.3, "50%", 0.25)
     said = [c for c in diagnosis if "bf16" in c and "f32" in c.replace("bf16", "")]
     assert said and said[0].index("bf16") < said[0].replace("bf16", "    ").index("f32"), diagnosis  # requested, then executed
-    assert "`python -m kiln.serving.contention <a> <b>`); not measured in this run." in md  # contention: said once
+    assert "`kiln contention <a> <b>`); not measured in this run." in md  # contention: said once
     assert "seed's incident" not in md and "1.8 ms" not in md
     rows = curve_rows({"ort": res})
     assert [r["offered_rate"] for r in rows] == [2.0, 10.0, 18.0, 20.0, 25.0, 30.0, 40.0]

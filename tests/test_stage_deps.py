@@ -1,4 +1,4 @@
-"""Each stage re-runs when code it reaches changes, and only then: kiln.codedeps and dvc.yaml agree."""
+"""Each stage re-runs when code it reaches changes, and only then: kiln.pipeline.codedeps and dvc.yaml agree."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from kiln import codedeps
+from kiln.pipeline import codedeps
 from kiln.runtimes import RUNTIMES
 
 
@@ -77,15 +77,17 @@ def test_each_digest_covers_what_its_stage_reaches_and_no_other_runtime():
     d = codedeps.digests(ROOT)
     assert set(d) == {f"{s}.json" for s in codedeps.STAGES} | {f"{s}-{r}.json" for s in codedeps.PER_TARGET for r in RUNTIMES}
     ort = d["build-onnxruntime.json"]["files"]
-    assert {"stages/build.py", "kiln/engine.py", "kiln/runtimes/onnxruntime/__init__.py", "kiln/runtimes/qdq.py"} <= set(ort)
-    assert not [f for f in ort if f.startswith(("kiln/runtimes/torch", "kiln/runtimes/openvino", "kiln/models.py"))], ort
+    assert {"stages/build.py", "kiln/pipeline/engine.py", "kiln/runtimes/onnxruntime/__init__.py", "kiln/runtimes/qdq.py"} <= set(ort)
+    assert not [f for f in ort if f.startswith(("kiln/runtimes/torch", "kiln/runtimes/openvino", "kiln/export/models.py"))], ort
     torch_build = set(d["build-torch.json"]["files"])
-    assert {"kiln/runtimes/torch/__init__.py", "kiln/runtimes/torch/compile.py", "kiln/models.py"} <= torch_build
-    assert {"kiln/accuracy.py", "kiln/reference.py", "kiln/benchmark.py"} <= set(d["benchmark-openvino.json"]["files"])
+    assert {"kiln/runtimes/torch/__init__.py", "kiln/runtimes/torch/compile.py", "kiln/export/models.py"} <= torch_build
+    assert {"kiln/accuracy/budgets.py", "kiln/data/reference.py", "kiln/measure/benchmark.py"} <= set(d["benchmark-openvino.json"]["files"])
     # configure checks every runtime's options: it reaches them all.
     assert {f"kiln/runtimes/{r}/__init__.py" for r in RUNTIMES} <= set(d["configure.json"]["files"])
     # How a stage runs is not what it writes: a change to the error wording re-runs nothing.
-    assert not [f for files in d.values() for f in files["files"] if f in ("kiln/errors.py", "kiln/atomic.py", "kiln/stage.py")]
+    assert not [
+        f for files in d.values() for f in files["files"] if f in ("kiln/core/errors.py", "kiln/core/atomic.py", "kiln/pipeline/stage.py")
+    ]
 
 
 def test_a_change_re_runs_exactly_the_stages_that_reach_it(tmp_path, monkeypatch):
@@ -95,7 +97,7 @@ def test_a_change_re_runs_exactly_the_stages_that_reach_it(tmp_path, monkeypatch
     monkeypatch.setattr(codedeps, "SRC", src)
     codedeps.imports_of.cache_clear()
     before = codedeps.digests(tmp_path)
-    report = src / "kiln" / "report.py"
+    report = src / "kiln" / "report" / "markdown.py"
     report.write_text(report.read_text() + "\n# changed\n")
     qdq = src / "kiln" / "runtimes" / "qdq.py"
     qdq.write_text(qdq.read_text() + "\n# changed\n")

@@ -15,12 +15,12 @@ import pytest
 import torch
 from conftest import tiny_model_params, unavailable, venv_env
 
-from kiln import atomic
-from kiln.atomic import atomic_path, write_text
-from kiln.errors import KilnError, describe_os_error, run_cli, user_message
-from kiln.export import ExportSettings, export_onnx
-from kiln.models import build_model
-from kiln.stage import run_stage
+from kiln.core import atomic
+from kiln.core.atomic import atomic_path, write_text
+from kiln.core.errors import KilnError, describe_os_error, run_cli, user_message
+from kiln.export.models import build_model
+from kiln.export.onnx import ExportSettings, export_onnx
+from kiln.pipeline.stage import run_stage
 
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, whose writes fail with ENOSPC")
 NO_SPACE = (
@@ -63,10 +63,10 @@ def test_disk_full_during_export_names_the_disk_not_the_model(in_tmp, tiny_spec,
 WRITE_ENGINE = r"""
 import resource, shutil, signal, sys
 from pathlib import Path
-from kiln.config import ModelSpec, Target
-from kiln.engine import build_engine
+from kiln.config.views import ModelSpec, Target
+from kiln.pipeline.engine import build_engine
 from kiln.runtimes import BuildSource
-from kiln.stage import run_stage
+from kiln.pipeline.stage import run_stage
 import json
 
 onnx_path, spec, disk = sys.argv[1], ModelSpec.from_params(json.loads(sys.argv[2])), sys.argv[3]
@@ -135,8 +135,8 @@ def tiny_disk(tmp_path):
 
 
 def test_a_really_full_disk_during_export_and_build(in_tmp, tiny_onnx, tiny_disk, capsys):
-    from kiln.config import Target
-    from kiln.engine import build_engine
+    from kiln.config.views import Target
+    from kiln.pipeline.engine import build_engine
     from kiln.runtimes import BuildSource
 
     path, spec, _ = tiny_onnx
@@ -221,7 +221,7 @@ def test_colour_codes_never_reach_kilns_error_lines(tmp_path, tiny_spec, capsys,
 WRITER = r"""
 import sys, time
 from pathlib import Path
-from kiln.atomic import atomic_path
+from kiln.core.atomic import atomic_path
 
 out, go = Path(sys.argv[1]), Path(sys.argv[2])
 with atomic_path(out, is_dir=True) as tmp:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from conftest import ROOT
 from test_verdict import candidates
 
-from kiln.params import compose
-from kiln.report import render
+from kiln.config.params import compose
+from kiln.report.markdown import render
 from kiln.serving.recommend import judge_recommendation
 
 COMPILERS = {"torch-compile", "torch-aoti", "torch-compile-bf16", "torch-aoti-bf16"}
@@ -50,7 +50,7 @@ def test_a_recommendation_not_measured_carries_no_command():
         "batcher": {"max_batch": 8, "max_queue_delay_ms": 5.0},
         "max_rate_at_slo": 40.0,
         "search": {"tried": [[2.0, 10.0, True], [60.0, 900.0, False]], "confirmed": []},
-        "recommended": {"batcher": {"max_batch": 16, "max_queue_delay_ms": 20.0}, "override": "python -m kiln.params x=1", "changed": True},
+        "recommended": {"batcher": {"max_batch": 16, "max_queue_delay_ms": 20.0}, "override": "kiln params x=1", "changed": True},
         "recommended_note": "not measured: serving.measure_recommended is off (study=deep measures it)",
     }
     judged = judge_recommendation(open_loop)

@@ -1,4 +1,4 @@
-"""kiln.tasks on hand-made outputs: inference of the task, order-insensitive detection matching, the
+"""kiln.accuracy.tasks on hand-made outputs: inference of the task, order-insensitive detection matching, the
 detection gate's tolerance at the list's cut, and what each task calls a reference that proves nothing."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kiln.errors import KilnError, ValidationFailed
-from kiln.tasks import OutputInfo, infer_task, output_infos, resolve_task
-from kiln.tasks.detection import Detection
-from kiln.tasks.segmentation import mean_iou
+from kiln.accuracy.tasks import OutputInfo, infer_task, output_infos, resolve_task
+from kiln.accuracy.tasks.detection import Detection
+from kiln.accuracy.tasks.segmentation import mean_iou
+from kiln.core.errors import KilnError, ValidationFailed
 
 
 def padded(dets: list[list[tuple[float, float, float, float, float, int]]], k: int = 4, best_first: bool = True) -> dict[str, np.ndarray]:
@@ -91,7 +91,7 @@ def test_mean_iou_counts_classes_present_in_either_map():
 
 
 def test_attention_fusion_is_read_from_what_the_runtime_runs():
-    from kiln.graphs import attention_summary
+    from kiln.export.graphs import attention_summary
 
     given = ["MatMul", "Softmax", "MatMul", "Add"]
     assert attention_summary(["Conv", "Relu"], ["Conv"]) is None

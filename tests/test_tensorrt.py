@@ -18,10 +18,10 @@ import onnx
 import pytest
 from conftest import unavailable
 
-from kiln.calibration import CalibrationSettings
-from kiln.config import InputSpec, Target
-from kiln.engine import build_engine, load_engine
-from kiln.errors import KilnError
+from kiln.config.views import InputSpec, Target
+from kiln.core.errors import KilnError
+from kiln.data.calibration_set import CalibrationSettings
+from kiln.pipeline.engine import build_engine, load_engine
 from kiln.runtimes import BuildSource, get_runtime
 from kiln.runtimes import tensorrt as trt_runtime
 from kiln.runtimes.tensorrt import plan
@@ -144,7 +144,7 @@ def test_bad_profiles_say_what_is_wrong(options, message):
 
 
 def test_gpu_target_set_parses():
-    from kiln.params import compose
+    from kiln.config.params import compose
 
     raw = compose(["targets=gpu"], ROOT / "conf")["targets"]
     targets = {name: Target.from_params(name, {"targets": raw}) for name in raw}
@@ -342,7 +342,7 @@ def test_building_here_fails_with_the_reason_not_an_import_error(tmp_path, tiny_
         == f"targets.tensorrt-fp16: cannot build on this machine: {reason} (mark the target `required: false` to skip it on such machines)"
     )
     assert not (tmp_path / "e").exists()
-    # the runtime's own build refuses too (for callers that skip kiln.engine)
+    # the runtime's own build refuses too (for callers that skip kiln.pipeline.engine)
     with pytest.raises(KilnError, match="cannot build with TensorRT here"):
         trt_runtime.RUNTIME.build(target(), BuildSource(path, spec), tmp_path)
 
@@ -551,7 +551,7 @@ def test_engine_builds_loads_and_matches_onnxruntime(tmp_path, tiny_onnx, precis
 @pytest.mark.gpu
 @needs_gpu
 def test_int8_engine_from_qdq_and_mismatch_refused(tmp_path, tiny_onnx, monkeypatch):
-    from kiln.errors import EngineMismatch
+    from kiln.core.errors import EngineMismatch
 
     path, spec, _ = tiny_onnx
     monkeypatch.chdir(tmp_path)

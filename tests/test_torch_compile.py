@@ -15,14 +15,13 @@ import pytest
 import torch
 from conftest import tiny_model_params, venv_env
 
-from kiln import fingerprint
-from kiln.config import ModelSpec, Target
-from kiln.engine import build_engine, load_engine, read_manifest
-from kiln.errors import KilnError
-from kiln.inputs import make_inputs
-from kiln.models import build_model
-from kiln.runtimes import BuildSource
-from kiln.validate import eager_outputs
+from kiln.config.views import ModelSpec, Target
+from kiln.core.errors import KilnError
+from kiln.data.inputs import make_inputs
+from kiln.export.models import build_model
+from kiln.export.validate import eager_outputs
+from kiln.pipeline.engine import build_engine, load_engine, read_manifest
+from kiln.runtimes import BuildSource, fingerprint
 
 # compile: min 1 (dynamo specialises batch 1) up to 20 (CPU convolutions guard on batch >= 16): three graphs.
 COMPILE = {
@@ -44,7 +43,7 @@ def native_bf16() -> bool:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from kiln.export import ExportSettings, export_onnx
+    from kiln.export.onnx import ExportSettings, export_onnx
 
     spec = ModelSpec.from_params(tiny_model_params())
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
@@ -301,7 +300,7 @@ from pathlib import Path
 import kiln.runtimes.torch as rt
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_torch_compile import COMPILE, target
-from kiln.engine import load_engine
+from kiln.pipeline.engine import load_engine
 seen = []
 unpack = rt.unpack_inductor_cache
 def spy(archive):

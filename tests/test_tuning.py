@@ -1,4 +1,4 @@
-"""kiln.tuning: the search keeps a clear win, refuses one within the noise, stops at its budget; the winner is
+"""kiln.measure.tuning: the search keeps a clear win, refuses one within the noise, stops at its budget; the winner is
 recorded in the manifest and applied on load; the throughput mode of the runtimes that offer one."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from kiln.config import Target
-from kiln.engine import build_engine, load_engine
-from kiln.errors import KilnError
-from kiln.inputs import make_inputs
+from kiln.config.views import Target
+from kiln.core.errors import KilnError
+from kiln.data.inputs import make_inputs
+from kiln.measure.tuning import TuningSettings, tune_engine, with_settings
+from kiln.pipeline.engine import build_engine, load_engine
 from kiln.runtimes import BuildSource, Knob, ThroughputSession, get_runtime
 from kiln.runtimes.onnxruntime import OnnxRuntimeOptions, OnnxRuntimeRuntime
-from kiln.tuning import TuningSettings, tune_engine, with_settings
 
 QUICK = TuningSettings(budget_s=20.0, rounds=3, round_s=0.03, warmup_iters=1)
 
@@ -173,7 +173,7 @@ def test_throughput_mode_keeps_several_requests_in_flight(tmp_path, tiny_onnx, r
 
 
 def test_only_tuned_targets_depend_on_the_tuning_settings():
-    from kiln.stage_params import target_slices as stage_slices
+    from kiln.config.slices import target_slices as stage_slices
 
     params = {
         "targets": {"a": {"runtime": "openvino", "tune": True}, "b": {"runtime": "openvino"}},

@@ -11,8 +11,8 @@ import pytest
 from conftest import ROOT, venv_env
 from PIL import Image
 
-from kiln.errors import KilnError
-from kiln.images import ImageSet, Preprocess
+from kiln.core.errors import KilnError
+from kiln.data.images import ImageSet, Preprocess
 
 SAMPLE_DATA = ROOT / "stages" / "sample_data.py"
 
@@ -88,7 +88,7 @@ def test_float_images_are_refused_by_name(tmp_path):
 def test_tiny_images_are_warned_about(tmp_path, caplog):
     photo(size=(1, 1)).save(tmp_path / "dot.png")
     photo(size=(300, 300)).save(tmp_path / "big.png")
-    with caplog.at_level(logging.WARNING, logger="kiln.images"):
+    with caplog.at_level(logging.WARNING, logger="kiln.data.images"):
         ImageSet.scan(tmp_path).warn_small(Preprocess(), "calibration folder")
     assert "1 of 2 images in calibration folder" in caplog.text and "dot.png (1x1)" in caplog.text
     assert "big.png" not in caplog.text

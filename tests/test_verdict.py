@@ -8,12 +8,12 @@ import copy
 import numpy as np
 from test_serving_and_report import run_record
 
-from kiln.benchmark import headline_metrics
-from kiln.changes import compare
-from kiln.experiments import table
-from kiln.report import render
-from kiln.report_sections import compared_section
-from kiln.report_verdict import OVER_BUDGET_MARK, verdict
+from kiln.measure.benchmark import headline_metrics
+from kiln.report.changes import compare
+from kiln.report.experiments import table
+from kiln.report.markdown import render
+from kiln.report.sections import compared_section
+from kiln.report.verdict import OVER_BUDGET_MARK, verdict
 from kiln.serving.recommend import judge_recommendation
 from kiln.serving.slo import max_rate_at_slo
 
@@ -122,7 +122,7 @@ def open_loop(current_rate, recommended_rate, failed_at):
             "changed": True,
             "why": "max 8: fits.",
             "warnings": [],
-            "override": "python -m kiln.params targets.ov.profile.min=1 targets.ov.profile.opt=8 targets.ov.profile.max=8",
+            "override": "kiln params targets.ov.profile.min=1 targets.ov.profile.opt=8 targets.ov.profile.max=8",
         },
         "recommended_max_rate_at_slo": recommended_rate,
     }
@@ -138,7 +138,7 @@ def test_a_recommendation_measured_worse_is_not_offered():
     res = run_record("ov", 5.0)
     res["run"]["open_loop"] = open_loop(96.1, 54.0, 104.6)
     md = render({"ov": res}, None, "ov")
-    assert "Apply:" not in md and "kiln.params" not in md
+    assert "Apply:" not in md and "kiln.config.params" not in md
     assert "- `ov`: the current setting stands (max_batch 8, max_queue_delay_ms 5): 54.0 requests/s" in md
 
     # Better, but by less than the search's step (the current batcher never failed below 100): not measured better.
@@ -147,7 +147,7 @@ def test_a_recommendation_measured_worse_is_not_offered():
     # Better by a rate the current batcher failed at: offered, with the serving settings it was measured with.
     better = judge_recommendation(open_loop(48.2, 93.4, 55.8))
     assert better["better"] and better["apply"] == (
-        "python -m kiln.params targets.ov.profile.min=1 targets.ov.profile.opt=8 targets.ov.profile.max=8 "
+        "kiln params targets.ov.profile.min=1 targets.ov.profile.opt=8 targets.ov.profile.max=8 "
         "serving.max_batch=8 serving.max_queue_delay_ms=106.1"
     )
     unmeasured = {**open_loop(48.2, None, 55.8), "recommended_note": "outside this engine's profile"}

@@ -68,7 +68,7 @@ def test_gpu_job_pulls_runs_the_gpu_set_pushes_and_comments():
         for s in (
             "kiln-shared",
             "scripts/ci_remote.sh",
-            "kiln.params targets=gpu",
+            "kiln params targets=gpu",
             "dvc repro --pull",
             "dvc push",
             "dvc metrics diff",

@@ -96,7 +96,7 @@ def test_the_fan_out_runs_as_the_workflow_writes_it(tmp_path):
         shutil.copytree(ROOT / name, origin / name)
     # The cpu class is a few fast targets here; the scripts do not know the difference.
     (origin / "conf" / "targets" / "cpu.yaml").write_text(MINI)
-    run(["python", "-m", "kiln.params"], origin)
+    run(["python", "-m", "kiln", "params"], origin)
     run(["git", "add", "-A"], origin)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "ci"], origin)
 

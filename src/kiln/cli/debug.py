@@ -1,6 +1,6 @@
-"""`python -m kiln.debug <target>` and `python -m kiln.compare <a> <b>`: the debugger's command line.
+"""`kiln debug <target>` and `kiln compare <a> <b>`: the debugger's command line.
 
-Apart from the library (kiln.debug) so that what a stage imports never reaches the repair search.
+Apart from the library (kiln.diagnose.debug) so that what a stage imports never reaches the repair search.
 """
 
 from __future__ import annotations
@@ -9,20 +9,20 @@ import argparse
 import logging
 from pathlib import Path
 
-from .. import paths
-from ..config import Target, load_params
-from ..debug import DEBUG_CSV, PLOT_COMMAND, THRESHOLD_DB, debug_engines, describe, eval_feeds, render_text, write_debug
-from ..errors import KilnError
-from ..reference import load_reference
-from ..repair import repair_target
-from ..stage import run_stage
+from kiln.config.views import Target, load_params
+from kiln.core import paths
+from kiln.core.errors import KilnError
+from kiln.data.reference import load_reference
+from kiln.diagnose.debug import DEBUG_CSV, PLOT_COMMAND, THRESHOLD_DB, debug_engines, describe, eval_feeds, render_text, write_debug
+from kiln.diagnose.repair import repair_target
+from kiln.pipeline.stage import run_stage
 
-log = logging.getLogger("kiln.debug")
+log = logging.getLogger("kiln.diagnose.debug")
 
 
 def main(argv: list[str] | None = None, compare_mode: bool = False) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kiln.compare" if compare_mode else "python -m kiln.debug",
+        prog="kiln compare" if compare_mode else "kiln debug",
         description="Compare two engines boundary by boundary" if compare_mode else "Where an engine first departs from the fp32 graph",
     )
     if compare_mode:
@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None, compare_mode: bool = False) -> int:
     else:
         parser.add_argument("target")
         parser.add_argument("--against", default=None, help="another target's engine instead of the fp32 graph")
-        parser.add_argument("--repair", action="store_true", help="return layers to float until the accuracy budget holds (kiln.repair)")
+        parser.add_argument(
+            "--repair", action="store_true", help="return layers to float until the accuracy budget holds (kiln.diagnose.repair)"
+        )
         parser.add_argument("--max-builds", type=int, default=12, help="repair: at most this many calibrate+build rounds")
         parser.add_argument(
             "--budget",
@@ -85,5 +87,5 @@ def main(argv: list[str] | None = None, compare_mode: bool = False) -> int:
 
 
 def compare(argv: list[str] | None = None) -> int:
-    """`kiln compare <a> <b>` (and `python -m kiln.compare`): two engines, boundary by boundary."""
+    """`kiln compare <a> <b>` (and `kiln compare`): two engines, boundary by boundary."""
     return main(argv, compare_mode=True)

@@ -1,8 +1,8 @@
 """`kiln <verb>`: one command for what a person runs besides `dvc repro` (the `kiln` console script).
 
 Each verb is a library module's command line, imported only when that verb runs, so `kiln --help` starts in
-a blink and a verb's heavy imports (torch, the runtimes) are paid by that verb alone. The `python -m
-kiln.<module>` forms stay as aliases. Nothing in the library or the stages imports this module.
+a blink and a verb's heavy imports (torch, the runtimes) are paid by that verb alone. `python -m kiln <verb>`
+is the same command. Nothing in the library or the stages imports the cli package.
 """
 
 from __future__ import annotations
@@ -15,15 +15,19 @@ from typing import Callable, Sequence
 # verb -> (module, function, one line for `kiln --help`). The function takes the verb's arguments.
 VERBS: dict[str, tuple[str, str, str]] = {
     "params": (
-        "kiln.params",
+        "kiln.cli.params",
         "main",
         "compose params.yaml from conf/ with Hydra overrides (study=deep...), check it, say what re-runs",
     ),
-    "experiments": ("kiln.experiments", "main", "dvc experiments side by side, a difference within the measured noise marked as such"),
+    "experiments": (
+        "kiln.cli.experiments",
+        "main",
+        "dvc experiments side by side, a difference within the measured noise marked as such",
+    ),
     "debug": ("kiln.cli.debug", "main", "where an engine first departs from the fp32 graph, boundary by boundary; --repair"),
     "compare": ("kiln.cli.debug", "compare", "two engines, boundary by boundary"),
-    "plots": ("kiln.plots", "main", "the offline plot page for `dvc plots show` and the latency chart"),
-    "contention": ("kiln.serving.contention", "main", "two engines on one device: each one's slow-down beside the other"),
+    "plots": ("kiln.cli.plots", "main", "the offline plot page for `dvc plots show` and the latency chart"),
+    "contention": ("kiln.cli.contention", "main", "two engines on one device: each one's slow-down beside the other"),
 }
 
 
@@ -55,17 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" (did you mean `kiln {near[0]}`?)" if near else ""
         print(f"kiln: error: unknown verb '{verb}'{hint}; `kiln --help` lists them", file=sys.stderr)
         return 2
-    from ..errors import user_message
+    from kiln.core.errors import run_command
 
     sys.argv = [f"kiln {verb}", *rest]
-    try:
-        return int(resolve(verb)(rest) or 0)
-    except Exception as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"kiln: error: {message}", file=sys.stderr)
-        return 1
+    return run_command(resolve(verb), rest)
 
 
 def entry() -> None:

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import KilnError
+from kiln.core.errors import KilnError
 
 OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
 
@@ -39,7 +39,7 @@ class DetectionSettings:
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any] | None) -> "DetectionSettings":
-        from ..settings import parse
+        from kiln.core.settings import parse
 
         return parse(cls, raw, "model.detection")
 
@@ -206,8 +206,8 @@ def sample_images(height: int, width: int, count: int, seed: int) -> torch.Tenso
     import numpy as np
     from PIL import Image
 
-    from ..demo_weights import PHOTOGRAPHS
-    from ..images import photograph, random_square_crop
+    from kiln.data.demo_weights import PHOTOGRAPHS
+    from kiln.data.images import photograph, random_square_crop
 
     rng = np.random.default_rng(seed)
     sources = [photograph(n) for n in PHOTOGRAPHS]
@@ -222,9 +222,9 @@ def sample_images(height: int, width: int, count: int, seed: int) -> torch.Tenso
 
 def nms_fidelity(wrapper: PaddedDetections, count: int = NMS_FIDELITY_IMAGES, seed: int = 0) -> dict[str, Any]:
     """kiln's fixed-shape postprocessing against the torchvision detector's own forward (eval mode, its own
-    transform, postprocess and batched_nms) on sample photographs: detection F1 by class and IoU (kiln.tasks.detection),
+    transform, postprocess and batched_nms) on sample photographs: detection F1 by class and IoU (kiln.accuracy.tasks.detection),
     the detector's list cut to kiln's max_detections (best first) so that only the postprocessing differs."""
-    from ..tasks.detection import MATCH_IOU, agreement, unpad
+    from kiln.accuracy.tasks.detection import MATCH_IOU, agreement, unpad
 
     images = sample_images(wrapper.height, wrapper.width, count, seed)
     was_training = wrapper.training

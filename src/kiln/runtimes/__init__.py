@@ -8,7 +8,7 @@ engines re-build when one changes, and loading refuses an engine built with othe
 The module exposes `RUNTIME`, an object that satisfies `Runtime`:
 
 - `name`, `info` (its RuntimeInfo), `precisions` and `libraries` (from `info`);
-- `options_type`: the dataclass its `targets.<name>.options` parse into (kiln.settings: unknown keys,
+- `options_type`: the dataclass its `targets.<name>.options` parse into (kiln.core.settings: unknown keys,
   types and defaults come from it, and the configure stage checks every target's options);
 - `unavailable_reason(target) -> str | None`: why it cannot build/run `target` on this machine;
 - `build(target, source, engine_dir) -> dict`: write the engine files into `engine_dir` and return
@@ -28,13 +28,13 @@ Optional capabilities, each a protocol of its own that callers test with isinsta
   model, for the quantization sensitivity ranking;
 - `DeviceTimedSession`: a session's `time_ms(feeds)`, one inference timed on the device (CUDA events),
   which the benchmark then uses instead of the host clock;
-- `TunableRuntime`: `knobs(target) -> tuple[Knob, ...]`, the options (and thread counts) kiln.tuning may
+- `TunableRuntime`: `knobs(target) -> tuple[Knob, ...]`, the options (and thread counts) kiln.measure.tuning may
   search on this machine, declared next to the runtime's options dataclass;
 - `ThroughputSession`: a session's `throughput(feeds, seconds, min_runs)`, images/s with several requests
   in flight (the runtime's own asynchronous or parallel API), for the benchmark's throughput mode;
 - `BoundaryInspectingRuntime`: `boundary_activations(engine_dir, target, source_onnx, feeds) -> Boundaries`,
   a built engine's intermediate tensors where its fusions leave them, keyed by the source graph's tensor
-  names, for kiln.debug's first-divergence search (and how they were read: the engine's own kernels, or
+  names, for kiln.diagnose.debug's first-divergence search (and how they were read: the engine's own kernels, or
   quantization simulated in f32 where the runtime cannot expose its fused kernels' outputs).
 
 Stages and the benchmark only talk to these protocols. Importing this package imports no framework
@@ -50,13 +50,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, Mapping, Protocol, TypeVar, runtime_checkable
 
-from ..errors import KilnError, close_matches
+from kiln.core.errors import KilnError, close_matches
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..calibration import CalibrationSet, CalibrationSettings
-    from ..config import ModelSpec, Target
+    from kiln.config.views import ModelSpec, Target
+    from kiln.data.calibration_set import CalibrationSet, CalibrationSettings
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ class CalibratingRuntime(Protocol):
 
 @dataclass(frozen=True)
 class Knob:
-    """One setting kiln.tuning may change: a field of the runtime's options dataclass, or `threads` (the target's).
+    """One setting kiln.measure.tuning may change: a field of the runtime's options dataclass, or `threads` (the target's).
 
     `values` are the candidates besides the target's own value; `rebuild` says a value takes effect only in a
     new build (a compiler setting), where the others take effect when the engine is loaded."""
@@ -262,16 +262,20 @@ def get_runtime(name: str) -> Runtime:
 
 def runtime_options(runtime: Runtime, target: Target) -> Any:
     """`targets.<name>.options` parsed into the runtime's options dataclass (defaults filled, types checked)."""
-    from ..settings import parse
+    from kiln.core.settings import parse
 
     return parse(runtime.options_type, target.options, f"targets.{target.name}.options")
 
 
-def is_calibrated(runtime: str, precision: str) -> bool:
-    """Whether `precision` on `runtime` needs calibration data (False for a runtime kiln does not know:
-    Target.from_params and configure name that)."""
+# The precision of a target that names none: the reference every other precision is judged against.
+DEFAULT_PRECISION = "fp32"
+
+
+def is_calibrated(runtime: str, precision: str | None = None) -> bool:
+    """Whether `precision` (DEFAULT_PRECISION when a target names none) on `runtime` needs calibration data
+    (False for a runtime kiln does not know: Target.from_params and configure name that)."""
     info = RUNTIMES.get(runtime)
-    return info is not None and precision in info.calibrated
+    return info is not None and (precision or DEFAULT_PRECISION) in info.calibrated
 
 
 def needs_calibration(target: Target) -> bool:

@@ -8,14 +8,14 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import KilnError
+from kiln.core.errors import KilnError
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..calibration import CalibrationSet, CalibrationSettings
+    from kiln.data.calibration_set import CalibrationSet, CalibrationSettings
 
 QDQ = "model.qdq.onnx"
 PREPROCESSED = "model.fp32.onnx"  # the fp32 graph the QDQ graph was made from: same nodes, same tensor names
@@ -85,7 +85,7 @@ def quantize_qdq(
         quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
     if prepare is not None:
         prepare(pre)
-    from ..graphs import tail_nodes
+    from kiln.export.graphs import tail_nodes
 
     tail = tail_nodes(pre)
     if tail:

@@ -22,11 +22,11 @@ TorchServe, a cloud endpoint) is a Session whose `infer` posts the batch and wai
 
 from __future__ import annotations
 
-from .arrivals import Request, check_sizes, mean_size, poisson_arrivals
-from .batcher import BatcherSettings, DynamicBatcher
-from .load import LoadResult, feeds_cache, run_load, warm_up
-from .recommend import latency_at, recommend_profile
-from .slo import cost_per_million, max_rate_at_slo, sweep
+from kiln.serving.arrivals import Request, check_sizes, mean_size, poisson_arrivals
+from kiln.serving.batcher import BatcherSettings, DynamicBatcher
+from kiln.serving.load import LoadResult, feeds_cache, run_load, warm_up
+from kiln.serving.recommend import latency_at, recommend_profile
+from kiln.serving.slo import cost_per_million, max_rate_at_slo, sweep
 
 __all__ = [
     "BatcherSettings",

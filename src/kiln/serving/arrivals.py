@@ -9,7 +9,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import KilnError
+from kiln.core.errors import KilnError
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..config import ShapeProfile
-from ..errors import KilnError
-from ..settings import describe, parse
-from .arrivals import check_sizes
+from kiln.config.views import ShapeProfile
+from kiln.core.errors import KilnError
+from kiln.core.settings import describe, parse
+from kiln.serving.arrivals import check_sizes
 
 
 @dataclass(frozen=True)

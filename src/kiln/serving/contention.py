@@ -1,6 +1,6 @@
 """Two engines on one device at once: how much each slows the other (the seed's contention question).
 
-`python -m kiln.serving.contention <target-a> <target-b>` loads both built engines of this project, times
+`kiln contention <target-a> <target-b>` loads both built engines of this project, times
 each alone at its main batch, then both at once (each in its own thread, looping until the other's timing is
 done), and prints each one's median latency alone and beside the other, and the slow-down. It is on demand,
 not a pipeline stage: which engines share a device is a deployment decision, and measuring every pair
@@ -10,22 +10,21 @@ a second copy of the same engine, inside the pipeline.) Results go to reports/co
 
 from __future__ import annotations
 
-import argparse
 import threading
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..runtimes import Session
+from kiln.core.paths import CONTENTION
+from kiln.runtimes import Session
 
-CONTENTION_DIR = Path("reports") / "contention"
+CONTENTION_DIR = CONTENTION
 
 
 def timed(session: Session, feeds: Mapping[str, np.ndarray], seconds: float, min_runs: int = 5) -> list[float]:
     """Per-inference ms from the benchmark's own timing loop: at least `min_runs` inferences and `seconds`, not
     extended for noise (a neighbour's load is the point here)."""
-    from ..benchmark import BenchmarkSettings, time_infer
+    from kiln.measure.benchmark import BenchmarkSettings, time_infer
 
     settings = BenchmarkSettings(warmup_iters=0, min_iters=min_runs, min_time_s=seconds, max_iters=10**9, noisy_max_time_s=seconds)
     return time_infer(session, feeds, settings)
@@ -67,53 +66,3 @@ def contention_between(
         alone_ms, beside_ms = float(np.median(alone[key])), float(np.median(beside[key]))
         out[key] = {"alone_p50_ms": alone_ms, "beside_p50_ms": beside_ms, "slowdown": beside_ms / alone_ms, "runs": len(beside[key])}
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .. import paths
-    from ..atomic import write_json
-    from ..config import Target, engine_spec, load_params
-    from ..engine import load_engine
-    from ..errors import KilnError
-    from ..inputs import make_inputs
-    from ..stage import run_stage
-    from ..tuning import tuned_target
-
-    parser = argparse.ArgumentParser(prog="python -m kiln.serving.contention", description=__doc__.split("\n\n")[0])
-    parser.add_argument("a", help="a target whose engine is built (artifacts/engines/<a>)")
-    parser.add_argument("b", help="the target run beside it")
-    parser.add_argument("--seconds", type=float, default=3.0, help="timing per engine, alone and beside (default 3)")
-    args = parser.parse_args(argv)
-
-    def run() -> None:
-        if not args.seconds > 0:
-            raise KilnError(f"--seconds must be > 0, got {args.seconds}")
-        params = load_params()
-        spec = engine_spec(params)
-        loaded = {}
-        for key, name in (("a", args.a), ("b", args.b)):
-            target = Target.from_params(name, params)
-            if not (paths.ENGINES / name / "manifest.json").is_file():
-                raise KilnError(f"no engine for target '{name}': run `dvc repro build@{name}` first")
-            session, manifest = load_engine(paths.ENGINES / name, target)
-            target = tuned_target(target, manifest)
-            loaded[key] = (name, target, session, make_inputs(spec.inputs, target.main_batch, 0))
-        (na, ta, sa, fa), (nb, tb, sb, fb) = loaded["a"], loaded["b"]
-        result = contention_between(sa, sb, fa, fb, args.seconds)
-        record = {
-            na: {**result["a"], "batch": ta.main_batch, "threads": ta.effective_threads},
-            nb: {**result["b"], "batch": tb.main_batch, "threads": tb.effective_threads},
-        }
-        write_json(CONTENTION_DIR / f"{na}+{nb}.json", record)
-        for name, r in record.items():
-            print(
-                f"{name} (batch {r['batch']}, {r['threads']} threads): {r['alone_p50_ms']:.2f} ms alone, "
-                f"{r['beside_p50_ms']:.2f} ms beside the other: {r['slowdown']:.2f}x"
-            )
-
-    run_stage(run)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -15,12 +15,12 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from ..config import InputSpec
-from ..errors import KilnError
-from ..inputs import make_inputs
-from ..runtimes import Session, concurrency_limit
-from .arrivals import Request
-from .batcher import BatcherSettings, DynamicBatcher, Queued
+from kiln.config.views import InputSpec
+from kiln.core.errors import KilnError
+from kiln.data.inputs import make_inputs
+from kiln.runtimes import Session, concurrency_limit
+from kiln.serving.arrivals import Request
+from kiln.serving.batcher import BatcherSettings, DynamicBatcher, Queued
 
 FeedsFor = Callable[[int], Mapping[str, np.ndarray]]
 # A request's own inputs (its position in the arrivals -> feeds of its size), for runs that check answers.

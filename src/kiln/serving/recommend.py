@@ -30,9 +30,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..config import ShapeProfile, check_target_name
-from ..errors import KilnError
-from .arrivals import check_sizes
+from kiln.config.views import ShapeProfile, check_target_name
+from kiln.core.errors import KilnError
+from kiln.serving.arrivals import check_sizes
 
 KNEE = 1.10  # within 10% of the best ms/image counts as flat
 
@@ -134,7 +134,7 @@ def recommend_profile(
         "warnings": warnings,
         "changed": profile != current,
         "current": current.to_params(),
-        "override": f"python -m kiln.params targets.{t}.profile.min={smallest} targets.{t}.profile.opt={opt} targets.{t}.profile.max={top}",
+        "override": f"kiln params targets.{t}.profile.min={smallest} targets.{t}.profile.opt={opt} targets.{t}.profile.max={top}",
     }
     if profiles > 1:
         common = sorted((b for b, share in dist.items() if share >= MAIN_SHARE and b < opt), key=lambda b: -dist[b])[: profiles - 1]
@@ -168,7 +168,7 @@ def judge_recommendation(open_loop: Mapping[str, Any]) -> dict[str, Any] | None:
     """Whether an open-loop record's recommended batcher was measured better than the current one on the same
     engine in the same run: it must hold a rate within the objective at which the current batcher failed (a gap
     smaller than the rate search's step tells nothing). {"better", "current_rate", "recommended_rate" (None when
-    not measured), "why", "apply" (the `python -m kiln.params` command, only when better)}; None without a
+    not measured), "why", "apply" (the `kiln params` command, only when better)}; None without a
     recommendation."""
     rec = open_loop.get("recommended")
     if not rec:
@@ -191,12 +191,12 @@ def judge_recommendation(open_loop: Mapping[str, Any]) -> dict[str, Any] | None:
     if rec_rate > cur_rate and (step is None or rec_rate >= step * (1 - 1e-9)):
         out["better"] = True
         out["why"] = "measured better: " + both + (f", which failed at {step:.1f}" if step is not None else "")
-        args = rec["override"].removeprefix("python -m kiln.params ").split() if rec.get("changed") and rec.get("override") else []
+        args = rec["override"].removeprefix("kiln params ").split() if rec.get("changed") and rec.get("override") else []
         if rb.get("max_batch") != current.get("max_batch") or args:
             args.append(f"serving.max_batch={rb['max_batch']}")
         if rb.get("max_queue_delay_ms") != current.get("max_queue_delay_ms"):
             args.append(f"serving.max_queue_delay_ms={rb['max_queue_delay_ms']:.4g}")
-        out["apply"] = "python -m kiln.params " + " ".join(args)
+        out["apply"] = "kiln params " + " ".join(args)
     elif rec_rate > cur_rate:
         out["why"] = f"{stands}: {both}, a gap within the rate search's step (the current one failed only at {step:.1f})"
     else:

@@ -13,14 +13,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..config import InputSpec, Target
-from ..errors import KilnError
-from ..runtimes import Session, runtime_info
-from .arrivals import mean_size, poisson_arrivals
-from .batcher import BatcherSettings
-from .load import LoadResult, feeds_cache, run_load, warm_up
-from .recommend import recommend_profile
-from .slo import cost_per_million, max_rate_at_slo, sweep
+from kiln.config.views import InputSpec, Target
+from kiln.core.errors import KilnError
+from kiln.runtimes import Session, runtime_info
+from kiln.serving.arrivals import mean_size, poisson_arrivals
+from kiln.serving.batcher import BatcherSettings
+from kiln.serving.load import LoadResult, feeds_cache, run_load, warm_up
+from kiln.serving.recommend import recommend_profile
+from kiln.serving.slo import cost_per_million, max_rate_at_slo, sweep
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class ServingSettings:
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any] | None) -> "ServingSettings":
-        from ..settings import parse
+        from kiln.core.settings import parse
 
         return parse(cls, raw, "serving")
 
@@ -232,7 +232,7 @@ def preprocessing_cost(preprocess: Any, images: int = 15) -> dict[str, Any]:
     import numpy as np
     from PIL import Image
 
-    from ..images import photograph
+    from kiln.data.images import photograph
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "frame.jpg"
@@ -257,7 +257,7 @@ def contention_slowdown(session: Session, second: Session, feeds: Mapping[str, A
 
     import numpy as np
 
-    from .contention import timed
+    from kiln.serving.contention import timed
 
     alone = timed(session, feeds, seconds)
     stop = threading.Event()

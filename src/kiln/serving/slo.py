@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import KilnError
-from .load import LoadResult
+from kiln.core.errors import KilnError
+from kiln.serving.load import LoadResult
 
 RunAt = Callable[[float], LoadResult]
 # An inference that takes at most this share of the objective cannot be why the lowest rate fails it.

@@ -10,16 +10,19 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from ...config import Target, default_threads
-from ...errors import KilnError
-from .. import Boundaries, BuildSource, Knob, RegisteredRuntime, runtime_options
-from ..qdq import PREPROCESSED, QDQ, check_ignored_scope, quantize_qdq
+from kiln.config.views import Target, default_threads
+from kiln.core.errors import KilnError
+from kiln.export.graphs import COMPUTE_OPS
+from kiln.runtimes import Boundaries, BuildSource, Knob, RegisteredRuntime, runtime_options
+from kiln.runtimes.qdq import PREPROCESSED, QDQ, check_ignored_scope, quantize_qdq
 
 if TYPE_CHECKING:
-    from ...calibration import CalibrationSet, CalibrationSettings
+    from kiln.data.calibration_set import CalibrationSet, CalibrationSettings
 
 OPTIMIZED = "model.optimized.onnx"
-COMPUTE_OPS = {"Conv", "MatMul", "Gemm", "ConvTranspose"}
+# The compute ops ONNX Runtime's QDQ quantizer gives int8 weights (Einsum and the attention ops keep float
+# inputs on the CPU): a float one left in a quantized graph is a layer kept in float.
+QUANTIZABLE_OPS = COMPUTE_OPS - {"Einsum", "Attention", "MultiHeadAttention"}
 INT8_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool"}
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -46,7 +49,7 @@ class OnnxRuntimeOptions:
 
 
 def knobs(target: Target) -> tuple[Knob, ...]:
-    """What kiln.tuning may try for an onnxruntime target: session options, and the level of the graph
+    """What kiln.measure.tuning may try for an onnxruntime target: session options, and the level of the graph
     optimisers (which rewrite the saved graph, so a new level is a new build)."""
     cores = default_threads()
     return (
@@ -133,7 +136,7 @@ class OrtSession:
 def layer_precisions(nodes: Any) -> dict[str, int]:
     """Compute layers per precision in an (optimised) graph: quantized kernels are int8, the rest fp32."""
     int8 = sum(n.op_type in INT8_OPS or n.op_type.startswith("QLinear") for n in nodes)
-    fp = sum(n.op_type in COMPUTE_OPS or n.op_type.startswith("Fused") for n in nodes)
+    fp = sum(n.op_type in QUANTIZABLE_OPS or n.op_type.startswith("Fused") for n in nodes)
     return {k: v for k, v in (("int8", int8), ("fp32", fp)) if v}
 
 
@@ -166,7 +169,7 @@ def graph_info(given: Path, optimized: Path) -> dict[str, Any]:
     for op in ("BatchNormalization", "Identity"):
         if removed.get(op):
             fusions[f"{op} folded away"] += removed[op]
-    from ...graphs import attention_summary
+    from kiln.export.graphs import attention_summary
 
     return {
         "nodes_in": len(given_nodes),
@@ -199,7 +202,7 @@ class OnnxRuntimeRuntime(RegisteredRuntime):
         import onnx
         from onnxruntime.quantization import QuantType
 
-        from ...fingerprint import collect
+        from kiln.runtimes.fingerprint import collect
 
         check_ignored_scope(onnx_path, settings, target.name)
         # Without VNNI, x86 int8 kernels multiply u8 x s8 pairs into saturating int16 (vpmaddubsw);
@@ -221,7 +224,9 @@ class OnnxRuntimeRuntime(RegisteredRuntime):
         qdq = onnx.load(str(out_dir / QDQ), load_external_data=False)
         dequantized = {n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
         # A compute node whose weights do not come through DequantizeLinear stayed in float.
-        float_nodes = [n.name for n in qdq.graph.node if n.op_type in COMPUTE_OPS and len(n.input) > 1 and n.input[1] not in dequantized]
+        float_nodes = [
+            n.name for n in qdq.graph.node if n.op_type in QUANTIZABLE_OPS and len(n.input) > 1 and n.input[1] not in dequantized
+        ]
         return {
             "artifact": QDQ,
             "method": settings.method,
@@ -244,7 +249,7 @@ class OnnxRuntimeRuntime(RegisteredRuntime):
         qdq_tensors = {o for n in qdq.graph.node for o in n.output}
         layers: list[tuple[str, str, str]] = []  # (node, tensor in the fp32 graph, tensor in the QDQ graph)
         for n in qdq.graph.node:
-            if n.op_type not in COMPUTE_OPS:
+            if n.op_type not in QUANTIZABLE_OPS:
                 continue
             # The quantizer folds a following Relu into the output quantization and renames final outputs;
             # compare what the next layer really sees: the dequantized tensor of the original name.
@@ -268,7 +273,7 @@ class OnnxRuntimeRuntime(RegisteredRuntime):
         return [(node, r, g) for (node, _, _), r, g in zip(layers, ref, got)]
 
     def boundary_activations(self, engine_dir: Path, target: Target, source_onnx: Path, feeds: Mapping[str, np.ndarray]) -> Boundaries:
-        from .boundaries import ort_boundaries
+        from kiln.runtimes.onnxruntime.boundaries import ort_boundaries
 
         mode, names, arrays, note = ort_boundaries(engine_dir, source_onnx, feeds, threads=target.effective_threads)
         return Boundaries(mode, note, dict(zip(names, arrays)))

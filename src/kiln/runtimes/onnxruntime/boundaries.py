@@ -1,4 +1,4 @@
-"""An ONNX Runtime engine's intermediate tensors where its fusions leave them (kiln.debug's boundaries).
+"""An ONNX Runtime engine's intermediate tensors where its fusions leave them (kiln.diagnose.debug's boundaries).
 
 The engine is the optimised graph saved at build; it is run as it is (optimizations off, as the engine
 loads) with extra graph outputs, so the kernels are the engine's own. After ORT fuses Q/DQ pairs into
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import OPTIMIZED
+from kiln.runtimes.onnxruntime import OPTIMIZED
 
 # ONNX Runtime ops whose output is quantized: (index of output scale, index of output zero point) among inputs.
 _ORT_QPARAMS = {

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 import numpy as np
 import openvino as ov
 
-from ...config import Target, default_threads
-from .. import Boundaries, BuildSource, InstancePool, Knob, RegisteredRuntime, runtime_options
+from kiln.config.views import Target, default_threads
+from kiln.runtimes import Boundaries, BuildSource, InstancePool, Knob, RegisteredRuntime, runtime_options
 
 if TYPE_CHECKING:
-    from ...calibration import CalibrationSet, CalibrationSettings
-from ...errors import KilnError
+    from kiln.data.calibration_set import CalibrationSet, CalibrationSettings
+from kiln.core.errors import KilnError
 
 IR = "model.xml"
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}  # int8: quantized layers run int8, the rest f32
@@ -53,7 +53,7 @@ class OpenVinoOptions:
 
 
 def knobs(target: Target) -> tuple[Knob, ...]:
-    """What kiln.tuning may try for an openvino target (its `tune: true`): the CPU plugin's scheduling settings.
+    """What kiln.measure.tuning may try for an openvino target (its `tune: true`): the CPU plugin's scheduling settings.
     The precision hint is never tuned: a faster but lower precision is a different target."""
     hint = (Knob("performance_hint", ("LATENCY", "THROUGHPUT"), doc="LATENCY: one stream of all cores; THROUGHPUT: several"),)
     if _device(target) != "CPU":
@@ -75,7 +75,7 @@ class OpenVinoCalibration:
     # {max_drop: 1.0}: NNCF returns layers to float until the top-1 drop on labelled data/eval is at most 1 point.
     accuracy_aware: dict[str, Any] | None = None
     # NNCF's transformer scheme (SmoothQuant, attention's MatMuls quantized, LayerNorm/Softmax kept float);
-    # auto: on when the graph has attention (kiln.graphs.has_attention)
+    # auto: on when the graph has attention (kiln.export.graphs.has_attention)
     model_type: Literal["auto", "cnn", "transformer"] = "auto"
 
 
@@ -124,7 +124,7 @@ def float_layers(model: ov.Model) -> list[str]:
 def graph_info(model: ov.Model, compiled: ov.CompiledModel) -> dict[str, Any]:
     """What OpenVINO's CPU plugin made of the graph: its runtime model names, per node, the original
     operations fused into it (`originalLayersNames`) and the precision it runs in."""
-    from ...graphs import attention_summary
+    from kiln.export.graphs import attention_summary
 
     skip = {"Parameter", "Result", "Constant"}
     original = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
@@ -251,9 +251,9 @@ class OpenVinoRuntime(RegisteredRuntime):
         if unknown:
             raise KilnError(f"targets.{target.name}: ignored_scope names no layer of the model: {', '.join(unknown)}")
         ignored = sorted({f for found in matched.values() for f in found})
-        from ...graphs import tail_nodes
+        from kiln.export.graphs import tail_nodes
 
-        # The tail after the last Conv/MatMul (box decoding, NMS) stays float: see kiln.graphs.tail_nodes.
+        # The tail after the last Conv/MatMul (box decoding, NMS) stays float: see kiln.export.graphs.tail_nodes.
         tail = set(tail_nodes(onnx_path))
         tail_ops = sorted({f for f in names for n in tail if f == n or f.startswith(n + "/")})
         advanced = None
@@ -265,7 +265,7 @@ class OpenVinoRuntime(RegisteredRuntime):
             quantile = getattr(RangeEstimatorParametersSet, "MEAN_QUANTILE", None) or RangeEstimatorParametersSet.QUANTILE
             advanced = AdvancedQuantizationParameters(activations_range_estimator_params=quantile)
         samples = list(tqdm(calib.samples(), total=len(calib), desc="reading calibration images", unit="img", mininterval=2.0))
-        from ...graphs import has_attention
+        from kiln.export.graphs import has_attention
 
         transformer = options.model_type == "transformer" or (options.model_type == "auto" and has_attention(onnx_path))
         common = {
@@ -347,7 +347,7 @@ class OpenVinoRuntime(RegisteredRuntime):
         return list(zip(layers, ref, got))
 
     def boundary_activations(self, engine_dir: Path, target: Target, source_onnx: Path, feeds: Mapping[str, np.ndarray]) -> Boundaries:
-        from .boundaries import ov_boundaries
+        from kiln.runtimes.openvino.boundaries import ov_boundaries
 
         mode, names, arrays, note = ov_boundaries(engine_dir, source_onnx, target, feeds)
         return Boundaries(mode, note, dict(zip(names, arrays)))

@@ -1,4 +1,4 @@
-"""An OpenVINO engine's intermediate tensors where its fusions leave them (kiln.debug's boundaries).
+"""An OpenVINO engine's intermediate tensors where its fusions leave them (kiln.diagnose.debug's boundaries).
 
 The runtime model of the compiled engine says which IR ops each fused kernel runs (`originalLayersNames`);
 outputs are added only where a kernel's result leaves it, the IR compiled again with the engine's config,
@@ -31,7 +31,7 @@ def ov_boundaries(
     import onnx
     import openvino as ov
 
-    from . import IR, _config, _device
+    from kiln.runtimes.openvino import IR, _config, _device
 
     core = ov.Core()
     path, device, config = str(Path(engine_dir) / IR), _device(target), _config(target)

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from ...config import Target
-from ...errors import EngineMismatch, KilnError
-from .. import BuildSource, InstancePool, NoOptions, RegisteredRuntime
-from ..qdq import QDQ
-from .plan import (
+from kiln.config.views import Target
+from kiln.core.errors import EngineMismatch, KilnError
+from kiln.runtimes import BuildSource, InstancePool, NoOptions, RegisteredRuntime
+from kiln.runtimes.qdq import QDQ
+from kiln.runtimes.tensorrt.plan import (
     ENGINE,
     INSTALL,
     QUANTIZED_OPS,
@@ -51,7 +51,7 @@ from .plan import (
 if TYPE_CHECKING:  # for annotations only: at run time tensorrt is imported inside the functions that need it
     import tensorrt as trt
 
-    from ...calibration import CalibrationSet, CalibrationSettings
+    from kiln.data.calibration_set import CalibrationSet, CalibrationSettings
 
 # ---- the machine ----
 
@@ -86,7 +86,7 @@ def autocast_error() -> str | None:
 def gpu_info(index: int) -> dict[str, Any]:
     import torch
 
-    from ...fingerprint import collect
+    from kiln.runtimes.fingerprint import collect
 
     major, minor = torch.cuda.get_device_capability(index)
     gpus = collect()["hardware"]["gpus"]
@@ -262,7 +262,7 @@ class TensorRTRuntime(RegisteredRuntime):
         import onnx
         from onnxruntime.quantization import QuantType
 
-        from ..qdq import quantize_qdq
+        from kiln.runtimes.qdq import quantize_qdq
 
         if target.precision not in ("int8", "fp8"):
             raise KilnError(f"targets.{target.name}: TensorRT calibrates int8 and fp8 targets, not {target.precision}")
@@ -308,7 +308,7 @@ class TensorRTRuntime(RegisteredRuntime):
             if source.calibration_dir is None or not qdq.is_file():
                 raise KilnError(
                     f"targets.{target.name}: {target.precision} builds from calibrate's Q/DQ graph, and {qdq} is missing: run "
-                    f"`dvc repro calibrate@{target.name}` (kiln.calibration must list {target.precision} as a calibrated precision)"
+                    f"`dvc repro calibrate@{target.name}` (kiln.pipeline.calibrate must list {target.precision} as a calibrated precision)"
                 )
             return qdq
         if plan.graph == "autocast":

@@ -12,9 +12,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ...config import InputSpec, Target
-from ...errors import KilnError, close_matches
-from ...settings import parse
+from kiln.config.views import InputSpec, Target
+from kiln.core.errors import KilnError, close_matches
+from kiln.core.settings import parse
 
 ENGINE = "model.engine"
 DEFAULT_TIMING_CACHE = ".cache/kiln/tensorrt/timing.cache"  # outside DVC outputs: shared by every build here

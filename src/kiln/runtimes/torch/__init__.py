@@ -54,11 +54,11 @@ from typing import Any, Callable, Literal, Mapping
 import numpy as np
 import torch
 
-from ...config import ModelSpec, ShapeProfile, Target, default_threads
-from ...errors import KilnError, first_line
-from ...models import apply_state_dict, build_model
-from .. import BuildSource, Knob, RegisteredRuntime, runtime_options
-from .compile import (
+from kiln.config.views import ModelSpec, ShapeProfile, Target, default_threads
+from kiln.core.errors import KilnError, first_line
+from kiln.export.models import apply_state_dict, build_model
+from kiln.runtimes import BuildSource, Knob, RegisteredRuntime, runtime_options
+from kiln.runtimes.torch.compile import (
     EngineModule,
     aten_ops,
     compile_engine,
@@ -115,7 +115,7 @@ class TorchOptions:
 
 
 def knobs(target: Target) -> tuple[Knob, ...]:
-    """What kiln.tuning may try for a torch target. Compiler settings are new builds, each a full compile:
+    """What kiln.measure.tuning may try for a torch target. Compiler settings are new builds, each a full compile:
     the tuning budget decides whether there is time for them."""
     cores = default_threads()
     threads = Knob("threads", tuple(sorted({cores, max(1, cores // 2)})), doc="torch.set_num_threads")
@@ -173,7 +173,7 @@ class TorchSession:
         self.profile: ShapeProfile | None = None if mode == "eager" else target.profile
         self.channels_last = channels_last
         # torch's thread count is per process: a session sets its own before each call, so two sessions
-        # with different threads (kiln.tuning compares them in turns) each run with theirs.
+        # with different threads (kiln.measure.tuning compares them in turns) each run with theirs.
         self.threads = target.effective_threads if device.type == "cpu" else None
         self.load_seconds: float | None = None  # set by load: rebuild + (re)compile or package load + warm-up
         # Eager forward passes in inference mode are safe from several threads. A torch.compile'd function may
@@ -286,7 +286,7 @@ class TorchRuntime(RegisteredRuntime):
                 "use bf16 or fp32 on CPU, or device cuda"
             )
         if target.precision == "bf16":
-            from ...fingerprint import collect
+            from kiln.runtimes.fingerprint import collect
 
             cpu = collect()["hardware"]["cpu"]
             if not set(cpu["features"]) & {"avx512_bf16", "amx_bf16", "bf16"}:

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
-from ...config import ModelSpec, ShapeProfile, Target
-from ...errors import KilnError, first_line
-from ...models import flatten_outputs
+from kiln.config.views import ModelSpec, ShapeProfile, Target
+from kiln.core.errors import KilnError, first_line
+from kiln.export.models import flatten_outputs
 
 if TYPE_CHECKING:
-    from . import TorchOptions
+    from kiln.runtimes.torch import TorchOptions
 
 
 class EngineModule(torch.nn.Module):
@@ -50,7 +50,7 @@ def example_batch(profile: ShapeProfile) -> int:
 
 
 def example_inputs(spec: ModelSpec, batch: int, device: torch.device) -> list[torch.Tensor]:
-    from ...inputs import make_inputs
+    from kiln.data.inputs import make_inputs
 
     feeds = make_inputs(spec.inputs, batch, seed=0)
     return [torch.from_numpy(feeds[i.name]).to(device) for i in spec.inputs]

@@ -1,0 +1,5 @@
+"""`python -m kiln <verb>`: the `kiln` command (kiln.cli.main)."""
+
+from kiln.cli.main import entry
+
+entry()

@@ -1,0 +1,1 @@
+"""params.yaml: its composition from conf/ (params), the typed views stages read (views), each stage's slice (slices)."""

@@ -1,0 +1,1 @@
+"""What every other part leans on and that knows nothing of models: errors, atomic writes, hashing, result paths, settings parsing."""

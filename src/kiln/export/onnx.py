@@ -1,0 +1,242 @@
+"""PyTorch -> ONNX with a dynamic batch axis, warnings kept, and a check that the axis really stayed dynamic."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+from torch import nn
+
+from kiln.config.views import ModelSpec
+from kiln.core.atomic import atomic_path
+from kiln.core.errors import KilnError, StorageError, chain, describe_os_error, find_os_error, strip_ansi
+from kiln.core.hashing import sha256_file
+from kiln.core.settings import parse
+from kiln.data.inputs import make_inputs
+from kiln.export.models import flatten_outputs
+
+log = logging.getLogger(__name__)
+
+# The dynamo exporter emits opset 18 and up; older opsets go through a version converter that
+# silently keeps 18 when it fails, so kiln refuses them up front.
+MIN_OPSET = {"dynamo": 18, "torchscript": 7}
+MAX_TORCHSCRIPT_OPSET = 20
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    opset: int = 18
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    batch: int = 2  # the traced batch size; validation uses others
+    seed: int = 0
+    fold_preprocess: bool = False  # data.preprocess's scaling and layout inside the graph (kiln.data.engine_input)
+    # When dynamo cannot capture the model, try the TorchScript exporter (same opset, if it has it);
+    # the manifest says which exporter made the graph and why.
+    fallback: bool = True
+
+    @classmethod
+    def from_params(cls, raw: Mapping[str, Any] | None) -> "ExportSettings":
+        return parse(cls, raw, "export")
+
+    def check(self, where: str) -> None:
+        if self.batch < 2:
+            # torch.export specialises size-1 dimensions, so a batch of 1 would freeze the batch axis.
+            raise KilnError(f"{where}.batch must be an integer >= 2 (a traced batch of 1 is frozen by the exporter), got {self.batch!r}")
+        check_opset(self.opset, self.exporter)
+
+
+def check_opset(opset: Any, exporter: str) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    highest = newest if exporter == "dynamo" else min(newest, MAX_TORCHSCRIPT_OPSET)
+    lowest = MIN_OPSET[exporter]
+    if not isinstance(opset, int) or not lowest <= opset <= highest:
+        hint = (
+            " (use exporter 'torchscript' for opsets below 18)"
+            if exporter == "dynamo" and isinstance(opset, int) and opset < lowest
+            else ""
+        )
+        raise KilnError(
+            f"export.opset {opset!r} cannot be targeted by the {exporter} exporter: it supports opsets "
+            f"{lowest}..{highest} with onnx {onnx.__version__}{hint}"
+        )
+
+
+def _dims(value_info: Any) -> list[int | str]:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def _summarize_failure(e: BaseException) -> str:
+    """A few lines from a torch export failure; the full report goes to the log."""
+    text = strip_ansi(str(e))
+    cause = e.__cause__ or e.__context__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # torch's own report puts the real reason under "Exception summary".
+    for i, ln in enumerate(lines):
+        if "Exception summary" in ln and i + 1 < len(lines):
+            lines = lines[i + 1 :]
+            break
+    summary = " ".join(lines[:3])[:400] if lines else type(e).__name__
+    if cause is not None and type(cause).__name__ not in summary:
+        summary = f"{type(cause).__name__}: {summary}"
+    return summary
+
+
+def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out_path: str | Path) -> dict[str, Any]:
+    """Export `model` to `out_path` and return the export manifest. Raises KilnError on any failure.
+
+    A wrapped torchvision detector (kiln.export.detection) is first checked against its own forward on
+    sample photographs: the agreement goes to manifest["export_path"]["nms_fidelity"], and a detection F1
+    below detection.MIN_NMS_F1 (a fixed constant, 0.9: the detection gate's default; the export stage reads
+    no benchmark settings) fails the export."""
+    was_training = model.training
+    model.eval()
+    if was_training:
+        log.warning("model was in training mode: put in eval mode before export")
+    feeds = make_inputs(spec.inputs, settings.batch, settings.seed)
+    args = tuple(torch.from_numpy(feeds[i.name]) for i in spec.inputs)
+
+    try:
+        with torch.inference_mode():
+            outputs = flatten_outputs(model(*args), spec.outputs)
+    except KilnError:
+        raise
+    except Exception as e:
+        shapes = ", ".join(f"'{i.name}' {list(i.batched(settings.batch))} {i.dtype}" for i in spec.inputs)
+        raise KilnError(
+            f"the model's forward failed on inputs {shapes}: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; "
+            "check model.inputs (shape is per sample, without the batch axis)"
+        ) from e
+    input_names = [i.name for i in spec.inputs]
+    output_names = list(outputs)
+
+    from kiln.accuracy.tasks import output_infos, resolve_task
+
+    task, task_line = resolve_task(spec.task, output_infos({k: v.detach().numpy() for k, v in outputs.items()}))
+    log.info("%s", task_line)
+    path: dict[str, Any] = {"exporter": settings.exporter, "why": f"export.exporter is {settings.exporter}"}
+    describe = getattr(model, "describe", None)
+    if callable(describe):
+        path["model_wrapper"] = describe()
+        path["why"] += "; the torchvision detector's postprocessing is replaced by kiln's fixed-shape NMS (kiln.export.detection)"
+    from kiln.export.detection import check_nms_fidelity, find_wrapper, nms_fidelity
+
+    wrapper = find_wrapper(model)
+    if wrapper is not None:
+        # Before the export's cost: kiln's NMS must find what the detector's own postprocessing finds
+        # (detection.MIN_NMS_F1, a fixed constant: this stage reads no benchmark settings).
+        path["nms_fidelity"] = fidelity = nms_fidelity(wrapper, seed=settings.seed)
+        log.info("in-graph NMS against the detector's own: detection F1 %s on %d sample photographs", fidelity["f1"], fidelity["images"])
+        check_nms_fidelity(fidelity)
+
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        common = {"input_names": input_names, "output_names": output_names, "opset_version": settings.opset}
+        try:
+            _run_exporter(settings.exporter, model, args, tmp, common)
+        except Exception as e:
+            fallback = (
+                settings.exporter == "dynamo" and settings.fallback and settings.opset <= MAX_TORCHSCRIPT_OPSET and find_os_error(e) is None
+            )
+            if fallback:
+                traceback.print_exc(file=sys.stderr)
+                dynamo_failure = _summarize_failure(e)
+                log.warning("dynamo could not export the model (%s): trying the TorchScript exporter", dynamo_failure)
+                try:
+                    _run_exporter("torchscript", model, args, tmp, common)
+                    path = {**path, "exporter": "torchscript", "why": f"dynamo failed: {dynamo_failure}"}
+                except Exception as e2:
+                    _raise_export_failure(e2, out_path, "torchscript, after dynamo failed")
+            else:
+                _raise_export_failure(e, out_path, settings.exporter)
+        manifest_warnings = [
+            {"category": w.category.__name__, "message": str(w.message).strip(), "where": f"{w.filename}:{w.lineno}"} for w in caught
+        ]
+        for w in manifest_warnings:
+            print(f"export warning: [{w['category']}] {w['message'].splitlines()[0]} ({w['where']})", file=sys.stderr)
+        info = check_exported_graph(tmp, spec, settings)
+    return {
+        "exporter": path["exporter"],
+        "export_path": path,
+        "task": task.name,
+        "task_reason": task_line,
+        "opset": settings.opset,
+        "traced_batch": settings.batch,
+        "torch": torch.__version__,
+        "model": spec.label,
+        "was_training": was_training,
+        "folded_preprocess": spec.fold,
+        **info,
+        "sha256": sha256_file(out_path),
+        "warnings": manifest_warnings,
+    }
+
+
+def _run_exporter(exporter: str, model: nn.Module, args: tuple[Any, ...], onnx_file: Path, common: dict[str, Any]) -> None:
+    """torch.onnx.export with the batch axis of every input (and, for TorchScript, every output) dynamic."""
+    if exporter == "dynamo":
+        batch = torch.export.Dim("batch")
+        torch.onnx.export(
+            model, args, str(onnx_file), dynamo=True, external_data=False, dynamic_shapes=tuple({0: batch} for _ in args), **common
+        )
+    else:
+        names = common["input_names"] + common["output_names"]
+        torch.onnx.export(model, args, str(onnx_file), dynamo=False, dynamic_axes={n: {0: "batch"} for n in names}, **common)
+
+
+def _raise_export_failure(e: BaseException, out_path: Path, exporter: str) -> None:
+    os_error = find_os_error(e)
+    if os_error is not None:
+        # Writing the graph failed, not exporting it: measured now, while the partial file still takes its space.
+        raise StorageError(describe_os_error(os_error, out_path)) from e
+    traceback.print_exc(file=sys.stderr)  # the full report stays in the stage's log
+    # Tracing advice fits a graph torch could not capture, not a file it could not read or write.
+    advice = (
+        "" if any(isinstance(x, OSError) for x in chain(e)) else "; for a data-dependent branch, rewrite it with torch.where/torch.cond"
+    )
+    raise KilnError(f"torch.onnx.export ({exporter}) failed: {_summarize_failure(e)} (full report above in the log{advice})") from e
+
+
+def check_exported_graph(path: Path, spec: ModelSpec, settings: ExportSettings) -> dict[str, Any]:
+    """The graph loads, targets the asked opset, and keeps every input's batch axis dynamic."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise KilnError(f"the exported ONNX graph is invalid: {e}") from e
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset != settings.opset:
+        raise KilnError(f"the {settings.exporter} exporter produced opset {opset}, not the requested export.opset {settings.opset}")
+    inits = {i.name for i in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in inits]
+    names = [i.name for i in graph_inputs]
+    expected = [i.name for i in spec.inputs]
+    if names != expected:
+        raise KilnError(f"the exported graph's inputs are {names}, expected {expected} from model.inputs")
+    for vi in graph_inputs:
+        dims = _dims(vi)
+        if not dims or not isinstance(dims[0], str):
+            raise KilnError(
+                f"export froze the batch axis of input '{vi.name}' to {dims[0] if dims else '?'} (asked for a dynamic batch axis; "
+                f"graph input shape {dims}): the forward treats the batch size as a constant (e.g. x.view({settings.batch}, -1)); "
+                "use x.shape[0] or -1 instead"
+            )
+    return {
+        "inputs": {
+            vi.name: {"shape": _dims(vi), "dtype": onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name}
+            for vi in graph_inputs
+        },
+        "outputs": {vo.name: {"shape": _dims(vo)} for vo in model.graph.output},
+        "nodes": len(model.graph.node),
+    }
