@@ -24,7 +24,7 @@ import pytest
 import yaml
 from conftest import ROOT, unavailable, venv_env
 
-from kiln.report.markdown import plots, plots_page
+from kiln.report import plots, plots_page
 
 VEGA_TEMPLATES = ROOT / "plots" / "templates"
 CHROMIUM = next(

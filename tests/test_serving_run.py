@@ -20,7 +20,15 @@ from kiln.runtimes import BuildSource
 from kiln.serving.run import ServingSettings, contention_slowdown, preprocessing_cost, serve_under_load
 
 QUICK = ServingSettings(
-    slo_ms=200.0, seconds_per_rate=0.3, search_iterations=1, max_queue_delay_ms=2.0, cost_per_hour=2.0, measure_recommended=True
+    slo_ms=200.0,
+    seconds_per_rate=0.3,
+    min_requests=20,
+    confidence=0.5,
+    max_seconds_per_rate=1.0,
+    search_iterations=1,
+    max_queue_delay_ms=2.0,
+    cost_per_hour=2.0,
+    measure_recommended=True,
 )
 
 

@@ -31,7 +31,8 @@ def open_loop_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         "how much of the slowest requests' latency at 90% of that rate is waiting rather than computing. Recommended: the profile "
         "and batcher for the traffic (`kiln.serving.recommend`: max, the largest batch whose inference fits in half the "
         "objective; opt, where ms/image flattens; the delay, half the objective left after the largest batch), its batcher "
-        "searched again on the same engine; a command to apply it is given only where it held a rate the current one failed.",
+        "searched again on the same engine; a command to apply it is given only where it held a rate the current one failed."
+        + _decided_line(first),
         "",
         "| target | batcher (max batch, delay ms) | max requests/s at SLO | p99 ms at max | p99 ms at 50% | p99 ms at 90% "
         "| queue share at 90% | recommended profile (min/opt/max) | batcher | max requests/s, recommended batcher | cost per 1M requests |",
@@ -54,6 +55,12 @@ def open_loop_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         )
         if o["max_rate_at_slo"] == 0:
             notes.append(f"- `{name}`: no rate meets the objective: {o['search']['reason']}")
+        elif o["search"].get("unsettled") == "undecided":
+            undecided = ", ".join(fmt(r, ".4g") for r in o["search"].get("undecided") or [])
+            notes.append(
+                f"- `{name}`: its max rate is an estimate: the requests of its probes at {undecided} requests/s did not decide "
+                "their p99 in the time allowed (study=deep, or a larger serving.max_seconds_per_rate, decides them)"
+            )
         judged = judge_recommendation(o)
         risks = " ".join(rec.get("warnings") or [])
         if judged and judged["apply"]:
@@ -149,3 +156,14 @@ def curve_rows(built: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
 def curve_csv(rows: list[dict[str, Any]]) -> str:
     lines = [",".join(CURVE_COLUMNS)] + [",".join(str(r[c]) for c in CURVE_COLUMNS) for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _decided_line(o: Mapping[str, Any]) -> str:
+    """How a probe's p99 was judged: decided at a confidence (LoadGen's early stopping), or its point value."""
+    confidence = (o.get("search") or {}).get("confidence")
+    if confidence is None:
+        return ""
+    return (
+        f" A probe's p99 counts as within or over the objective when its requests decide it at {confidence:.0%} confidence "
+        "(MLPerf LoadGen's early-stopping rule, its first third left out as warm-up); a probe they do not decide is undecided."
+    )

@@ -79,14 +79,26 @@ BEST = {
 }
 
 
+# search.unsettled (kiln.serving.slo) -> how the verdict names it.
+UNSETTLED = {
+    "erratic": "erratic: its rate did not hold with other arrivals",
+    "lowest-only": "only its lowest probe held",
+    "undecided": "undecided: too few requests to decide its p99 at the stated confidence",
+    "too-short": "its probes were too short to settle",
+}
+
+
 def _unsettled(run: Mapping[str, Any]) -> str | None:
     """Why a target's open-loop rate is not a measured maximum (kiln.serving.slo: search.settled), or None."""
     search = run["open_loop"].get("search") or {}
-    reason = search.get("reason") or ""
+    code, reason = search.get("unsettled"), search.get("reason") or ""
+    if code in UNSETTLED:
+        return UNSETTLED[code]
+    # Run records from before the search named why in one word: read it from the reason.
     if "erratic" in reason:
-        return "erratic: its rate did not hold with other arrivals"
+        return UNSETTLED["erratic"]
     if search.get("settled") is False:
-        return "only its lowest probe held" if "only the lowest probe" in reason else "not settled: " + reason.split(":")[0]
+        return UNSETTLED["lowest-only"] if "only the lowest probe" in reason else "not settled: " + reason.split(":")[0]
     return None
 
 

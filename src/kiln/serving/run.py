@@ -18,9 +18,10 @@ from kiln.core.errors import KilnError
 from kiln.runtimes import Session, runtime_info
 from kiln.serving.arrivals import mean_size, poisson_arrivals
 from kiln.serving.batcher import BatcherSettings
+from kiln.serving.early_stop import decide_latencies
 from kiln.serving.load import LoadResult, feeds_cache, run_load, warm_up
 from kiln.serving.recommend import recommend_profile
-from kiln.serving.slo import cost_per_million, max_rate_at_slo, sweep
+from kiln.serving.slo import cost_per_million, max_rate_at_slo, probe_decision, sweep
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,10 @@ class ServingSettings:
     max_batch: int | None = None  # the dynamic batcher's largest batch; null: the target profile's opt
     max_queue_delay_ms: float = 5.0  # how long the oldest request may wait for company
     workers: int = 1  # inferences in flight
-    seconds_per_rate: float = 3.0  # each offered rate is sent for this long (and drained for at most as long)
-    min_requests: int = 150  # ...or longer, up to twice as long, until this many requests were sent: a p99 needs a tail
+    seconds_per_rate: float = 3.0  # each offered rate is sent at least this long (and drained for at most as long)...
+    min_requests: int = 150  # ...and until this many requests completed: a p99 needs a tail
+    confidence: float = 0.99  # a probe runs until its requests decide its p99 at this confidence (LoadGen's early stopping)...
+    max_seconds_per_rate: float = 20.0  # ...or this long, and is then undecided (counted as failing: the answer errs low)
     search_iterations: int = 4  # bisections of the rate search after its lowest and highest probe
     curve_rates: int = 0  # extra evenly spaced rates for the latency-throughput curve (the full sweep: e.g. 8)
     contention: bool = False  # also time the engine while a second copy of it runs beside it (doubles that time)
@@ -56,6 +59,12 @@ class ServingSettings:
             raise KilnError(f"{where}.cost_per_hour must be >= 0 (the machine's price per hour) or null, got {self.cost_per_hour}")
         if not self.seconds_per_rate > 0 or self.search_iterations < 0 or self.curve_rates < 0 or self.min_requests < 1:
             raise KilnError(f"{where}: seconds_per_rate must be > 0, min_requests >= 1, search_iterations and curve_rates >= 0")
+        if not 0.5 <= self.confidence < 1:
+            raise KilnError(f"{where}.confidence must be at least 0.5 and below 1 (e.g. 0.99), got {self.confidence}")
+        if not self.max_seconds_per_rate >= self.seconds_per_rate:
+            raise KilnError(
+                f"{where}.max_seconds_per_rate ({self.max_seconds_per_rate}) must be at least seconds_per_rate ({self.seconds_per_rate})"
+            )
 
     def batcher(self, target: Target) -> BatcherSettings:
         return BatcherSettings(self.max_batch or target.profile.opt, self.max_queue_delay_ms, self.workers)
@@ -70,12 +79,14 @@ def check_serving(settings: ServingSettings, target: Target) -> None:
             raise KilnError(f"targets.{target.name}: {e}") from e
 
 
-def _seconds(rate: float, settings: ServingSettings, sanity: bool = False) -> float:
-    """How long to offer `rate`: seconds_per_rate, or up to twice that to send min_requests (not for the search's
-    lowest probe, which only shows the objective can be met at all: a rate far below the answer)."""
+def _window(rate: float, settings: ServingSettings, sanity: bool = False) -> tuple[float, float]:
+    """(least, most) seconds to offer `rate`: at least seconds_per_rate and long enough for min_requests, then on
+    until the requests decide the p99 (early stopping), max_seconds_per_rate at most. The search's lowest probe
+    only shows the objective can be met at all (a rate far below the answer, never claimed): seconds_per_rate."""
     if sanity:
-        return settings.seconds_per_rate
-    return max(settings.seconds_per_rate, min(settings.min_requests / rate, 2 * settings.seconds_per_rate))
+        return settings.seconds_per_rate, settings.seconds_per_rate
+    least = min(max(settings.seconds_per_rate, settings.min_requests / rate), settings.max_seconds_per_rate)
+    return least, settings.max_seconds_per_rate
 
 
 def _requests(rate: float, seconds: float) -> int:
@@ -95,21 +106,23 @@ class ProbeProgress:
     def __init__(self, name: str, settings: ServingSettings) -> None:
         self.name, self.settings, self.done, self.start = name, settings, 0, time.perf_counter()
 
-    def probe(self, rate: float, seconds: float, result: LoadResult) -> None:
+    def probe(self, rate: float, result: LoadResult, decision: str) -> None:
         self.done += 1
         expected = max(expected_probes(self.settings), self.done)
         p99 = result.summary()["e2e_p99_ms"]
-        within = p99 <= self.settings.slo_ms and result.saturation() is None
         left = (time.perf_counter() - self.start) / self.done * (expected - self.done)
+        verdict = {"within": "within the objective", "over": "over the objective", "undecided": "undecided"}[decision]
         log.info(
-            "%s: open-loop probe %d of about %d: %.3g requests/s for %.1f s, p99 %.4g ms (%s the objective); about %.0f s left",
+            "%s: open-loop probe %d of about %d: %.3g requests/s, %d requests in %.1f s, p99 %.4g ms (%s%s); about %.0f s left",
             self.name,
             self.done,
             expected,
             rate,
-            seconds,
+            len(result.e2e_ms),
+            result.wall_s,
             p99,
-            "within" if within else "over",
+            verdict,
+            f" at {self.settings.confidence:.0%} confidence" if decision != "undecided" else "",
             left,
         )
 
@@ -155,18 +168,40 @@ def serve_under_load(
         hi = 1.2 * best / mean_size(sizes)
         lo = hi / 20
 
+        def decided(e2e: Any) -> bool:  # early stopping: the requests so far decide the p99 either way
+            return len(e2e) >= settings.min_requests and decide_latencies(e2e, settings.slo_ms, 99, settings.confidence) != "undecided"
+
         def run_with(seed: int) -> Any:
             def run_at(rate: float) -> LoadResult:
-                seconds = _seconds(rate, settings, sanity=rate <= lo * 1.0001)
-                arrivals = poisson_arrivals(rate, _requests(rate, seconds), sizes, seed)
-                result = run_load(session, feeds_for, arrivals, batcher, seconds, max_drain_s=settings.seconds_per_rate)
-                progress.probe(rate, seconds, result)
+                sanity = rate <= lo * 1.0001
+                least, most = _window(rate, settings, sanity)
+                arrivals = poisson_arrivals(rate, _requests(rate, most), sizes, seed)
+                result = run_load(
+                    session,
+                    feeds_for,
+                    arrivals,
+                    batcher,
+                    most,
+                    max_drain_s=settings.seconds_per_rate,
+                    settled=None if sanity else decided,
+                    min_seconds=least,
+                )
+                progress.probe(rate, result, probe_decision(result, settings.slo_ms, 99, settings.confidence, settings.min_requests))
                 return result
 
             return run_at
 
         run_at = run_with(settings.seed)
-        result = max_rate_at_slo(run_at, settings.slo_ms, lo, hi, settings.search_iterations, confirm=run_with(settings.seed + 1))
+        result = max_rate_at_slo(
+            run_at,
+            settings.slo_ms,
+            lo,
+            hi,
+            settings.search_iterations,
+            confirm=run_with(settings.seed + 1),
+            confidence=settings.confidence,
+            min_requests=settings.min_requests,
+        )
         return result, run_at
 
     found, run_at = search(current)
@@ -180,8 +215,11 @@ def serve_under_load(
         "search": {
             "tried": [[r, lat, ok] for r, lat, ok in found["tried"]],
             "confirmed": [[r, lat, ok] for r, lat, ok in found["confirmed"]],
+            "undecided": found["undecided"],
+            "confidence": found["confidence"],
             "reason": found["reason"],
             "settled": found["settled"],
+            "unsettled": found["unsettled"],
         },
     }
     if rate > 0:

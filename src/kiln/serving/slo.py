@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from kiln.core.errors import KilnError
+from kiln.serving.early_stop import Decision, decide_latencies
 from kiln.serving.load import LoadResult
 
 RunAt = Callable[[float], LoadResult]
@@ -45,6 +46,8 @@ def max_rate_at_slo(
     iterations: int = 6,
     percentile: float = 99,
     confirm: RunAt | None = None,
+    confidence: float | None = None,
+    min_requests: int = 0,
 ) -> dict[str, Any]:
     """The highest offered rate whose `percentile` end-to-end latency is within `slo_ms` and that is not saturated.
 
@@ -60,41 +63,71 @@ def max_rate_at_slo(
 
     - confirm: the same experiment with other arrivals (another seed). A p99 of a few hundred requests rests on
       its two or three slowest ones, so a rate can pass by luck; the found rate must pass `confirm` too, else
-      15%, 30% and 45% below it are tried with `confirm`, so the answer errs low, not high.
+      5%, 10% and 15% below it are tried with `confirm`, so the answer errs low, not high.
+
+    - confidence: with it, a probe's requests (at least `min_requests`, its warm-up left out) decide the percentile
+      within or over the objective at that confidence (kiln.serving.early_stop: LoadGen's early-stopping rule). A
+      probe they do not decide is listed as undecided and steers the search by its point percentile, and an answer
+      no decided probe backs is not settled ("undecided"). Without it every probe is judged by its point percentile.
 
     Returns {"max_rate", "p99_ms_at_max" (at `percentile`), "percentile", "tried": [(rate, latency, ok)...],
-    "confirmed": [(rate, latency, ok)...], "reason", "settled"}: settled is False where the answer is not a measured
-    maximum (only the lowest probe held, the confirmations failed, or the probes were too short to tell).
+    "confirmed": [(rate, latency, ok)...], "undecided": [rate...], "confidence", "reason", "settled", "unsettled"}:
+    settled is False where the answer is not a measured maximum, and unsettled then says why in one word:
+    "lowest-only" (only the lowest probe held), "undecided" (the probes above it could not be decided in their
+    time), "erratic" (the confirmations with other arrivals failed) or "too-short" (the lowest probe failed with an
+    inference far below the objective).
     """
     _check(slo_ms, lo, hi, iterations, percentile)
     tried: list[tuple[float, float, bool]] = []
 
     confirmed: list[tuple[float, float, bool]] = []
+    undecided: list[float] = []
 
-    def answer(rate: float, latency: float, reason: str, settled: bool = True) -> dict[str, Any]:
+    decided: set[float] = set()  # rates whose requests (in the search or a confirmation) decided "within"
+
+    def answer(rate: float, latency: float, reason: str, unsettled: str | None = None) -> dict[str, Any]:
+        if unsettled is None and confidence is not None and rate > 0 and rate not in decided:
+            unsettled = "undecided"
+            reason += (
+                f"; its p{percentile:g} is an estimate: the requests at {rate:.4g} requests/s did not decide it at "
+                f"{confidence:.0%} confidence in the time allowed (raise serving.max_seconds_per_rate; study=deep probes longer)"
+            )
         return {
             "max_rate": rate,
             "p99_ms_at_max": latency,
             "percentile": percentile,
             "tried": tried,
             "confirmed": confirmed,
+            "undecided": undecided,
+            "confidence": confidence,
             "reason": reason,
-            "settled": settled,
+            "settled": unsettled is None,
+            "unsettled": unsettled,
         }
 
-    def measure(run: RunAt, rate: float) -> tuple[bool, float, LoadResult]:
+    def measure(run: RunAt, rate: float, sanity: bool = False) -> tuple[bool, float, LoadResult]:
         result = run(rate)
         e2e = result.e2e_ms
         latency = float(np.percentile(e2e, percentile)) if len(e2e) else math.inf
-        return latency <= slo_ms and result.saturation() is None, latency, result
+        point = latency <= slo_ms and result.saturation() is None
+        if confidence is None:
+            return point, latency, result
+        decision = probe_decision(result, slo_ms, percentile, confidence, min_requests)
+        if decision == "undecided":  # the point percentile steers the search; the rate is not claimed as decided
+            if not sanity:
+                undecided.append(rate)
+            return point, latency, result
+        if decision == "within":
+            decided.add(rate)
+        return decision == "within", latency, result
 
-    def probe(rate: float) -> tuple[bool, float, LoadResult]:
-        ok, latency, result = measure(run_at, rate)
+    def probe(rate: float, sanity: bool = False) -> tuple[bool, float, LoadResult]:
+        ok, latency, result = measure(run_at, rate, sanity)
         tried.append((rate, latency, ok))
         return ok, latency, result
 
     floor = lo  # the sanity probe: a rate far below the answer, never claimed as a measured maximum
-    ok, latency, result = probe(lo)
+    ok, latency, result = probe(lo, sanity=True)
     if not ok:
         compute = float(np.median(result.compute_ms)) if len(result.compute_ms) else math.nan
         why = result.saturation() or f"p{percentile:g} is {latency:.4g} ms > {slo_ms:g} ms"
@@ -109,7 +142,7 @@ def max_rate_at_slo(
                 f"{missed}, far below the {slo_ms:g} ms objective, so the engine is not the cause: the probes were too short "
                 "to settle (raise serving.seconds_per_rate or serving.min_requests) or the machine was busy with other work "
                 "(run again on a quiet machine)",
-                settled=False,
+                "too-short",
             )
         return answer(0.0, math.nan, f"{missed}: a faster engine, a smaller batch or less batching delay, or a looser objective")
     best, best_latency = lo, latency
@@ -127,7 +160,9 @@ def max_rate_at_slo(
         confirmed.append((hi, again, held))
         if held:
             return answer(hi, latency, f"{reason} (confirmed with other arrivals)")
-        return answer(lo, best_latency, f"{reason}, but it failed with other arrivals ({again:.4g} ms): only {lo:.4g} is claimed", False)
+        return answer(
+            lo, best_latency, f"{reason}, but it failed with other arrivals ({again:.4g} ms): only {lo:.4g} is claimed", "erratic"
+        )
     low, high = lo, hi
     for _ in range(iterations):
         mid = (low + high) / 2
@@ -144,12 +179,13 @@ def max_rate_at_slo(
             f"{reason}: only the lowest probe ({floor:.4g} requests/s) met the objective and every rate tried above it failed, "
             f"the lowest at {high:.4g}; the maximum lies between them (a longer search with more bisections, study=deep, "
             "narrows it)",
-            settled=False,
+            "lowest-only",
         )
     if confirm is None:
         return answer(best, best_latency, reason)
-    # Step down from the rate found, 15% at a time, until one holds with other arrivals too (four tries).
-    for rate in (best, 0.85 * best, 0.7 * best, 0.55 * best):
+    # Step down from the rate found, 5% at a time, until one holds with other arrivals too (four tries): a step finer
+    # than the bisection's last one would be noise, a coarser one throws away what the search found.
+    for rate in (best, 0.95 * best, 0.9 * best, 0.85 * best):
         if rate <= floor:
             break
         ok, latency, _ = measure(confirm, rate)
@@ -161,11 +197,21 @@ def max_rate_at_slo(
     return answer(
         floor,
         dict((r, lat) for r, lat, _ in tried)[floor],
-        f"{reason}; with other arrivals {failed} requests/s failed (the rate found and steps of 15% below it, down to the "
+        f"{reason}; with other arrivals {failed} requests/s failed (the rate found and steps of 5% below it, down to the "
         f"lowest probe), so only the lowest probe ({floor:.4g} requests/s) is claimed: latency at these rates is erratic "
         "(a noisy machine?)",
-        settled=False,
+        "erratic",
     )
+
+
+def probe_decision(result: LoadResult, slo_ms: float, percentile: float, confidence: float, min_requests: int = 0) -> Decision:
+    """A probe's verdict on the objective: over when the engine could not keep up (saturated); else, from at least
+    `min_requests` completed requests, what they decide at `confidence`; undecided otherwise."""
+    if result.saturation() is not None:
+        return "over"
+    if len(result.e2e_ms) < max(1, min_requests):
+        return "undecided"
+    return decide_latencies(result.e2e_ms, slo_ms, percentile, confidence)
 
 
 def cost_per_million(rate_per_s: float, cost_per_hour: float) -> float:
