@@ -1,4 +1,4 @@
-"""export: PyTorch -> artifacts/model.onnx (dynamic batch axis) and its manifest."""
+"""export: PyTorch -> artifacts/model.onnx (dynamic batch axis) and its manifest; or model.onnx taken as it is."""
 
 import logging
 
@@ -7,7 +7,7 @@ from kiln.core import paths
 from kiln.core.atomic import write_json
 from kiln.data.engine_input import engine_spec
 from kiln.export.models import build_model
-from kiln.export.onnx import ExportSettings, export_onnx
+from kiln.export.onnx import ExportSettings, export_onnx, import_onnx
 from kiln.pipeline.stage import run_stage
 
 
@@ -15,12 +15,15 @@ def main() -> None:
     params = load_stage_params("export")
     spec = engine_spec(params)
     settings = ExportSettings.from_params(params.get("export"))
-    model = build_model(spec)
-    manifest = export_onnx(model, spec, settings, paths.ONNX)
-    check_normalisation(manifest, params)
+    if spec.onnx:  # the user's graph, as given: with a PyTorch model too, validate checks one against the other
+        manifest = import_onnx(spec, paths.ONNX)
+        manifest["reference"] = "onnxruntime" if spec.onnx_only else "pytorch"
+    else:
+        manifest = export_onnx(build_model(spec), spec, settings, paths.ONNX)
+        check_normalisation(manifest, params)
     write_json(paths.EXPORT_MANIFEST, manifest)
     logging.getLogger("kiln.export").info(
-        "%s -> %s: opset %d, %d nodes, inputs %s, outputs %s, %d exporter warnings",
+        "%s -> %s: opset %s, %d nodes, inputs %s, outputs %s, %d exporter warnings",
         spec.label,
         paths.ONNX,
         manifest["opset"],

@@ -1,4 +1,5 @@
-"""validate: the gate. Eager PyTorch against the exported graph; also writes the fp32 reference outputs benchmarks compare with."""
+"""validate: the gate. Eager PyTorch against the exported graph (a model given only as ONNX: the graph against its
+own samples one at a time); also writes the fp32 reference outputs benchmarks compare with."""
 
 import logging
 
@@ -9,17 +10,22 @@ from kiln.data.engine_input import engine_spec
 from kiln.data.reference import save_reference
 from kiln.export.models import build_model
 from kiln.export.onnx import ExportSettings
-from kiln.export.validate import ValidateSettings, reference_set, validate_export
+from kiln.export.validate import OnnxReference, ValidateSettings, reference_set, validate_export, validate_onnx
 from kiln.pipeline.stage import run_stage
 
 
 def main() -> None:
     params = load_stage_params("validate")
     spec = engine_spec(params)
-    traced = ExportSettings.from_params(params.get("export")).batch
-    settings = ValidateSettings.from_params(params.get("validate"), traced)
-    model = build_model(spec)
-    report = validate_export(model, paths.ONNX, spec, settings, traced)
+    if spec.onnx_only:  # no PyTorch model: the graph is checked against itself and is its own reference
+        settings = ValidateSettings.from_params(params.get("validate"), 0)
+        model = OnnxReference(paths.ONNX)
+        report = validate_onnx(paths.ONNX, spec, settings)
+    else:
+        traced = ExportSettings.from_params(params.get("export")).batch
+        settings = ValidateSettings.from_params(params.get("validate"), traced)
+        model = build_model(spec)
+        report = validate_export(model, paths.ONNX, spec, settings, traced)
     reference = reference_set(model, spec, report["output_names"], params.get("data") or {}, settings)
     save_reference(paths.REFERENCE, reference)
     report["reference"] = reference["source"]

@@ -266,7 +266,8 @@ def test_a_detector_through_dvc_repro_reports_f1_and_map(tmp_path, detector):
         [
             "python",
             "-m",
-            "kiln.config.params",
+            "kiln",
+            "params",
             "model=det",
             "targets=mini",
             "data.preprocess.resize=128",

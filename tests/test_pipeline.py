@@ -240,7 +240,8 @@ def test_pipeline_outputs_caching_and_experiments(tmp_path):
         [
             "python",
             "-m",
-            "kiln.config.params",
+            "kiln",
+            "params",
             "targets.openvino.threads=2",
             "targets.openvino.precision=int8",
             "~targets.openvino-fp16",

@@ -24,6 +24,7 @@ import pytest
 import yaml
 from conftest import ROOT, unavailable, venv_env
 
+from kiln.cli import plots as cli_plots
 from kiln.report import plots, plots_page
 
 VEGA_TEMPLATES = ROOT / "plots" / "templates"
@@ -194,11 +195,11 @@ def test_template_inlines_vega_vega_lite_and_vega_embed(html_template):
 def test_template_cli_needs_no_npm(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no npm, no node: only the wheel
     out = tmp_path / "offline.html"
-    assert plots.main(["template", "--out", str(out)]) == 0
+    assert cli_plots.main(["template", "--out", str(out)]) == 0
     assert out.stat().st_size > 500_000 and f"vega {plots_page.library_versions()['vega']}," in capsys.readouterr().out
     # Without vl-convert-python the command fails, writes nothing, and says what to run.
     monkeypatch.setitem(sys.modules, "vl_convert", None)
-    assert plots.main(["template", "--out", str(tmp_path / "x.html")]) == 1
+    assert cli_plots.main(["template", "--out", str(tmp_path / "x.html")]) == 1
     err = capsys.readouterr().err
     assert "pip install -e ." in err and "kiln plots template" in err, err
     assert not list(tmp_path.glob("x.html*")) and not list(tmp_path.glob(".x.html*"))

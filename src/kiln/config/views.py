@@ -106,7 +106,8 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where the model comes from: a torchvision/timm name or a `module:function` entrypoint, plus a checkpoint."""
+    """Where the model comes from: a torchvision/timm name or a `module:function` entrypoint, plus a checkpoint;
+    or an ONNX file (`onnx`) that export takes as it is, alone or beside the PyTorch model it was exported from."""
 
     name: str | None
     entrypoint: str | None
@@ -125,12 +126,19 @@ class ModelSpec:
     demo: dict[str, Any] | None = None
     # model.trained: whether the weights are trained (None: auto, see `trained_weights`).
     trained: bool | None = None
+    # model.onnx: a graph to start from instead of exporting one (with name/entrypoint: validated against it).
+    onnx: str | None = None
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any]) -> "ModelSpec":
-        name, entrypoint = raw.get("name"), raw.get("entrypoint")
-        if bool(name) == bool(entrypoint):
-            raise KilnError("set exactly one of model.name (a torchvision or timm model) and model.entrypoint ('module:function')")
+        name, entrypoint, onnx = raw.get("name"), raw.get("entrypoint"), raw.get("onnx")
+        if name and entrypoint or not (name or entrypoint or onnx):
+            raise KilnError(
+                "set exactly one of model.name (a torchvision or timm model) and model.entrypoint ('module:function'), "
+                "or model.onnx (an ONNX file to start from; with one of the two, the PyTorch model validates it)"
+            )
+        if onnx is not None and (not isinstance(onnx, str) or not onnx.endswith(".onnx")):
+            raise KilnError(f"model.onnx must be the path of an .onnx file, got {onnx!r}")
         trained = raw.get("trained", "auto")
         if trained not in (True, False, "auto", None):
             raise KilnError(f"model.trained must be true, false or auto, got {trained!r}")
@@ -152,6 +160,7 @@ class ModelSpec:
             detection=dict(raw["detection"]) if raw.get("detection") else None,
             demo=dict(raw["demo"]) if raw.get("demo") else None,
             trained=trained if isinstance(trained, bool) else None,
+            onnx=onnx,
         )
 
     def to_params(self) -> dict[str, Any]:
@@ -171,6 +180,7 @@ class ModelSpec:
             "detection": self.detection,
             "demo": self.demo,
             "trained": "auto" if self.trained is None else self.trained,
+            "onnx": self.onnx,
         }
 
     def trained_weights(self) -> tuple[bool, str]:
@@ -186,11 +196,18 @@ class ModelSpec:
             return True, "trained: model.weights is set"
         if self.entrypoint:
             return True, "taken as trained: model.entrypoint builds the model (set model.trained: false if its weights are random)"
+        if self.onnx_only:
+            return True, "taken as trained: model.onnx holds the weights (set model.trained: false if they are random)"
         return False, "random weights: model.name with neither model.checkpoint nor model.weights"
 
     @property
+    def onnx_only(self) -> bool:
+        """The model is an ONNX file alone: no PyTorch model to export, validate against or build from."""
+        return bool(self.onnx) and not (self.name or self.entrypoint)
+
+    @property
     def label(self) -> str:
-        return self.name or self.entrypoint or "?"
+        return self.name or self.entrypoint or self.onnx or "?"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The files a model is built from, digested for the cache: model.checkpoint and model.entrypoint's source.
+"""The files a model is built from, digested for the cache: model.checkpoint, model.onnx and model.entrypoint's source.
 
 params.yaml names these files but does not hold them: a checkpoint retrained into the same path, or an
 entrypoint module edited in place, changes no param. The probe (which runs on every `dvc repro`) writes
@@ -59,10 +59,10 @@ def model_files(model: Mapping[str, Any], root: Path = Path("."), cache: dict[st
     """{checkpoint: {path, sha256}, entrypoint: {name: sha256}}: what the model is built from besides params."""
     cache = {} if cache is None else cache
     out: dict[str, Any] = {}
-    checkpoint = model.get("checkpoint")
-    if checkpoint:
-        path = root / str(checkpoint)
-        out["checkpoint"] = {"path": str(checkpoint), "sha256": _sha256(path, cache) if path.is_file() else None}
+    for key in ("checkpoint", "onnx"):  # a file replaced in place changes no param
+        if model.get(key):
+            path = root / str(model[key])
+            out[key] = {"path": str(model[key]), "sha256": _sha256(path, cache) if path.is_file() else None}
     entrypoint = model.get("entrypoint")
     if entrypoint:
         files = entrypoint_files(str(entrypoint), root)

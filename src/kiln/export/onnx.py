@@ -15,7 +15,7 @@ from torch import nn
 
 from kiln.config.views import ModelSpec
 from kiln.core.atomic import atomic_path
-from kiln.core.errors import KilnError, StorageError, chain, describe_os_error, find_os_error, strip_ansi
+from kiln.core.errors import KilnError, StorageError, chain, describe_os_error, find_os_error, first_line, strip_ansi
 from kiln.core.hashing import sha256_file
 from kiln.core.settings import parse
 from kiln.data.inputs import make_inputs
@@ -239,4 +239,69 @@ def check_exported_graph(path: Path, spec: ModelSpec, settings: ExportSettings) 
         },
         "outputs": {vo.name: {"shape": _dims(vo)} for vo in model.graph.output},
         "nodes": len(model.graph.node),
+    }
+
+
+def import_onnx(spec: ModelSpec, out_path: str | Path) -> dict[str, Any]:
+    """model.onnx taken as the graph every engine is built from: checked (it loads, its inputs are model.inputs'
+    names, dtypes and per-sample shapes, each with a dynamic batch axis), copied to `out_path` atomically, and
+    described in a manifest like export_onnx's. Nothing is exported."""
+    import shutil
+
+    import onnx
+
+    assert spec.onnx
+    source = Path(spec.onnx)
+    try:
+        model = onnx.load(str(source), load_external_data=False)
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise KilnError(f"model.onnx: '{source}' is not a valid ONNX graph: {first_line(e)}") from e
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise KilnError(
+            f"model.onnx: '{source}' keeps its weights in external data files; save it as one file "
+            "(onnx.save(onnx.load(path), out, save_as_external_data=False))"
+        )
+    inits = {i.name for i in model.graph.initializer}
+    graph_inputs = {i.name: i for i in model.graph.input if i.name not in inits}
+    found = {
+        name: {"shape": _dims(vi), "dtype": onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name}
+        for name, vi in graph_inputs.items()
+    }
+    declared = {i.name: i for i in spec.inputs}
+    listing = "; ".join(f"{n}: shape {v['shape']}, dtype {v['dtype']}" for n, v in found.items())
+    if set(found) != set(declared):
+        raise KilnError(
+            f"model.onnx: the graph's inputs are {sorted(found)}, model.inputs declares {sorted(declared)} (the graph: {listing})"
+        )
+    for name, info in found.items():
+        dims, want = info["shape"], declared[name]
+        if not dims or not isinstance(dims[0], str) and dims[0] != -1:
+            raise KilnError(
+                f"model.onnx: input '{name}' has a fixed batch axis ({dims[0] if dims else '?'}; shape {dims}): re-export it with a "
+                "dynamic batch (torch.onnx.export's dynamic_shapes or dynamic_axes)"
+            )
+        per_sample = [d for d in dims[1:]]
+        if len(per_sample) != len(want.shape) or any(isinstance(d, int) and d > 0 and d != w for d, w in zip(per_sample, want.shape)):
+            raise KilnError(
+                f"model.onnx: input '{name}' takes {dims} per batch, model.inputs.{name}.shape is {list(want.shape)} per sample"
+            )
+        if info["dtype"] != want.dtype:
+            raise KilnError(f"model.onnx: input '{name}' is {info['dtype']}, model.inputs.{name}.dtype is {want.dtype}")
+    with atomic_path(Path(out_path)) as tmp:
+        shutil.copyfile(source, tmp)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {
+        "exporter": "none: model.onnx",
+        "export_path": {"exporter": "none", "why": f"model.onnx gives the graph ({source})"},
+        "source_onnx": str(source),
+        "opset": opset,
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "model": spec.label,
+        "folded_preprocess": spec.fold,
+        "inputs": found,
+        "outputs": {vo.name: {"shape": _dims(vo)} for vo in model.graph.output},
+        "nodes": len(model.graph.node),
+        "sha256": sha256_file(Path(out_path)),
+        "warnings": [],
     }

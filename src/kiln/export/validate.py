@@ -50,7 +50,21 @@ class ValidateSettings:
         return s
 
 
-def _eager(model: nn.Module, feeds: dict[str, np.ndarray], spec: ModelSpec, names: list[str]) -> dict[str, np.ndarray]:
+class OnnxReference:
+    """The reference for a model given only as an ONNX file (model.onnx alone): the graph itself through ONNX Runtime
+    fp32 on the CPU, where a PyTorch model would run eagerly. Every engine is then judged against ONNX Runtime."""
+
+    def __init__(self, onnx_path: str | Path) -> None:
+        self.session = _ort_session(Path(onnx_path))
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.names, self.session.run(self.names, dict(feeds)))}
+
+
+def _eager(model: nn.Module | OnnxReference, feeds: dict[str, np.ndarray], spec: ModelSpec, names: list[str]) -> dict[str, np.ndarray]:
+    if isinstance(model, OnnxReference):
+        return {n: v for n, v in model(feeds).items() if n in names}
     if spec.fold and isinstance(model, FoldedPreprocess):
         # The reference for a graph with folded preprocessing is kiln's own (numpy) preprocessing
         # followed by the plain model: an independent implementation of what the graph must compute.
@@ -155,6 +169,63 @@ def validate_export(
     }
 
 
+def validate_onnx(onnx_path: str | Path, spec: ModelSpec, settings: ValidateSettings) -> dict[str, Any]:
+    """The gate for a model given only as an ONNX file: there is no eager model to compare with, so the graph is
+    checked against itself: each batch of seeded inputs at validate.batch_sizes must give, for every sample, what
+    that sample gives alone (a batch axis that is really dynamic, and samples that do not leak into each other)."""
+    from kiln.accuracy.tasks import output_infos, resolve_task
+
+    reference = OnnxReference(onnx_path)
+    names = reference.names
+    per_batch: list[dict[str, Any]] = []
+    outputs: dict[str, dict[str, Any]] = {}
+    task, degenerate = None, None
+    for batch in settings.batch_sizes:
+        feeds = make_inputs(spec.inputs, batch, settings.seed + batch)
+        alone = [reference({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(batch)]
+        ref = {n: np.concatenate([a[n] for a in alone]) for n in names}
+        if task is None:
+            task, task_line = resolve_task(spec.task, output_infos(ref))
+            log.info("%s", task_line)
+        try:
+            got = reference(feeds)
+        except Exception as e:
+            raise ValidationFailed(f"model.onnx fails at batch {batch}: {first_line(e)[:300]}; its batch axis is not really dynamic") from e
+        for name in names:
+            if got[name].shape != ref[name].shape:
+                raise ValidationFailed(
+                    f"output '{name}' at batch {batch}: shape {list(got[name].shape)}, but its samples one by one give "
+                    f"{list(ref[name].shape)}: model.onnx's batch axis is not really dynamic"
+                )
+        for c in task.validate(ref, got, settings.atol, settings.rtol):
+            per_batch.append({"batch": batch, **c.to_dict()})
+            if not c.passed:
+                raise ValidationFailed(c.failure_line(f"at batch {batch} against its samples one at a time"))
+            worst = outputs.setdefault(c.name, {"max_abs_err": 0.0, "max_rel_err": 0.0, "mean_abs_err": 0.0, "top1_agreement": None})
+            for key in ("max_abs_err", "max_rel_err", "mean_abs_err"):
+                worst[key] = max(worst[key], getattr(c, key))
+        degenerate = degenerate or task.gate_degenerate(ref)
+    assert task is not None
+    if degenerate and not settings.allow_degenerate_reference:
+        raise ValidationFailed(
+            f"the reference proves nothing: {degenerate} (model.onnx's own outputs), so any engine would pass; set "
+            "validate.allow_degenerate_reference: true to accept it"
+        )
+    return {
+        "passed": True,
+        "task": task.name,
+        "atol": settings.atol,
+        "rtol": settings.rtol,
+        "traced_batch": None,
+        "batch_sizes": list(settings.batch_sizes),
+        "outputs": outputs,
+        "output_names": names,
+        "degenerate": degenerate,
+        "per_batch": per_batch,
+        "reference_model": "ONNX Runtime fp32 on the CPU (model.onnx alone: no PyTorch model)",
+    }
+
+
 def reference_outputs(
     model: nn.Module, spec: ModelSpec, onnx_output_names: list[str], samples: int, seed: int, chunk: int = 8
 ) -> dict[str, np.ndarray]:
@@ -163,7 +234,7 @@ def reference_outputs(
 
 
 def eager_outputs(
-    model: nn.Module, spec: ModelSpec, feeds: dict[str, np.ndarray], names: list[str], chunk: int = 8
+    model: nn.Module | OnnxReference, spec: ModelSpec, feeds: dict[str, np.ndarray], names: list[str], chunk: int = 8
 ) -> dict[str, np.ndarray]:
     samples = next(iter(feeds.values())).shape[0]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -174,7 +245,9 @@ def eager_outputs(
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def reference_set(model: nn.Module, spec: ModelSpec, names: list[str], data: dict[str, Any], settings: ValidateSettings) -> dict[str, Any]:
+def reference_set(
+    model: nn.Module | OnnxReference, spec: ModelSpec, names: list[str], data: dict[str, Any], settings: ValidateSettings
+) -> dict[str, Any]:
     """What every engine's accuracy is judged on: held-out images (data.eval_dir) through the shared
     preprocessing for the model's image input, when the folder has images (the other inputs from
     data.samples or seeded), else seeded inputs. Returns inputs, the eager fp32 outputs, the task's labels,

@@ -84,9 +84,9 @@ def check_paths(params: Mapping[str, Any]) -> None:
     from kiln.export.model_files import entrypoint_files
 
     model, data = params.get("model") or {}, params.get("data") or {}
-    checkpoint = model.get("checkpoint")
-    if checkpoint and not Path(checkpoint).is_file():
-        raise KilnError(f"model.checkpoint: file '{checkpoint}' not found (paths are relative to the project root, {Path.cwd()})")
+    for key in ("checkpoint", "onnx"):
+        if model.get(key) and not Path(model[key]).is_file():
+            raise KilnError(f"model.{key}: file '{model[key]}' not found (paths are relative to the project root, {Path.cwd()})")
     entrypoint = model.get("entrypoint")
     if entrypoint and ":" in str(entrypoint) and not entrypoint_files(str(entrypoint)):
         module = str(entrypoint).partition(":")[0]

@@ -22,7 +22,7 @@ from kiln.config.views import Target
 from kiln.core.atomic import atomic_path
 from kiln.core.errors import EngineMismatch, KilnError, summarize
 from kiln.core.hashing import sha256_file, sha256_tree
-from kiln.runtimes import BuildSource, Runtime, Session, fingerprint, get_runtime, skip_reason
+from kiln.runtimes import BuildSource, Runtime, Session, fingerprint, get_runtime, runtime_info, skip_reason
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -59,6 +59,11 @@ def build_engine(
 
     An optional target this machine cannot run gets a manifest that says it was skipped, and why."""
     skipped = skip_reason(target)
+    if skipped is None and runtime_info(target.runtime).from_model and source.model.onnx_only:
+        skipped = (
+            f"runtime '{target.runtime}' builds from the PyTorch model, and the model is only an ONNX file (model.onnx): "
+            "give model.name or model.entrypoint too to build it"
+        )
     runtime = get_runtime(target.runtime)
     machine = dict(machine or fingerprint.collect())
     engine_dir = Path(engine_dir)

@@ -135,7 +135,18 @@ def render(
     if results:
         machine = next((r["run"]["machine"] for r in results.values() if r["run"].get("machine")), "unknown")
         lines += [f"Machine: {machine}.", ""]
-    if export:
+    if export and export.get("source_onnx"):
+        lines += [
+            f"Model: the ONNX file `{export['source_onnx']}` as given (opset {export.get('opset')}, {export.get('nodes')} nodes, "
+            f"made by {export.get('producer') or 'an unnamed producer'}); nothing was exported. "
+            + (
+                "Its reference outputs are ONNX Runtime fp32 on the CPU, not PyTorch: every figure compares against them."
+                if export.get("reference") == "onnxruntime"
+                else "The PyTorch model validated it."
+            ),
+            "",
+        ]
+    elif export:
         path = export.get("export_path") or {}
         wrapper = path.get("model_wrapper") or {}
         lines += [
