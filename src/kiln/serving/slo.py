@@ -63,7 +63,9 @@ def max_rate_at_slo(
 
     - confirm: the same experiment with other arrivals (another seed). A p99 of a few hundred requests rests on
       its two or three slowest ones, so a rate can pass by luck; the found rate must pass `confirm` too, else
-      5%, 10% and 15% below it are tried with `confirm`, so the answer errs low, not high.
+      three steps below it are tried with `confirm`, so the answer errs low, not high. A step is the search's last
+      bracket (high - low) as a share of the rate found, within 5% and 15%: finer would be noise, coarser throws away
+      what the search found.
 
     - confidence: with it, a probe's requests (at least `min_requests`, its warm-up left out) decide the percentile
       within or over the objective at that confidence (kiln.serving.early_stop: LoadGen's early-stopping rule). A
@@ -183,9 +185,9 @@ def max_rate_at_slo(
         )
     if confirm is None:
         return answer(best, best_latency, reason)
-    # Step down from the rate found, 5% at a time, until one holds with other arrivals too (four tries): a step finer
-    # than the bisection's last one would be noise, a coarser one throws away what the search found.
-    for rate in (best, 0.95 * best, 0.9 * best, 0.85 * best):
+    # Step down from the rate found until one holds with other arrivals too (four tries), by the search's own resolution.
+    step = min(0.15, max(0.05, (high - low) / best))
+    for rate in (best, (1 - step) * best, (1 - 2 * step) * best, (1 - 3 * step) * best):
         if rate <= floor:
             break
         ok, latency, _ = measure(confirm, rate)
@@ -197,7 +199,7 @@ def max_rate_at_slo(
     return answer(
         floor,
         dict((r, lat) for r, lat, _ in tried)[floor],
-        f"{reason}; with other arrivals {failed} requests/s failed (the rate found and steps of 5% below it, down to the "
+        f"{reason}; with other arrivals {failed} requests/s failed (the rate found and steps of {step:.0%} below it, down to the "
         f"lowest probe), so only the lowest probe ({floor:.4g} requests/s) is claimed: latency at these rates is erratic "
         "(a noisy machine?)",
         "erratic",
