@@ -144,7 +144,7 @@ def validate_export(
         raise ValidationFailed(
             f"the reference proves nothing: {degenerate}, so any graph would pass. Check the model "
             "(zero-initialised head? wrong checkpoint?), turn on model.demo_weights for a random-init demo "
-            "(README: 'References that prove something'), or set validate.allow_degenerate_reference: true to accept it"
+            "(docs/models.md: 'References that prove something'), or set validate.allow_degenerate_reference: true to accept it"
         )
     outputs = {}
     for name, c in worst.items():
