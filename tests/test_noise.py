@@ -117,7 +117,9 @@ def test_times_that_stay_noisy_stop_at_the_time_cap():
     session = Scripted(alternating(noisy_calls=None))
     t0 = time.perf_counter()
     times = time_infer(session, FEEDS, settings(noisy_max_time_s=0.3))
-    assert time.perf_counter() - t0 >= 0.3 and sum(times) >= 250 and len(times) > 30
+    # Ran to the cap (not stopped early): its wall time, and more iterations than a stable run needs. The sum of the
+    # iterations' own times is not asserted: the loop's overhead between them grows on a busy machine.
+    assert time.perf_counter() - t0 >= 0.3 and len(times) > 30
     # Stopped by the cap: still noisy, and no iteration began after it (every time before the last one fell
     # within the 0.3 s, however slow the machine made each of them).
     assert robust_cv(times[-NOISE_WINDOW:]) > 0.1
