@@ -276,12 +276,12 @@ def import_onnx(spec: ModelSpec, out_path: str | Path) -> dict[str, Any]:
         )
     for name, info in found.items():
         dims, want = info["shape"], declared[name]
-        if not dims or not isinstance(dims[0], str) and dims[0] != -1:
+        if not dims or (not isinstance(dims[0], str) and dims[0] != -1):
             raise KilnError(
                 f"model.onnx: input '{name}' has a fixed batch axis ({dims[0] if dims else '?'}; shape {dims}): re-export it with a "
                 "dynamic batch (torch.onnx.export's dynamic_shapes or dynamic_axes)"
             )
-        per_sample = [d for d in dims[1:]]
+        per_sample = dims[1:]
         if len(per_sample) != len(want.shape) or any(isinstance(d, int) and d > 0 and d != w for d, w in zip(per_sample, want.shape)):
             raise KilnError(
                 f"model.onnx: input '{name}' takes {dims} per batch, model.inputs.{name}.shape is {list(want.shape)} per sample"
