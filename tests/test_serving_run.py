@@ -17,7 +17,8 @@ from kiln.pipeline.engine import build_engine, load_engine
 from kiln.report.markdown import render
 from kiln.report.serving import curve_csv, curve_rows
 from kiln.runtimes import BuildSource
-from kiln.serving.run import ServingSettings, contention_slowdown, preprocessing_cost, serve_under_load
+from kiln.serving.contention import contention_slowdown
+from kiln.serving.run import ServingSettings, preprocessing_cost, serve_under_load
 
 QUICK = ServingSettings(
     slo_ms=200.0,

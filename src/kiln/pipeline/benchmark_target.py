@@ -38,7 +38,8 @@ from kiln.measure.roofline import roofline_inputs
 from kiln.measure.tuning import tuned_target
 from kiln.pipeline.engine import load_engine, read_manifest
 from kiln.runtimes import fingerprint
-from kiln.serving.run import ServingSettings, contention_slowdown, preprocessing_cost, serve_under_load
+from kiln.serving.contention import contention_slowdown
+from kiln.serving.run import ServingSettings, preprocessing_cost, serve_under_load
 
 log = logging.getLogger("kiln.measure.benchmark")
 
@@ -87,7 +88,7 @@ def benchmark_target(name: str, params: Mapping[str, Any], diagnose: Callable[..
         with MemoryWatch() as throughput_watch:  # its extra sessions or streams are not what one request costs
             throughput = benchmark_throughput(session, spec.inputs, target.main_batch, settings)
         serving = ServingSettings.from_params(params.get("serving"))
-        open_loop = serve_under_load(session, spec.inputs, target, stats, serving) if serving.enabled and target.serve else None
+        open_loop = serve_under_load(session, spec.inputs, target, stats, serving, throughput) if serving.enabled and target.serve else None
         if open_loop is not None:
             open_loop["preprocessing"] = preprocessing_cost(preprocess_for(spec, params.get("data") or {}))
             if serving.contention:  # opt-in: a second copy of the engine beside it, for as long again

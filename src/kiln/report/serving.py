@@ -73,6 +73,8 @@ def open_loop_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 f"- `{name}`: its engine holds several shape profiles; one per common small request size was not measured: "
                 f"to measure it, rebuild with `{rec['profiles_override']}`"
             )
+        if (o.get("steady") or {}).get("steady") is False:
+            notes.append(f"- `{name}`: {o['steady']['why']}")
     if notes:
         lines += ["", *notes]
     if applied:
@@ -81,6 +83,76 @@ def open_loop_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
             "`serving.max_batch` and `serving.max_queue_delay_ms` are shared by every target: apply the command of the engine "
             "you ship (the verdict above).",
         ]
+    return lines + offline_lines(runs, built) + configs_lines(runs, built)
+
+
+def _ratio_row(cell: str, v: Mapping[str, Any]) -> str:
+    f = v["factors"]
+    return (
+        f"| {cell} | {fmt(v['served_images_per_s'], '.4g')} | {fmt(v['offline_images_per_s'], '.4g')} ({v['offline']}) "
+        f"| **{fmt(v['ratio'], '.2f')}** | {fmt(f['instances'], '.2f')} | {fmt(f['batching'], '.2f')} | {fmt(f['busy'], '.2f')} "
+        f"| {v.get('why') or 'at or above MLPerf CPU Server runs (0.75x)'} |"
+    )
+
+
+def offline_lines(runs: Mapping[str, Mapping[str, Any]], built: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Served images/s at the max rate against the engine's offline images/s, and the factor that eats most."""
+    rows = [_ratio_row(target_cell(n, built[n]["run"]), o["vs_offline"]) for n, o in runs.items() if o.get("vs_offline")]
+    if not rows:
+        return []
+    return [
+        "",
+        "### Served against offline (MLPerf's Server/Offline ratio)",
+        "",
+        "Images/s served at the max rate (rate x mean request size) against the engine's offline images/s (throughput mode, "
+        "several requests in flight). MLPerf CPU submissions serve about 0.76-0.78x of Offline under their p99 bound. The "
+        "ratio is the product of three measured factors (`kiln.serving.offline`): instances (one request in flight against "
+        "the throughput mode's several), batching (the mean batch formed at the max rate against the offline batch, closed "
+        "loop) and busy (the share of time the engine computes at the max rate: the rest is idle time the p99 needs). "
+        "Preprocessing is not in this loop (requests arrive as tensors): its cost per frame is in the next section.",
+        "",
+        "| target | served images/s | offline images/s | ratio | instances | batching | busy | what eats it |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
+        *rows,
+    ]
+
+
+def configs_lines(runs: Mapping[str, Mapping[str, Any]], built: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The configurations the search tried per target, its Pareto front of rate against p99, and the best."""
+    searched = {n: o["configs"] for n, o in runs.items() if o.get("configs")}
+    if not searched:
+        return []
+    lines = [
+        "",
+        "### Serving configurations searched (Triton model_analyzer's quick search)",
+        "",
+        "Workers (inferences in flight) x the batcher's max batch x its queue delay, hill-climbed from the configured batcher "
+        "(`serving.search_configs`, within `serving.config_budget_s` per target). Front: no other configuration tried holds "
+        "a higher rate at a lower p99. Best: the highest rate within the objective.",
+    ]
+    for name, c in searched.items():
+        cell = target_cell(name, built[name]["run"])
+        lines += [
+            "",
+            f"{cell}: {len(c['points'])} configurations in {fmt(c['seconds'], '.0f')} s "
+            f"({'converged' if c['stopped'] == 'converged' else 'stopped by the budget'}); {c['probes']}.",
+            "",
+            "| workers | max batch | delay ms | max requests/s | p99 ms at max | front | best |",
+            "|---:|---:|---:|---:|---:|:-:|:-:|",
+        ]
+        for p in sorted(c["points"], key=lambda p: -(p.get("max_rate") or 0.0)):
+            lines.append(
+                f"| {p['workers']} | {p['max_batch']} | {fmt(p['max_queue_delay_ms'], 'g')} | {fmt(p['max_rate'], '.4g')} "
+                f"| {fmt(p['p99_ms_at_max'], '.1f')} | {'yes' if p['pareto'] else ''} | {'**best**' if p['chosen'] else ''} |"
+            )
+        chosen, start = c.get("chosen"), c.get("start")
+        if chosen and chosen != start:
+            lines += [
+                "",
+                f"To serve with it: `serving.workers={chosen['workers']} serving.max_batch={chosen['max_batch']} "
+                f"serving.max_queue_delay_ms={fmt(chosen['max_queue_delay_ms'], 'g')}`"
+                + (f"; its served images/s are {c['vs_offline']['ratio']:.2f}x offline" if c.get("vs_offline") else ""),
+            ]
     return lines
 
 

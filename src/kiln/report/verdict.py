@@ -85,6 +85,7 @@ UNSETTLED = {
     "lowest-only": "only its lowest probe held",
     "undecided": "undecided: too few requests to decide its p99 at the stated confidence",
     "too-short": "its probes were too short to settle",
+    "unsteady": "unsteady: the machine's speed changed during its search",
 }
 
 

@@ -66,3 +66,34 @@ def contention_between(
         alone_ms, beside_ms = float(np.median(alone[key])), float(np.median(beside[key]))
         out[key] = {"alone_p50_ms": alone_ms, "beside_p50_ms": beside_ms, "slowdown": beside_ms / alone_ms, "runs": len(beside[key])}
     return out
+
+
+def contention_slowdown(session: Session, second: Session, feeds: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+    """Median latency of `session` alone, then while `second` (another engine on the same device) runs in a loop
+    beside it: the slow-down a co-located model causes. Both threads are joined before returning."""
+    alone = timed(session, feeds, seconds)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def neighbour() -> None:
+        try:
+            while not stop.is_set():
+                second.infer(feeds)
+        except BaseException as e:  # surfaced after the join
+            errors.append(e)
+
+    thread = threading.Thread(target=neighbour, name="kiln-serving-neighbour", daemon=True)
+    thread.start()
+    try:
+        beside = timed(session, feeds, seconds)
+    finally:
+        stop.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+    return {
+        "alone_p50_ms": float(np.median(alone)),
+        "beside_p50_ms": float(np.median(beside)),
+        "slowdown": float(np.median(beside) / np.median(alone)),
+        "with": "a second copy of the same engine, in a loop, in the same process",
+    }

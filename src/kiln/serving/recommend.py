@@ -55,8 +55,9 @@ def _measured(latency_ms_by_batch: Mapping[int, float]) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
-def latency_at(measured: Mapping[int, float], batch: int) -> float:
-    """Milliseconds for one inference of `batch`, from the measured batches (see the module docstring)."""
+def latency_at(measured: Mapping[int, float], batch: float) -> float:
+    """Milliseconds for one inference of `batch` (a mean batch may be fractional), from the measured batches (see the
+    module docstring)."""
     sizes = sorted(measured)
     if batch in measured:
         return measured[batch]

@@ -10,18 +10,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from kiln.config.views import InputSpec, Target
 from kiln.core.errors import KilnError
-from kiln.runtimes import Session, runtime_info
+from kiln.runtimes import Session, concurrency_limit, runtime_info
 from kiln.serving.arrivals import mean_size, poisson_arrivals
 from kiln.serving.batcher import BatcherSettings
+from kiln.serving.configs import Axes, ServingConfig, hill_climb
 from kiln.serving.early_stop import decide_latencies
 from kiln.serving.load import LoadResult, feeds_cache, run_load, warm_up
+from kiln.serving.offline import served_vs_offline
 from kiln.serving.recommend import recommend_profile
 from kiln.serving.slo import cost_per_million, max_rate_at_slo, probe_decision, sweep
+from kiln.serving.steady import SteadyCheck
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,12 @@ class ServingSettings:
     curve_rates: int = 0  # extra evenly spaced rates for the latency-throughput curve (the full sweep: e.g. 8)
     contention: bool = False  # also time the engine while a second copy of it runs beside it (doubles that time)
     measure_recommended: bool = False  # search again with the recommended batcher (the deep study): offered only when better
+    # model_analyzer's search: workers x max batch (the profile's measured batches) x queue delay, hill-climbed from the
+    # batcher above within config_budget_s, each configuration's rate searched with short probes (ranking_settings)
+    search_configs: bool = False
+    config_budget_s: float = 120.0
+    config_workers: tuple[int, ...] = (1, 2)
+    config_delays_ms: tuple[float, ...] = (1.0, 5.0, 20.0)
     seed: int = 7
 
     @classmethod
@@ -61,6 +70,10 @@ class ServingSettings:
             raise KilnError(f"{where}: seconds_per_rate must be > 0, min_requests >= 1, search_iterations and curve_rates >= 0")
         if not 0.5 <= self.confidence < 1:
             raise KilnError(f"{where}.confidence must be at least 0.5 and below 1 (e.g. 0.99), got {self.confidence}")
+        if not self.config_budget_s > 0 or not self.config_workers or min(self.config_workers) < 1:
+            raise KilnError(f"{where}: config_budget_s must be > 0 and config_workers a non-empty list of counts >= 1")
+        if not self.config_delays_ms or min(self.config_delays_ms) < 0:
+            raise KilnError(f"{where}.config_delays_ms must be a non-empty list of delays >= 0 ms, got {list(self.config_delays_ms)}")
         if not self.max_seconds_per_rate >= self.seconds_per_rate:
             raise KilnError(
                 f"{where}.max_seconds_per_rate ({self.max_seconds_per_rate}) must be at least seconds_per_rate ({self.seconds_per_rate})"
@@ -68,6 +81,15 @@ class ServingSettings:
 
     def batcher(self, target: Target) -> BatcherSettings:
         return BatcherSettings(self.max_batch or target.profile.opt, self.max_queue_delay_ms, self.workers)
+
+    def ranking_settings(self) -> "ServingSettings":
+        """The probes that compare serving configurations: every one the same, and short (a few seconds each, at most
+        three bisections), so that a budget of minutes tries several; their rates rank, they are not the study's answer."""
+        return replace(
+            self,
+            max_seconds_per_rate=max(self.seconds_per_rate, min(self.max_seconds_per_rate, 3.0)),
+            search_iterations=min(self.search_iterations, 3),
+        )
 
 
 def check_serving(settings: ServingSettings, target: Target) -> None:
@@ -146,8 +168,10 @@ def serve_under_load(
     target: Target,
     latency: Mapping[str, Mapping[str, float]],
     settings: ServingSettings,
+    throughput: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Open-loop load for `target`'s served sizes; `latency` is the closed-loop stats per batch ('bN' keys)."""
+    """Open-loop load for `target`'s served sizes; `latency` is the closed-loop stats per batch ('bN' keys), and
+    `throughput` the throughput mode's record (the offline figure the served images/s are compared with)."""
     assert target.serve
     start = time.perf_counter()
     sizes = dict(target.serve)
@@ -159,22 +183,24 @@ def serve_under_load(
     shapes = {i.name: i.shape for i in inputs}
     recommended = recommend_profile(sizes, by_batch, settings.slo_ms, target.profile, target.name, profiles, shapes)
     progress = ProbeProgress(target.name, settings)
+    steady = SteadyCheck(session, feeds_for(target.main_batch))
 
-    def search(batcher: BatcherSettings) -> tuple[dict[str, Any], Any]:
+    def search(batcher: BatcherSettings, s: ServingSettings = settings) -> tuple[dict[str, Any], Any]:
         warm_up(session, feeds_for, batcher.max_batch)
         # No batching beats the best closed-loop images/s at a batch the batcher can form: hi fails by construction
         # (20% over it, for the noise in that figure; a tighter bracket leaves the bisections finer steps).
-        best = max(s["images_per_s"] for b, s in ((int(k[1:]), s) for k, s in latency.items()) if b <= batcher.max_batch)
-        hi = 1.2 * best / mean_size(sizes)
+        best = max(st["images_per_s"] for b, st in ((int(k[1:]), st) for k, st in latency.items()) if b <= batcher.max_batch)
+        hi = 1.2 * best * batcher.workers / mean_size(sizes)
         lo = hi / 20
+        last: dict[float, dict[str, Any]] = {}  # each rate's latest probe summary: the answer's, for its mean batch
 
         def decided(e2e: Any) -> bool:  # early stopping: the requests so far decide the p99 either way
-            return len(e2e) >= settings.min_requests and decide_latencies(e2e, settings.slo_ms, 99, settings.confidence) != "undecided"
+            return len(e2e) >= s.min_requests and decide_latencies(e2e, s.slo_ms, 99, s.confidence) != "undecided"
 
         def run_with(seed: int) -> Any:
             def run_at(rate: float) -> LoadResult:
                 sanity = rate <= lo * 1.0001
-                least, most = _window(rate, settings, sanity)
+                least, most = _window(rate, s, sanity)
                 arrivals = poisson_arrivals(rate, _requests(rate, most), sizes, seed)
                 result = run_load(
                     session,
@@ -182,26 +208,28 @@ def serve_under_load(
                     arrivals,
                     batcher,
                     most,
-                    max_drain_s=settings.seconds_per_rate,
+                    max_drain_s=s.seconds_per_rate,
                     settled=None if sanity else decided,
                     min_seconds=least,
                 )
-                progress.probe(rate, result, probe_decision(result, settings.slo_ms, 99, settings.confidence, settings.min_requests))
+                last[rate] = result.summary()
+                progress.probe(rate, result, probe_decision(result, s.slo_ms, 99, s.confidence, s.min_requests))
                 return result
 
             return run_at
 
-        run_at = run_with(settings.seed)
+        run_at = run_with(s.seed)
         result = max_rate_at_slo(
             run_at,
-            settings.slo_ms,
+            s.slo_ms,
             lo,
             hi,
-            settings.search_iterations,
-            confirm=run_with(settings.seed + 1),
-            confidence=settings.confidence,
-            min_requests=settings.min_requests,
+            s.search_iterations,
+            confirm=run_with(s.seed + 1),
+            confidence=s.confidence,
+            min_requests=s.min_requests,
         )
+        result["at_max"] = _at_max(last.get(result["max_rate"]))
         return result, run_at
 
     found, run_at = search(current)
@@ -212,6 +240,7 @@ def serve_under_load(
         "batcher": {"max_batch": current.max_batch, "max_queue_delay_ms": current.max_queue_delay_ms, "workers": current.workers},
         "max_rate_at_slo": rate,
         "p99_ms_at_max": found["p99_ms_at_max"],
+        "at_max": found["at_max"],
         "search": {
             "tried": [[r, lat, ok] for r, lat, ok in found["tried"]],
             "confirmed": [[r, lat, ok] for r, lat, ok in found["confirmed"]],
@@ -229,6 +258,7 @@ def serve_under_load(
         record["curve"] = sweep(run_at, [rate * 1.5 * (i + 1) / settings.curve_rates for i in range(settings.curve_rates)])
     if settings.cost_per_hour is not None:
         record["cost_per_million"] = cost_per_million(rate, settings.cost_per_hour)
+    record["vs_offline"] = served_vs_offline(record, latency, throughput)
     # The recommended batcher on this engine, when the engine accepts its batches (a new profile needs a rebuild).
     rec = recommended["batcher"]
     record["recommended"] = recommended
@@ -246,6 +276,13 @@ def serve_under_load(
             f"the recommended max_batch {rec_batcher.max_batch} is outside this engine's profile "
             f"[{target.profile.min}, {target.profile.max}]: rebuild with `{recommended['override']}` to measure it"
         )
+    if settings.search_configs:
+        record["configs"] = search_configs(session, target, latency, settings, throughput, record, search)
+    record["steady"] = steady.after()
+    if not record["steady"]["steady"]:
+        log.warning("%s: %s", target.name, record["steady"]["why"])
+        if record["search"]["settled"]:  # a maximum measured on a machine that changed speed is not this engine's
+            record["search"].update(settled=False, unsettled="unsteady", reason=f"{record['search']['reason']}; {record['steady']['why']}")
     record["seconds"] = round(time.perf_counter() - start, 1)
     again_rate = record.get("recommended_max_rate_at_slo")
     log.info(
@@ -258,6 +295,61 @@ def serve_under_load(
         record["seconds"],
     )
     return record
+
+
+def _at_max(summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    keys = ("mean_batch", "images_per_s", "e2e_p99_ms", "p99_queue_share", "requests_completed")
+    return {k: summary[k] for k in keys} if summary else None
+
+
+def search_configs(
+    session: Session,
+    target: Target,
+    latency: Mapping[str, Mapping[str, float]],
+    settings: ServingSettings,
+    throughput: Mapping[str, Any] | None,
+    record: Mapping[str, Any],
+    search: Any,
+) -> dict[str, Any]:
+    """model_analyzer's search on this engine (kiln.serving.configs): configurations from the current batcher, each
+    rate searched with the ranking probes; the best's served images/s against offline."""
+    ranking = settings.ranking_settings()
+    limit = concurrency_limit(session)
+    workers = [w for w in settings.config_workers if limit is None or w <= limit]
+    largest = max(b for b, share in dict(target.serve or {1: 1.0}).items() if share > 0)  # a request is never split
+    batches = [b for b in sorted(int(k[1:]) for k in latency) if max(target.profile.min, largest) <= b <= target.profile.max]
+    start = ServingConfig.of(settings.batcher(target))
+    axes = Axes.around(start, workers or [start.workers], batches, settings.config_delays_ms)
+
+    def evaluate(config: ServingConfig) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        found, _ = search(config.batcher(), ranking)
+        return {
+            "max_rate": found["max_rate"],
+            "p99_ms_at_max": found["p99_ms_at_max"],
+            "unsettled": found["unsettled"],
+            "at_max": found["at_max"],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+
+    log.info(
+        "%s: searching serving configurations (workers %s, max batch %s, delay %s ms) for at most %.0f s",
+        target.name,
+        list(axes.workers),
+        list(axes.max_batch),
+        list(axes.max_queue_delay_ms),
+        settings.config_budget_s,
+    )
+    result = hill_climb(evaluate, start, axes, settings.config_budget_s)
+    result["probes"] = (
+        f"every configuration searched alike: probes of {ranking.seconds_per_rate:g}-{ranking.max_seconds_per_rate:g} s, "
+        f"{ranking.search_iterations} bisections (rates that rank, a little below the study's own search)"
+    )
+    chosen = next((p for p in result["points"] if p["chosen"]), None)
+    if chosen:
+        at_chosen = {**record, "max_rate_at_slo": chosen["max_rate"], "at_max": chosen["at_max"]}
+        result["vs_offline"] = served_vs_offline(at_chosen, latency, throughput)
+    return result
 
 
 def preprocessing_cost(preprocess: Any, images: int = 15) -> dict[str, Any]:
@@ -285,41 +377,4 @@ def preprocessing_cost(preprocess: Any, images: int = 15) -> dict[str, Any]:
         "ms_per_image": float(np.median(times)),
         "what": "decode + resize + crop" + ("" if preprocess.dtype == "uint8" else " + normalise") + " of a 640x480 JPEG",
         "images": images,
-    }
-
-
-def contention_slowdown(session: Session, second: Session, feeds: Mapping[str, Any], seconds: float) -> dict[str, Any]:
-    """Median latency of `session` alone, then while `second` (another engine on the same device) runs in a loop
-    beside it: the slow-down a co-located model causes. Both threads are joined before returning."""
-    import threading
-
-    import numpy as np
-
-    from kiln.serving.contention import timed
-
-    alone = timed(session, feeds, seconds)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def neighbour() -> None:
-        try:
-            while not stop.is_set():
-                second.infer(feeds)
-        except BaseException as e:  # surfaced after the join
-            errors.append(e)
-
-    thread = threading.Thread(target=neighbour, name="kiln-serving-neighbour", daemon=True)
-    thread.start()
-    try:
-        beside = timed(session, feeds, seconds)
-    finally:
-        stop.set()
-        thread.join()
-    if errors:
-        raise errors[0]
-    return {
-        "alone_p50_ms": float(np.median(alone)),
-        "beside_p50_ms": float(np.median(beside)),
-        "slowdown": float(np.median(beside) / np.median(alone)),
-        "with": "a second copy of the same engine, in a loop, in the same process",
     }
