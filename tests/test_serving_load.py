@@ -249,6 +249,9 @@ def test_an_engine_with_several_profiles_gets_one_for_its_common_small_requests(
     assert spelled[2]["input"] == {"min": [1, 3, 16, 16], "opt": [8, 3, 16, 16], "max": [16, 3, 16, 16]}
     # The session runs a batch on the first profile that holds it: singles on the first, 4 on the second, 8 on the main.
     assert [select_profile(spelled, {"input": (b, 3, 16, 16)}) for b in (1, 4, 8)] == [0, 1, 2]
+    # A common size above opt gets its own profile too (TensorRT tunes for opt; 16 is as far from 8 as 4 is).
+    above = recommend_profile({1: 0.3, 16: 0.7}, latency, 30.0, ShapeProfile(1, 8, 32), "trt", runtime_info("tensorrt").profiles)
+    assert above["profile"]["opt"] != 16 and {"min": 16, "opt": 16, "max": 16} in above["extra_profiles"], above
 
 
 def test_sweep_and_cost():

@@ -14,9 +14,10 @@ The rule, in the order it is applied (each step is one sentence in the returned 
   rides in the largest batch still has half the slack left for the batch running ahead of it.
 
 - extra profiles, for a runtime whose engine holds several (TensorRT): each served size that carries at least
-  a fifth of the requests and is smaller than opt gets a profile of its own (min = opt = max = that size), listed
-  before the main one (a batch runs on the first profile that holds it), so the common small requests run on
-  kernels chosen for their shape instead of the main profile's.
+  a fifth of the requests and is not opt gets a profile of its own (min = opt = max = that size), listed
+  before the main one (a batch runs on the first profile that holds it), so the common requests run on kernels
+  chosen for their shape instead of the main profile's (TensorRT tunes a profile's kernels for its opt: a size
+  above opt is as far from it as one below).
 
 Latency at an unmeasured batch is interpolated linearly between measured ones; beyond the largest measured batch
 it grows in proportion to the batch (no further gain per image: the cautious guess).
@@ -138,12 +139,12 @@ def recommend_profile(
         "override": f"kiln params targets.{t}.profile.min={smallest} targets.{t}.profile.opt={opt} targets.{t}.profile.max={top}",
     }
     if profiles > 1:
-        common = sorted((b for b, share in dist.items() if share >= MAIN_SHARE and b < opt), key=lambda b: -dist[b])[: profiles - 1]
+        common = sorted((b for b, share in dist.items() if share >= MAIN_SHARE and b != opt), key=lambda b: -dist[b])[: profiles - 1]
         extra = [ShapeProfile(b, b, b) for b in sorted(common)]
         if extra:
             record["extra_profiles"] = [p.to_params() for p in extra]
             record["why"] += " " + " ".join(
-                f"extra profile {p.opt}: {dist[p.opt]:.0%} of requests are {p.opt} image(s), below opt {opt}; "
+                f"extra profile {p.opt}: {dist[p.opt]:.0%} of requests are {p.opt} image(s), {'below' if p.opt < opt else 'above'} opt {opt}; "
                 "a profile of its own, listed first, gives them kernels chosen for their shape."
                 for p in extra
             )

@@ -1,0 +1,91 @@
+"""Does the open-loop search give the same answer twice? Runs it twice, back to back, on each built engine.
+
+Run after `dvc repro` (it reads the engines in artifacts/engines/ and params.yaml), on a quiet machine:
+
+    python benchmarks/serving_repeat.py [--targets onnxruntime-int8 ...] [--study quick|deep]
+
+For each target: the closed-loop latency and throughput the benchmark stage measures, then `serve_under_load`
+twice with the same settings (the serving block of params.yaml, or conf/serving/<study>.yaml), each inside a
+LoadWatch (other processes' CPU use) and with its own steadiness check. The table gives both max rates, their
+ratio (the issue's goal: within 10%), whether each search settled, the engine's closed-loop change over each
+search, and whether other work ran beside it. A pair that disagrees on a quiet, steady machine is the search's
+noise; one that disagrees with a busy or unsteady run is the machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from kiln.config.views import Target, load_params
+from kiln.core import paths
+from kiln.data.engine_input import engine_spec
+from kiln.measure.benchmark import BenchmarkSettings, benchmark_latency, benchmark_throughput
+from kiln.measure.machine_load import LoadWatch
+from kiln.pipeline.engine import load_engine, read_manifest
+from kiln.runtimes import fingerprint
+from kiln.serving.run import ServingSettings, serve_under_load
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "serving"
+
+
+def serving_settings(params: dict, study: str | None) -> ServingSettings:
+    if study is None:
+        return ServingSettings.from_params(params.get("serving"))
+    raw: dict = {}
+    for name in ("default", study):  # deep.yaml names default as its base
+        raw.update({k: v for k, v in (yaml.safe_load((CONF / f"{name}.yaml").read_text()) or {}).items() if k != "defaults"})
+    return ServingSettings.from_params(raw)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--targets", nargs="*", help="default: every target in params.yaml with a built engine and served traffic")
+    ap.add_argument("--study", choices=("quick", "deep"), help="the serving settings of this study instead of params.yaml's")
+    ap.add_argument("--no-configs", action="store_true", help="leave the configuration search out even where the settings ask for it")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    params = load_params()
+    spec = engine_spec(params)
+    settings = serving_settings(params, {"quick": "default", "deep": "deep", None: None}[args.study])
+    if args.no_configs:
+        settings = replace(settings, search_configs=False)
+    bench = BenchmarkSettings.from_params(params.get("benchmark"))
+    built = [n for n in params["targets"] if (paths.ENGINES / n / "manifest.json").is_file()]
+    names = args.targets or built
+    hardware = fingerprint.describe_hardware(fingerprint.collect()["hardware"])
+    print(f"machine: {hardware}")
+    print(f"settings: confidence {settings.confidence}, probes {settings.seconds_per_rate}-{settings.max_seconds_per_rate} s, ")
+    print(f"          {settings.search_iterations} bisections, objective p99 {settings.slo_ms:g} ms\n")
+    print("| target | run 1 requests/s | run 2 requests/s | ratio | settled | closed-loop change | busy beside | seconds |")
+    print("|---|---:|---:|---:|---|---|---|---:|")
+    for name in names:
+        target = Target.from_params(name, params)
+        if not target.serve or read_manifest(paths.ENGINES / name).get("skipped"):
+            continue
+        session, _ = load_engine(paths.ENGINES / name, target)
+        latency, _, _ = benchmark_latency(session, spec.inputs, target.profile, bench, progress=False)
+        throughput = benchmark_throughput(session, spec.inputs, target.main_batch, bench)
+        runs = []
+        for _ in range(2):
+            with LoadWatch() as load:
+                record = serve_under_load(session, spec.inputs, target, latency, settings, throughput)
+            runs.append((record, load))
+        (a, la), (b, lb) = runs
+        ra, rb = a["max_rate_at_slo"], b["max_rate_at_slo"]
+        ratio = max(ra, rb) / min(ra, rb) if min(ra, rb) > 0 else float("inf")
+        print(
+            f"| {name} | {ra:.4g} | {rb:.4g} | {ratio:.3f} "
+            f"| {a['search']['unsettled'] or 'yes'} / {b['search']['unsettled'] or 'yes'} "
+            f"| {a['steady']['change']:.2f}x / {b['steady']['change']:.2f}x "
+            f"| {'yes' if la.busy else 'no'} / {'yes' if lb.busy else 'no'} | {a['seconds']:.0f} + {b['seconds']:.0f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
