@@ -9,6 +9,7 @@ changes when what its stage reads changes, so a change re-runs exactly the stage
 
 import logging
 
+from kiln.config.batch_limit import clamp_batches
 from kiln.config.slices import READS, global_slice, slice_text, target_slices
 from kiln.config.views import load_params
 from kiln.core import paths
@@ -18,7 +19,9 @@ from kiln.pipeline.stage import run_stage
 
 
 def main() -> None:
-    params = load_params()
+    params, notes = clamp_batches(load_params())  # a model that takes few images per call: every batch size fits it
+    for note in notes:
+        logging.getLogger("kiln.configure").warning("%s", note)
     targets = check_params(params)
     with atomic_path(paths.STAGE_PARAMS, is_dir=True) as tmp:
         for stage in READS:

@@ -23,7 +23,7 @@ def main() -> None:
         report = validate_onnx(paths.ONNX, spec, settings)
     else:
         traced = ExportSettings.from_params(params.get("export")).batch
-        settings = ValidateSettings.from_params(params.get("validate"), traced)
+        settings = ValidateSettings.from_params(params.get("validate"), traced, spec.max_batch)
         model = build_model(spec)
         report = validate_export(model, paths.ONNX, spec, settings, traced)
     reference = reference_set(model, spec, report["output_names"], params.get("data") or {}, settings)

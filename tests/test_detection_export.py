@@ -1,6 +1,6 @@
 """kiln's in-graph detection postprocessing against torchvision's own: Cluster-NMS against torchvision.ops.batched_nms,
 and SSD and RetinaNet (tiny, untrained, built here) through PaddedDetections against the detector's own forward
-(its postprocess_detections, batched_nms included); the two-stage refusal."""
+(its postprocess_detections, batched_nms included); a two-stage detector refused without model.max_batch: 1."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_padded_detections_find_what_the_torchvision_detector_finds(build, famil
         assert (ours["labels"][i, n:] == -1).all() and (ours["scores"][i, n:] == 0).all()
 
 
-def test_a_two_stage_detector_is_refused_at_export():
+def test_a_two_stage_detector_without_its_batch_limit_is_refused_with_the_fix():
     from conftest import tiny_model_params
 
     from kiln.config.views import ModelSpec
@@ -151,7 +151,7 @@ def test_a_two_stage_detector_is_refused_at_export():
     spec = ModelSpec.from_params(
         tiny_model_params("test_detection_export:tiny_faster_rcnn", inputs={"images": {"shape": [3, SIZE, SIZE], "dtype": "float32"}})
     )
-    with pytest.raises(KilnError, match=r"FasterRCNN is a two-stage detector .*does not export Faster/Mask/Keypoint R-CNN"):
+    with pytest.raises(KilnError, match=r"FasterRCNN is a two-stage detector: kiln exports it at batch 1.*set model.max_batch: 1"):
         build_model(spec)
 
 

@@ -153,8 +153,11 @@ def test_torchscript_exporter_targets_an_older_opset(tmp_path):
 def test_validate_settings_need_batch_sizes_other_than_the_traced_one():
     with pytest.raises(KilnError, match="at least two positive batch sizes other than the traced"):
         ValidateSettings.from_params({"batch_sizes": [2, 4]}, traced_batch=2)
-    with pytest.raises(KilnError, match=r"export.batch must be an integer >= 2"):
-        ExportSettings.from_params({"batch": 1})
+    from kiln.export.onnx import check_traced_batch
+
+    with pytest.raises(KilnError, match=r"export.batch must be an integer >= 2.*model.max_batch: 1"):
+        check_traced_batch(ExportSettings.from_params({"batch": 1}).batch, None)
+    check_traced_batch(1, 1)  # a model that takes one image at a time is traced at 1
 
 
 def test_unknown_export_key_is_named():

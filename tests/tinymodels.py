@@ -109,3 +109,34 @@ class ImageAndTokens(nn.Module):
 
 def image_and_tokens() -> nn.Module:
     return ImageAndTokens()
+
+
+def _small_rcnn(kind: str, num_classes: int = 5, **kwargs: object) -> nn.Module:
+    """A torchvision R-CNN on a MobileNetV3-Large FPN backbone (random weights), 320 px: what the two-stage tests run."""
+    from torchvision.models.detection import FasterRCNN, KeypointRCNN, MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone
+
+    # Plain BatchNorm, as torchvision's builders use without pretrained weights (its default is a frozen identity).
+    backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, trainable_layers=6, norm_layer=nn.BatchNorm2d)
+    sizes = ((32, 64, 128, 256, 512),) * 3  # three feature maps, as torchvision's fasterrcnn_mobilenet_v3_large_fpn
+    kwargs.setdefault("rpn_anchor_generator", AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 3))
+    common = {"min_size": 320, "max_size": 320, "box_score_thresh": 0.01, "rpn_pre_nms_top_n_test": 150, "rpn_post_nms_top_n_test": 150}
+    common.update(kwargs)
+    if kind == "mask":
+        return MaskRCNN(backbone, num_classes=num_classes, **common)
+    if kind == "keypoint":
+        return KeypointRCNN(backbone, num_classes=2, num_keypoints=5, **common)
+    return FasterRCNN(backbone, num_classes=num_classes, **common)
+
+
+def small_faster_rcnn(**kwargs: object) -> nn.Module:
+    return _small_rcnn("faster", **kwargs)
+
+
+def small_mask_rcnn(**kwargs: object) -> nn.Module:
+    return _small_rcnn("mask", **kwargs)
+
+
+def small_keypoint_rcnn(**kwargs: object) -> nn.Module:
+    return _small_rcnn("keypoint", **kwargs)

@@ -76,6 +76,9 @@ def slice_text(sliced: Mapping[str, Any]) -> str:
 def all_slices(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Every slice configure writes, keyed by its file under artifacts/ ('params/export.json',
     'targets/<name>/build.json'): what `rerun_plan` compares."""
+    from kiln.config.batch_limit import clamp_batches
+
+    params = clamp_batches(params)[0]  # as configure writes them
     out = {f"params/{stage}.json": global_slice(params, stage) for stage in READS}
     for name in params.get("targets") or {}:
         for stage, sliced in target_slices(params, str(name)).items():

@@ -128,9 +128,13 @@ class ModelSpec:
     trained: bool | None = None
     # model.onnx: a graph to start from instead of exporting one (with name/entrypoint: validated against it).
     onnx: str | None = None
+    # The largest batch the model takes (model.max_batch, or implied: kiln.config.batch_limit); None: any.
+    max_batch: int | None = None
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any]) -> "ModelSpec":
+        from kiln.config.batch_limit import model_max_batch
+
         name, entrypoint, onnx = raw.get("name"), raw.get("entrypoint"), raw.get("onnx")
         if name and entrypoint or not (name or entrypoint or onnx):
             raise KilnError(
@@ -161,6 +165,7 @@ class ModelSpec:
             demo=dict(raw["demo"]) if raw.get("demo") else None,
             trained=trained if isinstance(trained, bool) else None,
             onnx=onnx,
+            max_batch=model_max_batch(raw)[0],
         )
 
     def to_params(self) -> dict[str, Any]:
@@ -181,6 +186,7 @@ class ModelSpec:
             "demo": self.demo,
             "trained": "auto" if self.trained is None else self.trained,
             "onnx": self.onnx,
+            "max_batch": self.max_batch,
         }
 
     def trained_weights(self) -> tuple[bool, str]:

@@ -133,10 +133,13 @@ def reestimate_batchnorm(model: nn.Module, batch: np.ndarray, chunk: int = 8) ->
     return len(norms)
 
 
-def make_meaningful(model: nn.Module, demo: Mapping[str, Any], seed: int, inputs: list[tuple[int, ...]] | None = None) -> list[str]:
+def make_meaningful(
+    model: nn.Module, demo: Mapping[str, Any], seed: int, inputs: list[tuple[int, ...]] | None = None, max_batch: int | None = None
+) -> list[str]:
     """Apply `model.demo_weights` to `model` (in place); returns lines for the log and the manifest. `inputs`: the
     model's per-sample input shapes (None: one image input, as data.preprocess makes it). BatchNorm statistics are
-    re-estimated only for a model that takes one image shaped like data.preprocess makes it."""
+    re-estimated only for a model that takes one image shaped like data.preprocess makes it, `max_batch` images
+    per call at most (the model's limit: model.max_batch)."""
     from kiln.data.images import Preprocess
 
     settings = DemoWeights.from_params({k: v for k, v in demo.items() if k != "preprocess"})
@@ -157,7 +160,7 @@ def make_meaningful(model: nn.Module, demo: Mapping[str, Any], seed: int, inputs
     elif settings.batchnorm and (inputs is None or [tuple(i) for i in inputs] == [image]):
         count = settings.images
         batch = sample_batch(demo["preprocess"], count, seed)
-        layers = reestimate_batchnorm(model, batch)
+        layers = reestimate_batchnorm(model, batch, chunk=min(8, max_batch or 8))
         if layers:
             notes.append(f"re-estimated {layers} BatchNorm layer(s) on {count} crops of kiln's sample photographs")
     model.eval()

@@ -1,4 +1,5 @@
-"""torchvision's single-stage detectors (SSD, SSDlite, RetinaNet, FCOS) as one batched graph, NMS included.
+"""torchvision's single-stage detectors (SSD, SSDlite, RetinaNet, FCOS) as one batched graph, NMS included (the
+two-stage R-CNNs: kiln.export.detection_rcnn, at batch 1).
 
 torchvision's own postprocessing filters each image to a data-dependent number of boxes and runs
 `batched_nms`, which torch.export cannot capture (every per-image filter is an unbacked size) and which
@@ -66,13 +67,7 @@ class PaddedDetections(nn.Module):
     def __init__(self, model: nn.Module, height: int, width: int, settings: DetectionSettings):
         super().__init__()
         family = detector_family(model)
-        if family == "rcnn":
-            raise KilnError(
-                f"{type(model).__name__} is a two-stage detector (region proposals, then RoI pooling per proposal): kiln exports "
-                "single-stage detectors (SSD, SSDlite, RetinaNet, FCOS) as one batched graph with NMS, and does not export "
-                "Faster/Mask/Keypoint R-CNN yet; use one of those, or an entrypoint that returns padded boxes/scores/labels tensors"
-            )
-        if family is None:
+        if family is None or family == "rcnn":  # two-stage detectors: kiln.export.detection_rcnn, at batch 1
             raise KilnError(f"{type(model).__name__} is not a torchvision SSD, RetinaNet or FCOS detector")
         self.family = family
         self.model = model.eval()
@@ -118,13 +113,7 @@ class PaddedDetections(nn.Module):
         The input is already normalised, by data.preprocess (ImageNet's mean/std by default, which every
         torchvision detector uses) or by the graph with export.fold_preprocess: one place normalises,
         and a detector named on the command line gets the same input as any classifier."""
-        x = images
-        if self.resized != (self.height, self.width):
-            x = nn.functional.interpolate(x, size=self.resized, mode="bilinear", align_corners=False)
-        pad_h, pad_w = self.padded[0] - self.resized[0], self.padded[1] - self.resized[1]
-        if pad_h or pad_w:
-            x = nn.functional.pad(x, (0, pad_w, 0, pad_h))
-        return x
+        return resize_and_pad(images, self.resized, self.padded, (self.height, self.width))
 
     def scores_and_boxes(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-anchor class scores [B, A, C] and decoded boxes [B, A, 4] in input pixels."""
@@ -163,6 +152,17 @@ class PaddedDetections(nn.Module):
         out_boxes = torch.gather(cand, 1, order.unsqueeze(-1).expand(-1, -1, 4)) * valid.unsqueeze(-1)
         out_labels = torch.where(valid, torch.gather(labels, 1, order), torch.full_like(order, -1))
         return dict(zip(OUTPUT_NAMES, (out_boxes, final, out_labels, valid.sum(dim=1))))
+
+
+def resize_and_pad(x: torch.Tensor, resized: tuple[int, ...], padded: tuple[int, ...], size: tuple[int, int]) -> torch.Tensor:
+    """torchvision's GeneralizedRCNNTransform after normalisation, for a fixed input `size`: resize to `resized`, pad
+    bottom and right to `padded` (a multiple of the backbone's stride)."""
+    if tuple(resized) != tuple(size):
+        x = nn.functional.interpolate(x, size=tuple(resized), mode="bilinear", align_corners=False)
+    pad_h, pad_w = padded[0] - resized[0], padded[1] - resized[1]
+    if pad_h or pad_w:
+        x = nn.functional.pad(x, (0, pad_w, 0, pad_h))
+    return x
 
 
 def pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
@@ -220,7 +220,7 @@ def sample_images(height: int, width: int, count: int, seed: int) -> torch.Tenso
     return torch.stack(out)
 
 
-def nms_fidelity(wrapper: PaddedDetections, count: int = NMS_FIDELITY_IMAGES, seed: int = 0) -> dict[str, Any]:
+def nms_fidelity(wrapper: Any, count: int = NMS_FIDELITY_IMAGES, seed: int = 0) -> dict[str, Any]:
     """kiln's fixed-shape postprocessing against the torchvision detector's own forward (eval mode, its own
     transform, postprocess and batched_nms) on sample photographs: detection F1 by class and IoU (kiln.accuracy.tasks.detection),
     the detector's list cut to kiln's max_detections (best first) so that only the postprocessing differs."""
@@ -231,7 +231,13 @@ def nms_fidelity(wrapper: PaddedDetections, count: int = NMS_FIDELITY_IMAGES, se
     wrapper.eval()
     try:
         with torch.no_grad():
-            ours = unpad({k: v.numpy() for k, v in wrapper((images - wrapper.mean) / wrapper.std).items()})
+            normalised = (images - wrapper.mean) / wrapper.std
+            if wrapper.family == "rcnn":  # one image per call: the outputs of each, stacked
+                each = [wrapper(normalised[i : i + 1]) for i in range(count)]
+                padded = {k: torch.cat([e[k] for e in each]) for k in each[0]}
+            else:
+                padded = wrapper(normalised)
+            ours = unpad({k: v.numpy() for k, v in padded.items()})
             theirs = []
             for found in wrapper.model(list(images)):
                 order = torch.argsort(found["scores"], descending=True)[: wrapper.max_detections]
@@ -263,9 +269,9 @@ def check_nms_fidelity(fidelity: Mapping[str, Any]) -> None:
         )
 
 
-def find_wrapper(model: nn.Module) -> PaddedDetections | None:
-    """The PaddedDetections inside `model` (itself, or under FoldedPreprocess), if any."""
+def find_wrapper(model: nn.Module) -> nn.Module | None:
+    """The detector wrapper inside `model` (PaddedDetections or the two-stage one; itself, or under FoldedPreprocess)."""
     for m in (model, getattr(model, "model", None)):
-        if isinstance(m, PaddedDetections):
+        if isinstance(m, PaddedDetections) or type(m).__name__ == "TwoStageDetections":
             return m
     return None

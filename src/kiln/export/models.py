@@ -136,7 +136,19 @@ def build_model(spec: ModelSpec) -> nn.Module:
     model = model.eval()
     from kiln.export.detection import DetectionSettings, PaddedDetections, detector_family
 
-    if detector_family(model):
+    family = detector_family(model)
+    if family == "rcnn":
+        # One image per call with torchvision's own postprocessing, outputs padded (kiln.export.detection_rcnn).
+        from kiln.export.detection_rcnn import TwoStageDetections
+
+        if spec.max_batch != 1:
+            raise KilnError(
+                f"{type(model).__name__} is a two-stage detector: kiln exports it at batch 1 (its region stage runs per image); "
+                "set model.max_batch: 1 and every batch size in params is clamped to 1"
+            )
+        height, width = _image_size(spec)
+        model = TwoStageDetections(model, height, width, DetectionSettings.from_params(spec.detection))
+    elif family:
         # One batched graph with NMS inside, for export and for every eager copy alike.
         height, width = _image_size(spec)
         model = PaddedDetections(model, height, width, DetectionSettings.from_params(spec.detection))
@@ -144,7 +156,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
         from kiln.data.demo_weights import make_meaningful
 
         # With spec.fold the model under FoldedPreprocess takes data.preprocess's image (engine_spec checked it).
-        make_meaningful(model, spec.demo, spec.seed, None if spec.fold else [tuple(i.shape) for i in spec.inputs])
+        make_meaningful(model, spec.demo, spec.seed, None if spec.fold else [tuple(i.shape) for i in spec.inputs], spec.max_batch)
     if spec.fold:
         model = FoldedPreprocess(model, spec.fold["mean"], spec.fold["std"], spec.fold["layout"])
     return model.eval()

@@ -45,10 +45,19 @@ class ExportSettings:
         return parse(cls, raw, "export")
 
     def check(self, where: str) -> None:
-        if self.batch < 2:
-            # torch.export specialises size-1 dimensions, so a batch of 1 would freeze the batch axis.
-            raise KilnError(f"{where}.batch must be an integer >= 2 (a traced batch of 1 is frozen by the exporter), got {self.batch!r}")
+        if self.batch < 1:
+            raise KilnError(f"{where}.batch must be a positive integer, got {self.batch!r}")
         check_opset(self.opset, self.exporter)
+
+
+def check_traced_batch(batch: int, max_batch: int | None, where: str = "export") -> None:
+    """A model that batches is traced at 2 or more: torch.export specialises size-1 dimensions, so a traced batch of 1
+    would freeze the batch axis. A model that takes one image at a time (model.max_batch 1) is traced at 1."""
+    if max_batch != 1 and batch < 2:
+        raise KilnError(
+            f"{where}.batch must be an integer >= 2 (a traced batch of 1 is frozen by the exporter), got {batch!r}; "
+            "a model that only takes one image at a time says so with model.max_batch: 1"
+        )
 
 
 def check_opset(opset: Any, exporter: str) -> None:
@@ -96,6 +105,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
     sample photographs: the agreement goes to manifest["export_path"]["nms_fidelity"], and a detection F1
     below detection.MIN_NMS_F1 (a fixed constant, 0.9: the detection gate's default; the export stage reads
     no benchmark settings) fails the export."""
+    check_traced_batch(settings.batch, spec.max_batch)
     was_training = model.training
     model.eval()
     if was_training:
@@ -122,14 +132,22 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
 
     task, task_line = resolve_task(spec.task, output_infos({k: v.detach().numpy() for k, v in outputs.items()}))
     log.info("%s", task_line)
-    path: dict[str, Any] = {"exporter": settings.exporter, "why": f"export.exporter is {settings.exporter}"}
+    from kiln.export.detection import check_nms_fidelity, find_wrapper, nms_fidelity
+
+    exporter = settings.exporter
+    path: dict[str, Any] = {"exporter": exporter, "why": f"export.exporter is {exporter}"}
+    wrapper = find_wrapper(model)
     describe = getattr(model, "describe", None)
     if callable(describe):
         path["model_wrapper"] = describe()
-        path["why"] += "; the torchvision detector's postprocessing is replaced by kiln's fixed-shape NMS (kiln.export.detection)"
-    from kiln.export.detection import check_nms_fidelity, find_wrapper, nms_fidelity
-
-    wrapper = find_wrapper(model)
+        if wrapper is not None and wrapper.family == "rcnn":
+            path["why"] += "; the R-CNN keeps torchvision's own postprocessing, one image per call (kiln.export.detection_rcnn)"
+        else:
+            path["why"] += "; the torchvision detector's postprocessing is replaced by kiln's fixed-shape NMS (kiln.export.detection)"
+    needs = getattr(wrapper, "exporter", None)
+    if needs and needs != exporter and settings.fallback and settings.opset <= MAX_TORCHSCRIPT_OPSET:
+        exporter = needs  # dynamo would fail after minutes of tracing: go where it works, and say so
+        path.update(exporter=needs, why=f"{wrapper.exporter_why} (export.fallback allows it)")
     if wrapper is not None:
         # Before the export's cost: kiln's NMS must find what the detector's own postprocessing finds
         # (detection.MIN_NMS_F1, a fixed constant: this stage reads no benchmark settings).
@@ -142,22 +160,20 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
         warnings.simplefilter("always")
         common = {"input_names": input_names, "output_names": output_names, "opset_version": settings.opset}
         try:
-            _run_exporter(settings.exporter, model, args, tmp, common)
+            _run_exporter(exporter, model, args, tmp, common, dynamic=spec.max_batch != 1)
         except Exception as e:
-            fallback = (
-                settings.exporter == "dynamo" and settings.fallback and settings.opset <= MAX_TORCHSCRIPT_OPSET and find_os_error(e) is None
-            )
+            fallback = exporter == "dynamo" and settings.fallback and settings.opset <= MAX_TORCHSCRIPT_OPSET and find_os_error(e) is None
             if fallback:
                 traceback.print_exc(file=sys.stderr)
                 dynamo_failure = _summarize_failure(e)
                 log.warning("dynamo could not export the model (%s): trying the TorchScript exporter", dynamo_failure)
                 try:
-                    _run_exporter("torchscript", model, args, tmp, common)
+                    _run_exporter("torchscript", model, args, tmp, common, dynamic=spec.max_batch != 1)
                     path = {**path, "exporter": "torchscript", "why": f"dynamo failed: {dynamo_failure}"}
                 except Exception as e2:
                     _raise_export_failure(e2, out_path, "torchscript, after dynamo failed")
             else:
-                _raise_export_failure(e, out_path, settings.exporter)
+                _raise_export_failure(e, out_path, exporter)
         manifest_warnings = [
             {"category": w.category.__name__, "message": str(w.message).strip(), "where": f"{w.filename}:{w.lineno}"} for w in caught
         ]
@@ -181,16 +197,19 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
     }
 
 
-def _run_exporter(exporter: str, model: nn.Module, args: tuple[Any, ...], onnx_file: Path, common: dict[str, Any]) -> None:
-    """torch.onnx.export with the batch axis of every input (and, for TorchScript, every output) dynamic."""
+def _run_exporter(
+    exporter: str, model: nn.Module, args: tuple[Any, ...], onnx_file: Path, common: dict[str, Any], dynamic: bool = True
+) -> None:
+    """torch.onnx.export with the batch axis of every input (and, for TorchScript, every output) dynamic; `dynamic`
+    False (a model that takes one image at a time) keeps the traced batch."""
     if exporter == "dynamo":
         batch = torch.export.Dim("batch")
-        torch.onnx.export(
-            model, args, str(onnx_file), dynamo=True, external_data=False, dynamic_shapes=tuple({0: batch} for _ in args), **common
-        )
+        shapes = tuple({0: batch} for _ in args) if dynamic else None
+        torch.onnx.export(model, args, str(onnx_file), dynamo=True, external_data=False, dynamic_shapes=shapes, **common)
     else:
         names = common["input_names"] + common["output_names"]
-        torch.onnx.export(model, args, str(onnx_file), dynamo=False, dynamic_axes={n: {0: "batch"} for n in names}, **common)
+        axes = {n: {0: "batch"} for n in names} if dynamic else None
+        torch.onnx.export(model, args, str(onnx_file), dynamo=False, dynamic_axes=axes, **common)
 
 
 def _raise_export_failure(e: BaseException, out_path: Path, exporter: str) -> None:
@@ -226,6 +245,8 @@ def check_exported_graph(path: Path, spec: ModelSpec, settings: ExportSettings) 
         raise KilnError(f"the exported graph's inputs are {names}, expected {expected} from model.inputs")
     for vi in graph_inputs:
         dims = _dims(vi)
+        if spec.max_batch == 1 and dims and dims[0] in (1, "batch"):  # one image at a time: a batch of 1 is right
+            continue
         if not dims or not isinstance(dims[0], str):
             raise KilnError(
                 f"export froze the batch axis of input '{vi.name}' to {dims[0] if dims else '?'} (asked for a dynamic batch axis; "

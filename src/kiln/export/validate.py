@@ -35,10 +35,15 @@ class ValidateSettings:
     reference_seed: int = 4321
 
     @classmethod
-    def from_params(cls, raw: Mapping[str, Any] | None, traced_batch: int) -> "ValidateSettings":
+    def from_params(cls, raw: Mapping[str, Any] | None, traced_batch: int, max_batch: int | None = None) -> "ValidateSettings":
+        """`max_batch` 1: a model that takes one image at a time is validated at batch 1 only (kiln.config.batch_limit)."""
         from kiln.core.settings import parse
 
         s = parse(cls, raw, "validate")
+        if max_batch == 1:
+            if set(s.batch_sizes) != {1}:
+                raise KilnError(f"validate.batch_sizes must be [1] for a model that takes one image at a time, got {list(s.batch_sizes)}")
+            return s
         sizes = [b for b in s.batch_sizes if b != traced_batch]
         if len(set(sizes)) < 2 or any(b < 1 for b in s.batch_sizes):
             raise KilnError(
@@ -101,9 +106,9 @@ def validate_export(
     worst: dict[str, OutputComparison] = {}
     degenerate: str | None = None
     task = None
-    for batch in settings.batch_sizes:
-        if batch == traced_batch:
-            continue
+    # The traced batch proves nothing about a dynamic batch axis; a model that takes one image at a time has no other.
+    checked = [b for b in settings.batch_sizes if b != traced_batch or spec.max_batch == 1]
+    for batch in checked:
         feeds = make_inputs(spec.inputs, batch, settings.seed + batch)
         ref = _eager(model, feeds, spec, names)
         if task is None:
@@ -161,7 +166,7 @@ def validate_export(
         "atol": settings.atol,
         "rtol": settings.rtol,
         "traced_batch": traced_batch,
-        "batch_sizes": [b for b in settings.batch_sizes if b != traced_batch],
+        "batch_sizes": checked,
         "outputs": outputs,
         "output_names": names,
         "degenerate": degenerate,
@@ -237,6 +242,7 @@ def eager_outputs(
     model: nn.Module | OnnxReference, spec: ModelSpec, feeds: dict[str, np.ndarray], names: list[str], chunk: int = 8
 ) -> dict[str, np.ndarray]:
     samples = next(iter(feeds.values())).shape[0]
+    chunk = min(chunk, spec.max_batch or chunk)
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for start in range(0, samples, chunk):
         sub = {k: v[start : start + chunk] for k, v in feeds.items()}

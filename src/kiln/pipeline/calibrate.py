@@ -32,16 +32,35 @@ def read_marker(calibration_dir: Path) -> dict[str, Any]:
 
 
 def layer_sensitivity(
-    runtime: object, onnx_path: Path, calibration_dir: Path, calib: CalibrationSet, samples: int = 16, top: int | None = 10
+    runtime: object,
+    onnx_path: Path,
+    calibration_dir: Path,
+    calib: CalibrationSet,
+    samples: int = 16,
+    top: int | None = 10,
+    max_batch: int | None = None,
 ) -> list[dict[str, Any]]:
     """Top layers (all with `top` None) by quantization noise added, on a few calibration images (a diagnostic, not an
-    accuracy figure)."""
+    accuracy figure). A model that takes at most `max_batch` images per call is run in chunks of that many; a layer
+    whose rows depend on the data (an R-CNN's regions) and differ between the two graphs is left out."""
+    import numpy as np
+
     from kiln.accuracy.sensitivity import rank_layers
     from kiln.runtimes import LayerInspectingRuntime
 
     if not isinstance(runtime, LayerInspectingRuntime):
         return []
-    activations = runtime.layer_activations(onnx_path, calibration_dir, calib.sample_feeds(samples))
+    feeds = calib.sample_feeds(samples)
+    count = len(next(iter(feeds.values())))
+    step = max_batch or count
+    chunks = [
+        runtime.layer_activations(onnx_path, calibration_dir, {k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, count, step)
+    ]
+    activations = []
+    for j, (layer, _, _) in enumerate(chunks[0]):
+        refs, gots = [c[j][1] for c in chunks], [c[j][2] for c in chunks]
+        if all(r.shape == g.shape for r, g in zip(refs, gots)):
+            activations.append((layer, np.concatenate(refs), np.concatenate(gots)))
     return rank_layers(activations, top=len(activations) if top is None else top)
 
 
@@ -75,6 +94,6 @@ def calibrate_target(target: Target, onnx_path: Path, spec: ModelSpec, params: M
                 options=to_params(settings.options),
             )
             info.update(calibrator.calibrate(target, Path(onnx_path), calib, settings, tmp))
-            info["sensitivity"] = layer_sensitivity(calibrator, Path(onnx_path), tmp, calib)
+            info["sensitivity"] = layer_sensitivity(calibrator, Path(onnx_path), tmp, calib, max_batch=spec.max_batch)
         write_marker(tmp, info)
     return info

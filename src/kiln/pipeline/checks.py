@@ -22,7 +22,7 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
     from kiln.accuracy.budgets import budget_limits
     from kiln.data.calibration_set import CalibrationSettings
     from kiln.data.images import Preprocess
-    from kiln.export.onnx import ExportSettings
+    from kiln.export.onnx import ExportSettings, check_traced_batch
     from kiln.export.validate import ValidateSettings
     from kiln.measure.benchmark import BenchmarkSettings
     from kiln.measure.tuning import TuningSettings
@@ -34,7 +34,8 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
     spec = engine_spec(params)
     check_model_extras(params.get("model") or {}, spec)
     export = ExportSettings.from_params(params.get("export"))
-    ValidateSettings.from_params(params.get("validate"), export.batch)
+    check_traced_batch(export.batch, spec.max_batch)
+    ValidateSettings.from_params(params.get("validate"), export.batch, spec.max_batch)
     benchmark = BenchmarkSettings.from_params(params.get("benchmark"))
     Preprocess.from_params((params.get("data") or {}).get("preprocess"))
     TuningSettings.from_params(params.get("tuning"))

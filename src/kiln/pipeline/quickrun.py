@@ -23,15 +23,19 @@ log = logging.getLogger(__name__)
 
 def prepare(params: Mapping[str, Any], workdir: str | Path) -> dict[str, Any]:
     """Export and validate the model of `params` (a composed params.yaml); returns what the targets need."""
+    from kiln.config.batch_limit import clamp_batches
     from kiln.export.models import build_model
     from kiln.export.onnx import ExportSettings, export_onnx
     from kiln.export.validate import ValidateSettings, reference_set, validate_export
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    params, notes = clamp_batches(params)  # as configure does for the stages
+    for note in notes:
+        log.info("%s", note)
     spec = engine_spec(params)
     export = ExportSettings.from_params(params.get("export"))
-    settings = ValidateSettings.from_params(params.get("validate"), export.batch)
+    settings = ValidateSettings.from_params(params.get("validate"), export.batch, spec.max_batch)
     model = build_model(spec)
     onnx_path = workdir / "model.onnx"
     start = time.perf_counter()

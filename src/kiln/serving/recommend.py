@@ -144,7 +144,8 @@ def recommend_profile(
         if extra:
             record["extra_profiles"] = [p.to_params() for p in extra]
             record["why"] += " " + " ".join(
-                f"extra profile {p.opt}: {dist[p.opt]:.0%} of requests are {p.opt} image(s), {'below' if p.opt < opt else 'above'} opt {opt}; "
+                f"extra profile {p.opt}: {dist[p.opt]:.0%} of requests are {p.opt} image(s), "
+                f"{'below' if p.opt < opt else 'above'} opt {opt}; "
                 "a profile of its own, listed first, gives them kernels chosen for their shape."
                 for p in extra
             )
