@@ -98,3 +98,25 @@ def test_attention_fusion_is_read_from_what_the_runtime_runs():
     assert attention_summary(given, ["MultiHeadAttention"]) == "fused into one kernel x1"
     assert attention_summary(given, ["MatMul", "MatMul"], {"MatMul+Softmax": 2}).startswith("partly fused")
     assert attention_summary(given, given).startswith("not fused")
+
+
+def test_masks_and_keypoints_of_matched_detections_are_compared():
+    import numpy as np
+
+    from kiln.accuracy.tasks.detection import agreement, unpad
+
+    boxes = np.array([[[0, 0, 10, 10], [20, 20, 30, 30]]], np.float32)
+    masks = np.zeros((1, 2, 32, 32), np.float32)
+    masks[0, 0, :10, :10] = 0.9
+    masks[0, 1, 20:30, 20:30] = 0.9
+    keypoints = np.zeros((1, 2, 3, 3), np.float32)
+    ref = {"boxes": boxes, "scores": np.array([[0.9, 0.8]], np.float32), "labels": np.array([[1, 2]]), "num_detections": np.array([2])}
+    ref.update(masks=masks, keypoints=keypoints)
+    got = {k: v.copy() for k, v in ref.items()}
+    got["masks"][0, 0, :5, :10] = 0.1  # half of the first object's mask lost
+    got["keypoints"][0, 1, :, :2] += np.array([3.0, 4.0], np.float32)  # the second's keypoints 5 px away
+    out = agreement(unpad(ref), unpad(got))
+    assert out["detection_f1"] == 1.0
+    assert out["mask_mean_iou"] == pytest.approx((0.5 + 1.0) / 2)
+    assert out["keypoint_mean_px"] == pytest.approx((0.0 + 5.0) / 2)
+    assert "mask_mean_iou" not in agreement(unpad({k: v for k, v in ref.items() if k != "masks"}), unpad(got))

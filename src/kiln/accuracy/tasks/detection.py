@@ -26,7 +26,27 @@ def unpad(outputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
 
     scores = np.asarray(outputs["scores"])
     count = outputs["num_detections"] if "num_detections" in outputs else (scores > 0).sum(axis=1)
-    return unpad_arrays(outputs["boxes"], scores, outputs["labels"], count)
+    images = unpad_arrays(outputs["boxes"], scores, outputs["labels"], count)
+    for extra in EXTRAS:  # Mask R-CNN's masks [N, K, H, W], Keypoint R-CNN's keypoints [N, K, P, 3]
+        if extra in outputs:
+            for i, image in enumerate(images):
+                image[extra] = np.asarray(outputs[extra][i, : len(image["scores"])], dtype=np.float32)
+    return images
+
+
+EXTRAS = ("masks", "keypoints")
+MASK_THRESHOLD = 0.5  # torchvision's: a mask probability above it is the object
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    ma, mb = a > MASK_THRESHOLD, b > MASK_THRESHOLD
+    union = np.logical_or(ma, mb).sum()
+    return float(np.logical_and(ma, mb).sum() / union) if union else 1.0
+
+
+def keypoint_px(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean distance in pixels between the same keypoints of two detections."""
+    return float(np.linalg.norm(a[:, :2] - b[:, :2], axis=1).mean())
 
 
 def to_crop(gt: Mapping[str, np.ndarray], size: tuple[int, int], preprocess: Any) -> dict[str, np.ndarray]:
@@ -70,6 +90,8 @@ def agreement(ref_images: list[dict[str, np.ndarray]], got_images: list[dict[str
     matched = n_ref = n_got = 0
     ious: list[float] = []
     score_err: list[float] = []
+    masks: list[float] = []
+    keypoints: list[float] = []
     for ref, got in zip(ref_images, got_images):
         pairs = match(ref, got)
         matched += len(pairs)
@@ -77,13 +99,22 @@ def agreement(ref_images: list[dict[str, np.ndarray]], got_images: list[dict[str
         n_got += len(got["scores"])
         ious += [p[2] for p in pairs]
         score_err += [abs(float(ref["scores"][r]) - float(got["scores"][g])) for r, g, _ in pairs]
-    return {
+        if "masks" in ref and "masks" in got:  # of the matched detections: the same object's mask
+            masks += [mask_iou(ref["masks"][r], got["masks"][g]) for r, g, _ in pairs]
+        if "keypoints" in ref and "keypoints" in got:
+            keypoints += [keypoint_px(ref["keypoints"][r], got["keypoints"][g]) for r, g, _ in pairs]
+    out = {
         "detection_f1": 2.0 * matched / (n_ref + n_got) if n_ref + n_got else None,
         "detection_mean_iou": float(np.mean(ious)) if ious else None,
         "detection_score_err": float(np.mean(score_err)) if score_err else None,
         "detections_ref": n_ref,
         "detections": n_got,
     }
+    if masks:
+        out["mask_mean_iou"] = float(np.mean(masks))
+    if keypoints:
+        out["keypoint_mean_px"] = float(np.mean(keypoints))
+    return out
 
 
 class Detection(Task):
@@ -91,6 +122,7 @@ class Detection(Task):
     budget_keys = {
         "min_detection_f1": ("detection_f1", min),
         "min_detection_mean_iou": ("detection_mean_iou", min),
+        "min_mask_mean_iou": ("mask_mean_iou", min),
         "max_map_drop": ("map_drop", max),
     }
     agreement_metric = "detection_f1"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kiln.config.views import Target, default_threads
-from kiln.core.errors import KilnError
+from kiln.core.errors import KilnError, first_line
 from kiln.export.graphs import COMPUTE_OPS
 from kiln.runtimes import Boundaries, BuildSource, Knob, RegisteredRuntime, runtime_options
 from kiln.runtimes.qdq import PREPROCESSED, QDQ, check_ignored_scope, quantize_qdq
@@ -24,6 +26,8 @@ OPTIMIZED = "model.optimized.onnx"
 # inputs on the CPU): a float one left in a quantized graph is a layer kept in float.
 QUANTIZABLE_OPS = COMPUTE_OPS - {"Einsum", "Attention", "MultiHeadAttention"}
 INT8_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool"}
+log = logging.getLogger(__name__)
+
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -286,19 +290,32 @@ class OnnxRuntimeRuntime(RegisteredRuntime):
         model = source.onnx_path if target.precision == "fp32" else Path(source.calibration_dir or ".") / QDQ
         ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         graph = graph_info(model, engine_dir / OPTIMIZED)
+        rejected = None
+        try:  # the saved graph must load as it is: that is what the engine is
+            ort.InferenceSession(str(engine_dir / OPTIMIZED), _options(target, LEVELS["disable"]), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            # Seen on Mask R-CNN: the optimised graph of a model with ONNX Loops is saved with a subgraph name twice ("Graph
+            # must be in single static assignment form"). The engine keeps the graph it was given, optimised at each load.
+            rejected = first_line(e)[:300]
+            shutil.copyfile(model, engine_dir / OPTIMIZED)
+            log.warning("ONNX Runtime's saved optimised graph does not load again (%s): the engine optimises at load instead", rejected)
         return {
             "executed_precision": executed_precision(graph["layer_precisions"]),
             "graph_optimization_level": level_name,
             "provider": "CPUExecutionProvider",
             "graph": graph,
+            "optimize_at_load": level_name if rejected else None,
+            "optimized_graph_rejected": rejected,
         }
 
     def knobs(self, target: Target) -> tuple[Knob, ...]:
         return knobs(target)
 
     def load(self, engine_dir: Path, manifest: Mapping[str, Any], target: Target) -> OrtSession:
-        # The saved graph is already optimised (with layouts for this CPU): optimising it again is wasted work.
-        path, off = str(engine_dir / OPTIMIZED), ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # The saved graph is already optimised (with layouts for this CPU): optimising it again is wasted work; unless
+        # ONNX Runtime could not save it in a form it loads (build: optimize_at_load).
+        at_load = manifest.get("optimize_at_load")
+        path, off = str(engine_dir / OPTIMIZED), LEVELS[at_load] if at_load else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         cores = target.effective_threads
         runs = runtime_options(self, target).parallel_runs or cores
 
