@@ -106,7 +106,13 @@ def test_repair_returns_the_second_conv_to_float_and_brings_agreement_back(proje
     root = project["root"] / "artifacts"
     found = debug_engines(root / "model.onnx", eval_feeds(project["reference"], 16), None, (root / "engines" / name, target(project, name)))
     result = repair_target(target(project, name), project["params"], found, max_builds=8)
-    assert result["status"] == "repaired", result["lines"]
+    speed = result["speed"]
+    assert speed["int8_ms_per_image"] > 0 and speed["repaired_ms_per_image"] > 0 and speed["fp32_ms_per_image"] > 0
+    # A repair no faster than fp32 is not one (int8 bought nothing): on this tiny model that depends on the CPU, so
+    # the status must agree with the speeds measured side by side, whichever way they fall.
+    faster = speed["repaired_ms_per_image"] < speed["fp32_ms_per_image"]
+    assert (result["status"] == "repaired") == faster, result["lines"]
+    assert faster or ("no faster than fp32" in result["status"] and "apply:" not in "\n".join(result["lines"]))
     assert result["candidates"][0] == second_conv(project)  # the first divergence's layer comes first
     # OpenVINO quantizes a layer's inputs only, so the second conv alone in float repairs it; ONNX Runtime's Q/DQ also
     # quantizes the first conv's output (the outlier tensor itself), so there the first conv must go back to float too.
@@ -114,9 +120,7 @@ def test_repair_returns_the_second_conv_to_float_and_brings_agreement_back(proje
     assert sorted(result["float_layers"]) == sorted(convs if name == "onnxruntime-int8" else [second_conv(project)]), result["probes"]
     assert result["before"]["top1_agreement"] < 0.8 and result["after"]["top1_agreement"] >= 0.98
     assert result["builds"] <= 8 and json.dumps(result["float_layers"], separators=(",", ":")) in result["override"]
-    speed = result["speed"]
-    assert speed["int8_ms_per_image"] > 0 and speed["repaired_ms_per_image"] > 0
-    assert [layer["layer"] for layer in speed["layers"]] == result["float_layers"]
+    assert {layer["layer"] for layer in speed["layers"]} <= set(result["float_layers"])
     # NNCF's accuracy control, where the runtime's calibration options offer it, reported beside kiln's repair.
     control = result["runtime_accuracy_control"]
     if name == "openvino-int8":

@@ -10,9 +10,11 @@ Order of the search: the producer of the first divergent boundary (kiln.diagnose
 noise their quantization adds (kiln.accuracy.sensitivity, all of them). Bisection on how many of that list go back
 to float finds the shortest passing prefix (assuming more float never hurts, which holds to first order);
 then each layer of it is dropped in turn if the budget still holds without it. Each try is one calibrate +
-build (seconds on a small model, minutes on a big one): `max_builds` bounds them. The layers kept in float
-then get their speed cost: the engine timed with the first 0, 1, ... of them, side by side in interleaved
-rounds, each step's difference being that layer's price.
+build (seconds on a small model, minutes on a big one): `max_builds` bounds every build the repair makes, the
+fp32 engine and the runtime's own accuracy control included, and each is logged with how many are left. The
+repaired engine is then timed beside int8 and the same runtime's fp32 engine in interleaved rounds (each layer's
+price where the search built the engine without it): a repair no faster than fp32 is reported as not repaired,
+since int8 then buys nothing.
 """
 
 from __future__ import annotations
@@ -124,11 +126,25 @@ def repair_target(
     sessions: dict[tuple[str, ...], Any] = {}  # by layers in float (+ calibration options): each a calibrate + build
     calibrations: dict[tuple[str, ...], dict[str, Any]] = {}
 
+    build_seconds: list[float] = []
+
     def engine_for(scope: tuple[str, ...], options: Mapping[str, Any] | None = None) -> Any:
         """The target calibrated and built with `scope` in float (and `options` over its calibration options)."""
         key = scope + ((f"options:{json.dumps(options, sort_keys=True)}",) if options else ())
         if key in sessions:
             return sessions[key]
+        if len(sessions) >= max_builds:  # every build counts, the speed measurements' and the runtime's own included
+            raise BuildBudgetSpent(f"--max-builds {max_builds} spent")
+        left = (max_builds - len(sessions)) * (float(np.mean(build_seconds)) if build_seconds else float("nan"))
+        log.info(
+            "repair: build %d of at most %d: %d layer(s) in float%s%s",
+            len(sessions) + 1,
+            max_builds,
+            len(scope),
+            f" ({', '.join(scope[:4])}{', ...' if len(scope) > 4 else ''})" if scope else "",
+            f"; at most about {left:.0f} s left" if left == left else "",
+        )
+        began = time.perf_counter()
         calibration = {**target.calibration, "ignored_scope": [*base_scope, *scope]}
         if options:
             calibration["options"] = {**dict(target.calibration.get("options") or {}), **options}
@@ -137,6 +153,7 @@ def repair_target(
         calibrations[key] = calibrate_target(t, paths.ONNX, spec, params, folder / "calibration")
         build_engine(t, BuildSource(paths.ONNX, spec, folder / "calibration"), folder / "engine")
         sessions[key], _ = load_engine(folder / "engine", t)
+        build_seconds.append(time.perf_counter() - began)
         return sessions[key]
 
     def judge(scope: tuple[str, ...], options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -176,8 +193,11 @@ def repair_target(
                 "or name those nodes in calibration.ignored_scope"
             )
         else:
+            # Builds kept for after the search: the fp32 engine the repaired one must beat (its speed is the point), and
+            # the runtime's own accuracy control where it offers one.
+            reserve = 1 + offers_accuracy_control(target)
             low, high = 0, len(candidates)  # low fails, high passes
-            while high - low > 1 and len(sessions) < max_builds:
+            while high - low > 1 and len(sessions) < max_builds - reserve:
                 mid = (low + high) // 2
                 if probe(tuple(candidates[:mid])):
                     high = mid
@@ -185,16 +205,27 @@ def repair_target(
                     low = mid
             chosen = list(candidates[:high])
             for layer in list(chosen):  # fewest layers: drop any the budget does not need
-                if len(chosen) == 1 or len(sessions) >= max_builds:
+                if len(chosen) == 1 or len(sessions) >= max_builds - reserve:
                     break
                 if probe(tuple(c for c in chosen if c != layer)):
                     chosen.remove(layer)
             after = judged.get(tuple(chosen)) or judge(tuple(chosen))
             result.update(status="repaired", float_layers=chosen, after=after, ignored_scope=[*base_scope, *chosen])
             result["override"] = override_line(target.name, [*base_scope, *chosen])
-            result["speed"] = speed_cost(engine_for, chosen, make_inputs(spec.inputs, target.main_batch, 0))
-        if not before["passed"]:
+            fp32 = fp32_engine(target, spec, work / "fp32", engine_for, sessions, max_builds)
+            feeds = make_inputs(spec.inputs, target.main_batch, 0)
+            result["speed"] = speed_cost(engine_for, chosen, feeds, built=set(sessions), fp32=fp32)
+            if fp32 is not None and result["speed"]["repaired_ms_per_image"] >= result["speed"]["fp32_ms_per_image"]:
+                speed = result["speed"]
+                result["status"] = (
+                    f"not repaired: the engine within budget ({len(chosen)} layer(s) in float) runs at "
+                    f"{speed['repaired_ms_per_image']:.4g} ms/image, no faster than fp32's {speed['fp32_ms_per_image']:.4g}: "
+                    "int8 buys nothing; ship the fp32 engine, or give the repair more builds (--max-builds) to find fewer layers"
+                )
+        if not before["passed"] and len(sessions) < max_builds:
             result["runtime_accuracy_control"] = runtime_accuracy_control(target, budget, judge, calibrations)
+        elif not before["passed"]:
+            result["runtime_accuracy_control"] = {"status": f"not run: --max-builds {max_builds} spent"}
         result["builds"] = len(sessions)
         result["seconds"] = round(time.perf_counter() - start, 1)
         result["lines"] = repair_lines(target.name, result)
@@ -205,17 +236,22 @@ def repair_target(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def runtime_accuracy_control(
-    target: Any, budget: Mapping[str, Any], judge: Callable[..., dict[str, Any]], calibrations: Mapping
-) -> dict[str, Any] | None:
-    """The runtime's own accuracy-aware quantization (NNCF's accuracy control, where the runtime's calibration
-    options offer `accuracy_aware`), run for comparison: which layers it returned to float, and the agreement."""
+def offers_accuracy_control(target: Any) -> bool:
+    """Whether the target's runtime has its own accuracy-aware quantization (a calibration option `accuracy_aware`)."""
     from dataclasses import fields
 
     from kiln.runtimes import get_runtime
 
     options_type = getattr(get_runtime(target.runtime), "calibration_options_type", None)
-    if options_type is None or "accuracy_aware" not in {f.name for f in fields(options_type)}:
+    return options_type is not None and "accuracy_aware" in {f.name for f in fields(options_type)}
+
+
+def runtime_accuracy_control(
+    target: Any, budget: Mapping[str, Any], judge: Callable[..., dict[str, Any]], calibrations: Mapping
+) -> dict[str, Any] | None:
+    """The runtime's own accuracy-aware quantization (NNCF's accuracy control, where the runtime's calibration
+    options offer `accuracy_aware`), run for comparison: which layers it returned to float, and the agreement."""
+    if not offers_accuracy_control(target):
         return None
     options = {"accuracy_aware": {"max_drop": float(budget.get("max_top1_drop", 1.0))}}
     start = time.perf_counter()
@@ -235,16 +271,52 @@ def runtime_accuracy_control(
     }
 
 
-def speed_cost(engine_for: Callable[[tuple[str, ...]], Any], chosen: list[str], feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """ms/image with the first 0..len(chosen) layers in float, side by side; each layer's price is its step."""
+class BuildBudgetSpent(KilnError):
+    """The repair asked for a build past --max-builds."""
+
+
+def fp32_engine(target: Any, spec: Any, folder: Path, engine_for: Any, sessions: dict, max_builds: int) -> Any:
+    """The same runtime's fp32 engine of the model (one build, counted), for the speed the repaired engine must beat."""
+    from kiln.core import paths
+    from kiln.pipeline.engine import build_engine, load_engine
+    from kiln.runtimes import BuildSource
+
+    if len(sessions) >= max_builds:
+        return None
+    t = replace(target, precision="fp32", tune=False, calibration={})
+    log.info("repair: build %d of at most %d: the fp32 engine, for the speed to beat", len(sessions) + 1, max_builds)
+    build_engine(t, BuildSource(paths.ONNX, spec, None), folder)
+    sessions[("fp32",)], _ = load_engine(folder, t)
+    return sessions[("fp32",)]
+
+
+def speed_cost(
+    engine_for: Callable[[tuple[str, ...]], Any],
+    chosen: list[str],
+    feeds: Mapping[str, np.ndarray],
+    built: set[tuple[str, ...]] | None = None,
+    fp32: Any = None,
+) -> dict[str, Any]:
+    """ms/image of int8, the repaired engine and fp32 (where built), side by side in interleaved rounds, and the price
+    of each layer in float where the engine with the layers before it was built by the search (`built`; no build is
+    made for the prices: every build counts against --max-builds)."""
     prefixes = [tuple(chosen[:i]) for i in range(len(chosen) + 1)]
-    ms = interleaved_ms_per_image([engine_for(p) for p in prefixes], feeds)
-    return {
+    timed = [p for p in prefixes if built is None or p in built or p in ((), tuple(chosen))]
+    sessions = [engine_for(p) for p in timed] + ([fp32] if fp32 is not None else [])
+    ms = interleaved_ms_per_image(sessions, feeds)
+    by_prefix = dict(zip(timed, ms))
+    out = {
         "batch": int(next(iter(feeds.values())).shape[0]),
-        "int8_ms_per_image": round(ms[0], 4),
-        "repaired_ms_per_image": round(ms[-1], 4),
-        "layers": [{"layer": chosen[i], "added_ms_per_image": round(ms[i + 1] - ms[i], 4)} for i in range(len(chosen))],
+        "int8_ms_per_image": round(by_prefix[()], 4),
+        "repaired_ms_per_image": round(by_prefix[tuple(chosen)], 4),
+        "fp32_ms_per_image": round(ms[-1], 4) if fp32 is not None else None,
+        "layers": [
+            {"layer": chosen[i], "added_ms_per_image": round(by_prefix[prefixes[i + 1]] - by_prefix[prefixes[i]], 4)}
+            for i in range(len(chosen))
+            if prefixes[i] in by_prefix and prefixes[i + 1] in by_prefix
+        ],
     }
+    return out
 
 
 def repair_lines(name: str, result: Mapping[str, Any]) -> list[str]:
@@ -253,14 +325,18 @@ def repair_lines(name: str, result: Mapping[str, Any]) -> list[str]:
 
     lines = [f"repair of {name}: {result['status']} ({result.get('builds', 0)} builds, {result.get('seconds', 0)} s)"]
     lines.append(f"  before: agreement {agreement(result['before'])}; " + ("; ".join(result["before"]["violations"]) or "within budget"))
-    if result.get("status") == "repaired":
+    if result.get("after") and result.get("float_layers"):
         lines.append(f"  after:  agreement {agreement(result['after'])} with {len(result['float_layers'])} layer(s) in float")
-        speed = result.get("speed") or {}
-        for layer in speed.get("layers", []):
+        for layer in (result.get("speed") or {}).get("layers", []):
             lines.append(f"    {layer['layer']}: {layer['added_ms_per_image']:+.4g} ms/image in float")
-        if speed:
-            int8, repaired = speed["int8_ms_per_image"], speed["repaired_ms_per_image"]
-            lines.append(f"  speed at batch {speed['batch']}: {int8:.4g} ms/image int8, {repaired:.4g} repaired ({repaired / int8:.2f}x)")
+    speed = result.get("speed") or {}
+    if speed:
+        int8, repaired, fp32 = speed["int8_ms_per_image"], speed["repaired_ms_per_image"], speed.get("fp32_ms_per_image")
+        lines.append(
+            f"  speed at batch {speed['batch']}: {int8:.4g} ms/image int8, {repaired:.4g} repaired ({repaired / int8:.2f}x)"
+            + (f", {fp32:.4g} fp32 (repaired is {fp32 / repaired:.2f}x faster than fp32)" if fp32 else "")
+        )
+    if result.get("status") == "repaired":
         lines.append(f"  apply: {result['override']}")
     control = result.get("runtime_accuracy_control")
     if control:
