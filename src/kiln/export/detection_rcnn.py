@@ -9,8 +9,9 @@ a fixed count so that every runtime and kiln's detection task read them as they 
 
 Input: images [1, 3, H, W] normalised as data.preprocess does. Outputs: boxes [1, K, 4] (x1, y1, x2, y2 in input
 pixels), scores [1, K], labels [1, K] (int64, -1 in padding), num_detections [1] (int64), and for Mask R-CNN
-masks [1, K, H, W] (each detection's mask probability pasted into the image), for Keypoint R-CNN
-keypoints [1, K, P, 3] (x, y, visibility per keypoint).
+masks [1, K, M, M] (each detection's mask probabilities in its box's frame, M = 28: paste them into the image on
+the host, as torchvision's paste_masks_in_image does), for Keypoint R-CNN keypoints [1, K, P, 3] (x, y,
+visibility per keypoint).
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ class TwoStageDetections(nn.Module):
         with branchless_nms():
             proposals, _ = self.model.rpn(image_list, features)
             detections, _ = self.model.roi_heads(features, proposals, image_list.image_sizes)
+        # Mask R-CNN's masks stay in their boxes' frame (the mask head's [N, 1, M, M] probabilities): pasting them into
+        # the image is a per-detection ONNX Loop that OpenVINO cannot convert, and a server pastes on the host anyway.
+        box_masks = detections[0].pop("masks", None)
         found = self.model.transform.postprocess(detections, image_list.image_sizes, [(self.height, self.width)])[0]
         missing = self.max_detections - found["boxes"].shape[0]
         scores = nn.functional.pad(found["scores"], (0, missing)).unsqueeze(0)
@@ -114,8 +118,8 @@ class TwoStageDetections(nn.Module):
             "labels": nn.functional.pad(found["labels"], (0, missing), value=-1).unsqueeze(0),
             "num_detections": (scores > 0).sum(dim=1),
         }
-        if self.masks:  # [N, 1, H, W] probabilities -> [1, K, H, W]
-            out["masks"] = nn.functional.pad(found["masks"][:, 0], (0, 0, 0, 0, 0, missing)).unsqueeze(0)
+        if self.masks and box_masks is not None:  # [N, 1, M, M] probabilities in each box's frame -> [1, K, M, M]
+            out["masks"] = nn.functional.pad(box_masks[:, 0], (0, 0, 0, 0, 0, missing)).unsqueeze(0)
         if self.keypoints:  # [N, P, 3] -> [1, K, P, 3]
             out["keypoints"] = nn.functional.pad(found["keypoints"], (0, 0, 0, 0, 0, missing)).unsqueeze(0)
         return out
