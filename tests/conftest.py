@@ -99,3 +99,14 @@ def peak_measured_once(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def digits_trained(tmp_path_factory):
+    """scikit-learn's digits as image folders and a TinyCNN trained on them (tests/digits.py), once per session: the
+    int8, debug and cache-contract tests each need a trained classifier, and training is the slow part. Read only:
+    a test that changes the model copies it first (tests/outlier.py does), and no test writes into the folders."""
+    from digits import train, write_digits
+
+    dirs = write_digits(tmp_path_factory.mktemp("digits") / "data")
+    return {"dirs": dirs, "model": train(dirs["train"])}

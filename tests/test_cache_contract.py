@@ -229,16 +229,16 @@ def test_kill_9_of_dvc_repro_leaves_no_orphan(tmp_path):
                 pass
 
 
-def test_an_entrypoint_model_whose_int8_collapses_fails_at_the_budget(tmp_path):
+def test_an_entrypoint_model_whose_int8_collapses_fails_at_the_budget(tmp_path, digits_trained):
     """The most common way people bring a model: an entrypoint that loads its own trained weights. Kiln cannot
     see that they are trained, so it takes them as trained and enforces the budget (it used not to)."""
-    from digits import PREPROCESS, train, write_digits
+    from digits import PREPROCESS
     from outlier import write_outlier_checkpoint
 
     from kiln.config.params import compose
 
-    dirs = write_digits(tmp_path / "digits")
-    weights = write_outlier_checkpoint(train(dirs["train"]), tmp_path / "weights.pt")
+    dirs = digits_trained["dirs"]
+    weights = write_outlier_checkpoint(digits_trained["model"], tmp_path / "weights.pt")
     project = make_project(
         tmp_path,
         *[f"~targets.{n}" for n in compose(config_dir=ROOT / "conf")["targets"] if n != "onnxruntime-int8"],

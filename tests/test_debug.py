@@ -12,7 +12,7 @@ import onnx
 import pytest
 import yaml
 from conftest import venv_env
-from digits import digits_params, train, write_digits
+from digits import digits_params
 from outlier import write_outlier_checkpoint
 
 from kiln.accuracy.budgets import accuracy_against_reference
@@ -30,12 +30,12 @@ INT8 = {"onnxruntime-int8": "onnxruntime", "openvino-int8": "openvino"}
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, digits_trained):
     """A project folder as the pipeline leaves it (artifacts/, params.yaml) for the outlier model: an fp32 and two
     int8 engines."""
     root = tmp_path_factory.mktemp("outlier")
-    dirs = write_digits(root / "data")
-    checkpoint = write_outlier_checkpoint(train(dirs["train"]), root / "outlier.pt")
+    dirs = digits_trained["dirs"]
+    checkpoint = write_outlier_checkpoint(digits_trained["model"], root / "outlier.pt")
     params = digits_params(dirs, checkpoint)
     params["targets"] = {
         "onnxruntime": {"runtime": "onnxruntime", "precision": "fp32", "threads": 1},

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from digits import digits_params, train, write_digits
+from digits import digits_params
 
 from kiln.accuracy.budgets import accuracy_against_reference, budget_violations
 from kiln.config.views import ModelSpec, Target
@@ -20,11 +20,11 @@ from kiln.runtimes import BuildSource
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
+def digits(tmp_path_factory, digits_trained):
     root = tmp_path_factory.mktemp("digits")
-    dirs = write_digits(root / "data")
+    dirs = digits_trained["dirs"]
     checkpoint = root / "digits.pt"
-    torch.save(train(dirs["train"]).state_dict(), checkpoint)
+    torch.save(digits_trained["model"].state_dict(), checkpoint)
     params = digits_params(dirs, checkpoint)
     spec = ModelSpec.from_params(params["model"])
     onnx_path = root / "model.onnx"
