@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,42 @@ def digits_trained(tmp_path_factory):
 
     dirs = write_digits(tmp_path_factory.mktemp("digits") / "data")
     return {"dirs": dirs, "model": train(dirs["train"])}
+
+
+# A small target set: the baseline and two fp32 runtimes (test_experiments' sweep, test_remote, the workflow's fan-out).
+MINI = """\
+torch-eager: {runtime: torch, precision: fp32, device: cpu, threads: null, profile: {min: 1, opt: 4, max: 8}, options: {}}
+onnxruntime: {runtime: onnxruntime, precision: fp32, device: cpu, threads: null, profile: {min: 1, opt: 4, max: 8},
+              options: {graph_optimization_level: all}}
+openvino: {runtime: openvino, precision: fp32, device: cpu, threads: null, profile: {min: 1, opt: 4, max: 8},
+           options: {performance_hint: LATENCY}}
+"""
+
+
+@pytest.fixture(scope="session")
+def mini_built(tmp_path_factory):
+    """The tiny model's project (test_pipeline.make_project) with the MINI target set, built by `dvc repro` and its
+    results committed, as a user would before experiments or a push: built once per session, never changed. Tests
+    start from their own copy (copy_project)."""
+    import yaml
+    from test_pipeline import make_project, run, stages_run
+
+    project = make_project(tmp_path_factory.mktemp("mini"))
+    (project / "conf" / "targets" / "mini.yaml").write_text(MINI)
+    config = project / "conf" / "config.yaml"
+    config.write_text(config.read_text().replace("- targets: cpu", "- targets: mini"))
+    run(["python", "-m", "kiln", "params"], project)
+    first = run(["dvc", "repro"], project)
+    built = {f"{s}@{t}" for s in ("build", "benchmark") for t in yaml.safe_load(MINI)}  # fp32 targets: no calibrate stage
+    assert built | {"sample-data", "export", "validate", "report"} <= stages_run(first.stdout), first.stdout
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project)
+    return project
+
+
+def copy_project(project: Path, into: Path) -> Path:
+    """A copy of a built project (its git history, DVC cache and workspace), without DVC's per-checkout state in
+    .dvc/tmp (its index and locks name the original's files): as if cloned with its cache."""
+    copy = into / project.name
+    shutil.copytree(project, copy, symlinks=True, ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else [])
+    return copy

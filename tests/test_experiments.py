@@ -6,22 +6,13 @@ import json
 import time
 
 import pytest
-from conftest import ROOT
-from test_pipeline import make_project, run, stages_run
+from conftest import ROOT, copy_project
+from test_pipeline import run, stages_run
 
 from kiln.config.params import compose
 from kiln.config.views import Target
 from kiln.core.errors import KilnError
 from kiln.measure.benchmark import significant
-
-# A small target set for the sweep: the baseline and two fp32 runtimes.
-MINI = """\
-torch-eager: {runtime: torch, precision: fp32, device: cpu, threads: null, profile: {min: 1, opt: 4, max: 8}, options: {}}
-onnxruntime: {runtime: onnxruntime, precision: fp32, device: cpu, threads: null, profile: {min: 1, opt: 4, max: 8},
-              options: {graph_optimization_level: all}}
-openvino: {runtime: openvino, precision: fp32, device: cpu, threads: null, profile: {min: 1, opt: 4, max: 8},
-           options: {performance_hint: LATENCY}}
-"""
 
 
 def test_a_sweep_over_a_misspelt_target_key_names_the_key():
@@ -45,16 +36,10 @@ def test_a_new_top_level_key_is_refused():
 
 
 @pytest.mark.slow
-def test_queued_sweep_show_and_metrics_diff(tmp_path):
-    project = make_project(tmp_path)
-    (project / "conf" / "targets" / "mini.yaml").write_text(MINI)
-    config = project / "conf" / "config.yaml"
-    config.write_text(config.read_text().replace("- targets: cpu", "- targets: mini"))
-    run(["python", "-m", "kiln", "params"], project)
-    run(["dvc", "repro"], project)
-    # As a user would: commit the results, so experiments start from them and re-run only what they change.
-    run(["git", "add", "-A"], project)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project)
+def test_queued_sweep_show_and_metrics_diff(tmp_path, mini_built):
+    # The mini target set built and its results committed, as a user would, so experiments start from them and
+    # re-run only what they change.
+    project = copy_project(mini_built, tmp_path)
 
     queued = run(["dvc", "exp", "run", "--queue", "-S", "targets.openvino.precision=fp32,int8"], project)
     assert queued.stdout.count("Queued experiment") == 2, queued.stdout

@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, venv_env
-from test_experiments import MINI
+from conftest import MINI, ROOT, venv_env
 from test_pipeline import make_project, run, stages_run
 
 pytestmark = pytest.mark.slow
