@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--targets", nargs="*", help="default: every target in params.yaml with a built engine and served traffic")
     ap.add_argument("--study", choices=("quick", "deep"), help="the serving settings of this study instead of params.yaml's")
     ap.add_argument("--no-configs", action="store_true", help="leave the configuration search out even where the settings ask for it")
+    ap.add_argument("--configs", type=float, metavar="SECONDS", help="search serving configurations too, for this many seconds")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     params = load_params()
@@ -54,6 +55,8 @@ def main() -> None:
     settings = serving_settings(params, {"quick": "default", "deep": "deep", None: None}[args.study])
     if args.no_configs:
         settings = replace(settings, search_configs=False)
+    if args.configs:
+        settings = replace(settings, search_configs=True, config_budget_s=args.configs)
     bench = BenchmarkSettings.from_params(params.get("benchmark"))
     built = [n for n in params["targets"] if (paths.ENGINES / n / "manifest.json").is_file()]
     names = args.targets or built
@@ -85,6 +88,27 @@ def main() -> None:
             f"| {'yes' if la.busy else 'no'} / {'yes' if lb.busy else 'no'} | {a['seconds']:.0f} + {b['seconds']:.0f} |",
             flush=True,
         )
+        for i, (record, _) in enumerate(runs, 1):
+            vs, configs = record.get("vs_offline") or {}, record.get("configs")
+            if vs:
+                f = vs["factors"]
+                print(
+                    f"    run {i}: served {vs['served_images_per_s']:.4g} images/s = {vs['ratio']:.2f}x offline "
+                    f"({vs['offline_images_per_s']:.4g}; instances {f['instances']:.2f}, batching {f['batching']:.2f}, "
+                    f"busy {f['busy']:.2f})"
+                )
+            if configs:
+                best = next(p for p in configs["points"] if p["chosen"]) if configs["chosen"] else None
+                print(
+                    f"    run {i}: {len(configs['points'])} configurations in {configs['seconds']:.0f} s ({configs['stopped']}); best "
+                    + (
+                        f"{best['workers']} workers, max batch {best['max_batch']}, delay {best['max_queue_delay_ms']:g} ms: "
+                        f"{best['max_rate']:.4g} requests/s"
+                        if best
+                        else "none held"
+                    )
+                    + (f", {configs['vs_offline']['ratio']:.2f}x offline" if configs.get("vs_offline") else "")
+                )
 
 
 if __name__ == "__main__":
