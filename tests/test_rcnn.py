@@ -1,6 +1,6 @@
 """Models that take one image per call, and the two-stage detectors that need it: batch sizes clamped before anything
-builds (kiln.config.batch_limit), and a torchvision Faster R-CNN through every non-Inductor CPU target at batch 1
-with torchvision's own postprocessing in the graph (kiln.export.detection_rcnn)."""
+builds (kiln.config.batch_limit), and a torchvision Faster R-CNN and Mask R-CNN through every non-Inductor CPU target
+at batch 1 with torchvision's own postprocessing in the graph (kiln.export.detection_rcnn)."""
 
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def test_no_limit_changes_nothing_and_a_two_stage_name_implies_one():
         model_max_batch({"max_batch": 0})
 
 
-@pytest.fixture(scope="module")
-def faster_rcnn(tmp_path_factory):
+@pytest.fixture(scope="module", params=[("small_faster_rcnn", "Faster R-CNN"), ("small_mask_rcnn", "Mask R-CNN")], ids=["faster", "mask"])
+def rcnn(request, tmp_path_factory):
     from kiln.data.demo_weights import PHOTOGRAPHS
     from kiln.data.images import make_sample_images, photograph
     from kiln.pipeline.quickrun import prepare, run_targets
@@ -62,30 +62,31 @@ def faster_rcnn(tmp_path_factory):
     root = tmp_path_factory.mktemp("rcnn")
     sources = [photograph(n) for n in PHOTOGRAPHS]
     sources = [s[..., :3] if s.ndim == 3 else __import__("numpy").stack([s] * 3, axis=-1) for s in sources]
-    make_sample_images(root / "calibration", sources, 8, seed=1, size=200)
-    make_sample_images(root / "eval", sources, 8, seed=2, size=200)
+    make_sample_images(root / "calibration", sources, 6, seed=1, size=200)
+    make_sample_images(root / "eval", sources, 6, seed=2, size=200)
+    entrypoint, kind = request.param
     params = cpu_params(
-        entrypoint="tinymodels:small_faster_rcnn",
+        entrypoint=f"tinymodels:{entrypoint}",
         max_batch=1,
         inputs={"images": {"shape": [3, 160, 160]}},
         task="detection",
         detection={"max_detections": 50},
     )
-    params["calibration"].update(subset_size=8)
+    params["calibration"].update(subset_size=6)
     params["validate"]["atol"] = 0.002  # RoiAlign's order of sums: conf/model/fasterrcnn.yaml says why
-    params["data"].update(calibration_dir=str(root / "calibration"), eval_dir=str(root / "eval"), eval_limit=8)
+    params["data"].update(calibration_dir=str(root / "calibration"), eval_dir=str(root / "eval"), eval_limit=6)
     params["data"]["preprocess"].update(resize=160, crop=160)
     prepared = prepare(params, root / "work")
-    return prepared, run_targets(prepared, every_target(params), iterations=2)
+    return kind, prepared, run_targets(prepared, every_target(params), iterations=2)
 
 
-def test_faster_rcnn_runs_on_every_cpu_target_at_batch_1(faster_rcnn):
+def test_an_rcnn_runs_on_every_cpu_target_at_batch_1(rcnn):
     import onnx
 
-    prepared, results = faster_rcnn
+    kind, prepared, results = rcnn
     manifest = prepared["export"]
     assert manifest["exporter"] == "torchscript" and "two-stage detector" in manifest["export_path"]["why"]
-    assert manifest["export_path"]["model_wrapper"]["kind"] == "Faster R-CNN"
+    assert manifest["export_path"]["model_wrapper"]["kind"] == kind
     # torchvision's own postprocessing in the graph: it finds what the detector's own forward finds.
     assert manifest["export_path"]["nms_fidelity"]["f1"] == pytest.approx(1.0)
     graph = onnx.load(str(prepared["onnx"]))
@@ -98,7 +99,9 @@ def test_faster_rcnn_runs_on_every_cpu_target_at_batch_1(faster_rcnn):
         assert r["batch"] == 1, name
         accuracy = r["accuracy"]
         assert accuracy["detections_ref"] > 0 and accuracy["detections"] > 0, name
+        assert ("mask_mean_iou" in accuracy) == (kind == "Mask R-CNN"), name  # the matched detections' masks compared
         if fp32(name):  # the same detections, to float rounding
             assert accuracy["detection_f1"] >= 0.99, (name, accuracy)
+            assert accuracy.get("mask_mean_iou", 1.0) >= 0.99, (name, accuracy)
         else:  # judged like any detector's: a figure, whatever int8 does to a random head's near-equal scores
             assert 0.0 <= accuracy["detection_f1"] <= 1.0, (name, accuracy)
