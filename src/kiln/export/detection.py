@@ -70,18 +70,10 @@ class PaddedDetections(nn.Module):
         if family is None or family == "rcnn":  # two-stage detectors: kiln.export.detection_rcnn, at batch 1
             raise KilnError(f"{type(model).__name__} is not a torchvision SSD, RetinaNet or FCOS detector")
         self.family = family
-        self.model = model.eval()
-        self.height, self.width = height, width
-        transform = model.transform
+        images = take_geometry(self, model, height, width)
         with torch.no_grad():
-            images, _ = transform([torch.zeros(3, height, width)])
-            self.resized = tuple(int(s) for s in images.image_sizes[0])
-            self.padded = tuple(int(s) for s in images.tensors.shape[-2:])
-            features = self._features(images.tensors)
-            anchors = model.anchor_generator(images, features)[0]
+            anchors = model.anchor_generator(images, self._features(images.tensors))[0]
         self.register_buffer("anchors", anchors.detach().clone(), persistent=False)
-        self.register_buffer("mean", torch.tensor(transform.image_mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(transform.image_std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.score_thresh = float(model.score_thresh)
         self.nms_thresh = float(model.nms_thresh)
         self.max_detections = int(settings.max_detections or model.detections_per_img)
@@ -152,6 +144,21 @@ class PaddedDetections(nn.Module):
         out_boxes = torch.gather(cand, 1, order.unsqueeze(-1).expand(-1, -1, 4)) * valid.unsqueeze(-1)
         out_labels = torch.where(valid, torch.gather(labels, 1, order), torch.full_like(order, -1))
         return dict(zip(OUTPUT_NAMES, (out_boxes, final, out_labels, valid.sum(dim=1))))
+
+
+def take_geometry(wrapper: nn.Module, model: nn.Module, height: int, width: int) -> Any:
+    """Set `wrapper`'s model (in eval mode), input size, the size torchvision's transform resizes it to and pads it to,
+    and the transform's mean/std as buffers; returns the transform's ImageList for a blank image of that size."""
+    wrapper.model = model.eval()
+    wrapper.height, wrapper.width = height, width
+    transform = model.transform
+    with torch.no_grad():
+        images, _ = transform([torch.zeros(3, height, width)])
+    wrapper.resized = tuple(int(s) for s in images.image_sizes[0])
+    wrapper.padded = tuple(int(s) for s in images.tensors.shape[-2:])
+    wrapper.register_buffer("mean", torch.tensor(transform.image_mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+    wrapper.register_buffer("std", torch.tensor(transform.image_std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+    return images
 
 
 def resize_and_pad(x: torch.Tensor, resized: tuple[int, ...], padded: tuple[int, ...], size: tuple[int, int]) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kiln.core.errors import KilnError
-from kiln.export.detection import DetectionSettings, resize_and_pad
+from kiln.export.detection import DetectionSettings, resize_and_pad, take_geometry
 
 
 def batched_nms_without_branch(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -57,15 +57,7 @@ class TwoStageDetections(nn.Module):
 
     def __init__(self, model: nn.Module, height: int, width: int, settings: DetectionSettings):
         super().__init__()
-        self.model = model.eval()
-        self.height, self.width = height, width
-        transform = model.transform
-        with torch.no_grad():
-            images, _ = transform([torch.zeros(3, height, width)])
-        self.resized = tuple(int(s) for s in images.image_sizes[0])
-        self.padded = tuple(int(s) for s in images.tensors.shape[-2:])
-        self.register_buffer("mean", torch.tensor(transform.image_mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(transform.image_std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        take_geometry(self, model, height, width)
         heads = model.roi_heads
         self.max_detections = int(settings.max_detections or heads.detections_per_img)
         heads.detections_per_img = self.max_detections  # the model's own cut: never more rows than the padding holds
