@@ -63,14 +63,35 @@ def detector_family(model: nn.Module) -> str | None:
     return None
 
 
-class PaddedDetections(nn.Module):
+class DetectorWrapper(nn.Module):
+    """A torchvision detector wrapped for export (PaddedDetections here; the two-stage one in kiln.export.detection_rcnn):
+    its family, input size, the transform's resize and padding, and its mean/std as buffers."""
+
+    family: str
+
+    def take_geometry(self, model: nn.Module, height: int, width: int) -> Any:
+        """Set the wrapped model (in eval mode), the input size, the size torchvision's transform resizes it to and pads
+        it to, and the transform's mean/std as buffers; returns the transform's ImageList for a blank image of that size."""
+        self.model = model.eval()
+        self.height, self.width = height, width
+        transform = model.transform
+        with torch.no_grad():
+            images, _ = transform([torch.zeros(3, height, width)])
+        self.resized = tuple(int(s) for s in images.image_sizes[0])
+        self.padded = tuple(int(s) for s in images.tensors.shape[-2:])
+        self.register_buffer("mean", torch.tensor(transform.image_mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(transform.image_std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        return images
+
+
+class PaddedDetections(DetectorWrapper):
     def __init__(self, model: nn.Module, height: int, width: int, settings: DetectionSettings):
         super().__init__()
         family = detector_family(model)
         if family is None or family == "rcnn":  # two-stage detectors: kiln.export.detection_rcnn, at batch 1
             raise KilnError(f"{type(model).__name__} is not a torchvision SSD, RetinaNet or FCOS detector")
         self.family = family
-        images = take_geometry(self, model, height, width)
+        images = self.take_geometry(model, height, width)
         with torch.no_grad():
             anchors = model.anchor_generator(images, self._features(images.tensors))[0]
         self.register_buffer("anchors", anchors.detach().clone(), persistent=False)
@@ -146,21 +167,6 @@ class PaddedDetections(nn.Module):
         return dict(zip(OUTPUT_NAMES, (out_boxes, final, out_labels, valid.sum(dim=1))))
 
 
-def take_geometry(wrapper: nn.Module, model: nn.Module, height: int, width: int) -> Any:
-    """Set `wrapper`'s model (in eval mode), input size, the size torchvision's transform resizes it to and pads it to,
-    and the transform's mean/std as buffers; returns the transform's ImageList for a blank image of that size."""
-    wrapper.model = model.eval()
-    wrapper.height, wrapper.width = height, width
-    transform = model.transform
-    with torch.no_grad():
-        images, _ = transform([torch.zeros(3, height, width)])
-    wrapper.resized = tuple(int(s) for s in images.image_sizes[0])
-    wrapper.padded = tuple(int(s) for s in images.tensors.shape[-2:])
-    wrapper.register_buffer("mean", torch.tensor(transform.image_mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-    wrapper.register_buffer("std", torch.tensor(transform.image_std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-    return images
-
-
 def resize_and_pad(x: torch.Tensor, resized: tuple[int, ...], padded: tuple[int, ...], size: tuple[int, int]) -> torch.Tensor:
     """torchvision's GeneralizedRCNNTransform after normalisation, for a fixed input `size`: resize to `resized`, pad
     bottom and right to `padded` (a multiple of the backbone's stride)."""
@@ -227,7 +233,7 @@ def sample_images(height: int, width: int, count: int, seed: int) -> torch.Tenso
     return torch.stack(out)
 
 
-def nms_fidelity(wrapper: Any, count: int = NMS_FIDELITY_IMAGES, seed: int = 0) -> dict[str, Any]:
+def nms_fidelity(wrapper: DetectorWrapper, count: int = NMS_FIDELITY_IMAGES, seed: int = 0) -> dict[str, Any]:
     """kiln's fixed-shape postprocessing against the torchvision detector's own forward (eval mode, its own
     transform, postprocess and batched_nms) on sample photographs: detection F1 by class and IoU (kiln.accuracy.tasks.detection),
     the detector's list cut to kiln's max_detections (best first) so that only the postprocessing differs."""
@@ -276,9 +282,9 @@ def check_nms_fidelity(fidelity: Mapping[str, Any]) -> None:
         )
 
 
-def find_wrapper(model: nn.Module) -> nn.Module | None:
-    """The detector wrapper inside `model` (PaddedDetections or the two-stage one; itself, or under FoldedPreprocess)."""
+def find_wrapper(model: nn.Module) -> DetectorWrapper | None:
+    """The detector wrapper inside `model` (itself, or under FoldedPreprocess), if any."""
     for m in (model, getattr(model, "model", None)):
-        if isinstance(m, PaddedDetections) or type(m).__name__ == "TwoStageDetections":
+        if isinstance(m, DetectorWrapper):
             return m
     return None

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kiln.core.errors import KilnError
-from kiln.export.detection import DetectionSettings, resize_and_pad, take_geometry
+from kiln.export.detection import DetectionSettings, DetectorWrapper, resize_and_pad
 
 
 def batched_nms_without_branch(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -50,14 +50,14 @@ def branchless_nms() -> Iterator[None]:
         box_ops.batched_nms = original
 
 
-class TwoStageDetections(nn.Module):
+class TwoStageDetections(DetectorWrapper):
     family = "rcnn"
     exporter = "torchscript"  # torch.export cannot capture the data-dependent RoI stage; TorchScript's tracer can
     exporter_why = "a two-stage detector: torch.export cannot capture its data-dependent region stage, the TorchScript exporter can"
 
     def __init__(self, model: nn.Module, height: int, width: int, settings: DetectionSettings):
         super().__init__()
-        take_geometry(self, model, height, width)
+        self.take_geometry(model, height, width)
         heads = model.roi_heads
         self.max_detections = int(settings.max_detections or heads.detections_per_img)
         heads.detections_per_img = self.max_detections  # the model's own cut: never more rows than the padding holds
