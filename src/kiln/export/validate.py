@@ -43,9 +43,7 @@ class ValidateSettings:
         if max_batch == 1:
             if set(s.batch_sizes) != {1}:
                 raise KilnError(f"validate.batch_sizes must be [1] for a model that takes one image at a time, got {list(s.batch_sizes)}")
-            return s
-        sizes = [b for b in s.batch_sizes if b != traced_batch]
-        if len(set(sizes)) < 2 or any(b < 1 for b in s.batch_sizes):
+        elif len({b for b in s.batch_sizes if b != traced_batch}) < 2 or any(b < 1 for b in s.batch_sizes):
             raise KilnError(
                 f"validate.batch_sizes must hold at least two positive batch sizes other than the traced export.batch "
                 f"({traced_batch}), got {list(s.batch_sizes)}"

@@ -52,9 +52,9 @@ def served_vs_offline(
         offline_batch = max(sync_ms, key=lambda b: b / sync_ms[b])
         offline = 1e3 * offline_batch / sync_ms[offline_batch]
         offline_what = f"closed loop, batch {offline_batch} (the runtime has no throughput mode)"
-    served = rate * mean_size({int(b): p for b, p in open_loop["sizes"].items()})
-    at_max = open_loop.get("at_max") or {}
-    mean_batch = float(at_max.get("mean_batch") or 0.0) or mean_size({int(b): p for b, p in open_loop["sizes"].items()})
+    mean_request = mean_size({int(b): p for b, p in open_loop["sizes"].items()})
+    served = rate * mean_request
+    mean_batch = float((open_loop.get("at_max") or {}).get("mean_batch") or 0.0) or mean_request
     sync_offline = 1e3 * offline_batch / latency_at(sync_ms, offline_batch)
     sync_mean = 1e3 * mean_batch / latency_at(sync_ms, mean_batch)
     factors = {"instances": sync_offline / offline, "batching": sync_mean / sync_offline, "busy": served / sync_mean}
