@@ -2,7 +2,8 @@
 
 Coloured shapes on crops of scikit-image's photographs: class 1 a red square, class 2 a green circle,
 class 3 a blue triangle. The detector is a real torchvision FCOS (what kiln's detection export
-targets), on a four-stage convolutional backbone. Entrypoint for test configs: ``detection_data:tiny_detector_factory``.
+targets), on a four-stage convolutional backbone. Entrypoint for test configs: ``detection_data:tiny_detector_factory``;
+``detection_data:tiny_yolo_factory`` is an Ultralytics YOLOv8 at a tiny scale, trained with Ultralytics' own loss.
 """
 
 from __future__ import annotations
@@ -228,6 +229,56 @@ def train_detector(
     finally:
         # The caller's setting, not this helper's, should hold for whatever the process runs next.
         torch.set_num_threads(previous_threads)
+    return model.eval()
+
+
+def tiny_yolo(nc: int = 4) -> nn.Module:
+    """An untrained Ultralytics YOLOv8 Detect model from Ultralytics' own yolov8.yaml at a tiny scale (depth 0.33, width
+    0.125: about 350k parameters); classes 1..nc-1 (0 unused, as in the shapes' COCO labels). Needs the ultralytics extra."""
+    from pathlib import Path as _Path
+
+    import ultralytics
+    import yaml
+    from ultralytics.nn.tasks import DetectionModel
+
+    cfg = yaml.safe_load((_Path(ultralytics.__file__).parent / "cfg/models/v8/yolov8.yaml").read_text())
+    cfg.update(scales={"t": [0.33, 0.125, 256]}, scale="t", nc=nc)
+    return DetectionModel(cfg, nc=nc, verbose=False)
+
+
+def tiny_yolo_factory(**kwargs: Any) -> nn.Module:
+    """The entrypoint a checkpoint of `tiny_yolo` is loaded into."""
+    return tiny_yolo(**kwargs).eval()
+
+
+def train_yolo(
+    model: nn.Module, dataset_dir: str | Path, ground_truth: Sequence[dict[str, Any]], steps: int, seed: int, batch: int = 16
+) -> nn.Module:
+    """`steps` AdamW steps of Ultralytics' own detection loss (box, class, DFL) on the shapes; returns the model in eval mode.
+    About 0.12 s a step at 128 px on two cores: 150 steps find every held-out shape."""
+    from ultralytics.cfg import get_cfg
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    images = load_images(dataset_dir, ground_truth)
+    size = images.shape[-1]
+    model.args = get_cfg()  # the loss reads its gains (box, cls, dfl) from the training arguments
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(steps):
+        idx = rng.choice(len(images), size=batch, replace=False)
+        rows = [(k, label, box) for k, i in enumerate(idx) for box, label in zip(ground_truth[i]["boxes"], ground_truth[i]["labels"])]
+        boxes = torch.tensor([[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2, b[2] - b[0], b[3] - b[1]] for _, _, b in rows]) / size
+        targets = {
+            "img": images[idx],
+            "batch_idx": torch.tensor([float(k) for k, _, _ in rows]),
+            "cls": torch.tensor([[float(label)] for _, label, _ in rows]),
+            "bboxes": boxes.float(),
+        }
+        loss, _ = model.loss(targets)
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
     return model.eval()
 
 

@@ -200,6 +200,8 @@ class ModelSpec:
             return True, "trained: model.checkpoint is set"
         if self.weights:
             return True, "trained: model.weights is set"
+        if self.name and self.name.endswith(".pt"):
+            return True, "trained: model.name is a checkpoint file (Ultralytics .pt)"
         if self.entrypoint:
             return True, "taken as trained: model.entrypoint builds the model (set model.trained: false if its weights are random)"
         if self.onnx_only:

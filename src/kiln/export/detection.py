@@ -37,6 +37,9 @@ class DetectionSettings:
     # Cluster-NMS rounds: it equals greedy NMS once a round changes nothing; a fixed count keeps the graph
     # static, and clusters of more overlapping boxes than rounds are not checked for (left to the gate)
     nms_iterations: int = 12
+    # The detector's own cuts when None: torchvision's score_thresh/nms_thresh, Ultralytics' predict defaults for YOLO
+    score_thresh: float | None = None
+    nms_thresh: float | None = None
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any] | None) -> "DetectionSettings":
@@ -47,9 +50,29 @@ class DetectionSettings:
     def check(self, where: str) -> None:
         if self.candidates < 1 or self.nms_iterations < 1 or (self.max_detections is not None and self.max_detections < 1):
             raise KilnError(f"{where}.candidates, nms_iterations and max_detections must be positive integers")
+        for key in ("score_thresh", "nms_thresh"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise KilnError(f"{where}.{key} must be between 0 and 1 (or null: the detector's own), got {value!r}")
+
+
+def ultralytics_head(model: nn.Module) -> nn.Module | None:
+    """The last layer of an Ultralytics model (its head), if `model` looks like one."""
+    layers = getattr(model, "model", None)
+    return layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
+
+
+def is_ultralytics_detector(model: nn.Module) -> bool:
+    """An Ultralytics model with a Detect head (not its Segment, Pose or OBB subclasses), seen without importing ultralytics
+    (kiln.export.detection_yolo wraps it)."""
+    if not type(model).__module__.startswith("ultralytics."):
+        return False
+    return type(ultralytics_head(model)).__name__ in ("Detect", "v10Detect")
 
 
 def detector_family(model: nn.Module) -> str | None:
+    if is_ultralytics_detector(model):
+        return "yolo"
     from torchvision.models.detection.fcos import FCOS
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
     from torchvision.models.detection.retinanet import RetinaNet
@@ -64,10 +87,12 @@ def detector_family(model: nn.Module) -> str | None:
 
 
 class DetectorWrapper(nn.Module):
-    """A torchvision detector wrapped for export (PaddedDetections here; the two-stage one in kiln.export.detection_rcnn):
-    its family, input size, the transform's resize and padding, and its mean/std as buffers."""
+    """A detector wrapped for export (PaddedDetections here; the two-stage one in kiln.export.detection_rcnn; YOLO in
+    kiln.export.detection_yolo): its family, input size, the transform's resize and padding, and its mean/std as buffers."""
 
     family: str
+    # What kiln's postprocessing is compared with at export (nms_fidelity).
+    reference = "the torchvision detector's own forward (its postprocess and batched_nms)"
 
     def take_geometry(self, model: nn.Module, height: int, width: int) -> Any:
         """Set the wrapped model (in eval mode), the input size, the size torchvision's transform resizes it to and pads
@@ -83,20 +108,25 @@ class DetectorWrapper(nn.Module):
         self.register_buffer("std", torch.tensor(transform.image_std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         return images
 
+    def reference_detections(self, images: torch.Tensor) -> list[dict[str, Any]]:
+        """The torchvision detector's own forward (eval mode, its own transform, postprocess and batched_nms) on
+        `images` [N, 3, H, W] in 0..1, best first."""
+        return [{k: found[k] for k in ("boxes", "scores", "labels")} for found in self.model(list(images))]
+
 
 class PaddedDetections(DetectorWrapper):
     def __init__(self, model: nn.Module, height: int, width: int, settings: DetectionSettings):
         super().__init__()
         family = detector_family(model)
-        if family is None or family == "rcnn":  # two-stage detectors: kiln.export.detection_rcnn, at batch 1
+        if family not in ("ssd", "retinanet", "fcos"):  # R-CNNs: kiln.export.detection_rcnn, at batch 1; YOLO: detection_yolo
             raise KilnError(f"{type(model).__name__} is not a torchvision SSD, RetinaNet or FCOS detector")
         self.family = family
         images = self.take_geometry(model, height, width)
         with torch.no_grad():
             anchors = model.anchor_generator(images, self._features(images.tensors))[0]
         self.register_buffer("anchors", anchors.detach().clone(), persistent=False)
-        self.score_thresh = float(model.score_thresh)
-        self.nms_thresh = float(model.nms_thresh)
+        self.score_thresh = float(model.score_thresh if settings.score_thresh is None else settings.score_thresh)
+        self.nms_thresh = float(model.nms_thresh if settings.nms_thresh is None else settings.nms_thresh)
         self.max_detections = int(settings.max_detections or model.detections_per_img)
         self.candidates = int(settings.candidates)
         self.nms_iterations = int(settings.nms_iterations)
@@ -151,20 +181,35 @@ class PaddedDetections(DetectorWrapper):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         scores, boxes = self.scores_and_boxes(images)
-        classes = scores.shape[-1]
+        return padded_nms(scores, boxes, self, self.label_offset)
+
+
+def padded_nms(
+    scores: torch.Tensor, boxes: torch.Tensor, wrapper: Any, label_offset: int = 0, single_label: bool = False
+) -> dict[str, torch.Tensor]:
+    """Per-anchor class scores [B, A, C] and boxes [B, A, 4] -> kiln's padded detections (OUTPUT_NAMES): the top
+    `wrapper.candidates` scores above `wrapper.score_thresh`, class-aware Cluster-NMS, the best `wrapper.max_detections`.
+    Every (anchor, class) pair is a candidate, as in torchvision's postprocessing; with `single_label` only each
+    anchor's best class is (Ultralytics' predict: multi_label=False)."""
+    classes = scores.shape[-1]
+    if single_label:
+        flat, best = scores.max(dim=-1)
+        classes = 1
+    else:
         flat = scores.reshape(scores.shape[0], -1)
-        flat = torch.where(flat > self.score_thresh, flat, torch.zeros_like(flat))
-        top, index = flat.topk(min(self.candidates, flat.shape[1]), dim=1)
-        anchor = torch.div(index, classes, rounding_mode="floor")
-        labels = index % classes + self.label_offset
-        cand = torch.gather(boxes, 1, anchor.unsqueeze(-1).expand(-1, -1, 4))
-        keep = cluster_nms(cand, labels, top, self.nms_thresh, self.nms_iterations, float(max(self.height, self.width)) + 1.0)
-        kept = top * keep
-        final, order = kept.topk(min(self.max_detections, kept.shape[1]), dim=1)
-        valid = final > 0
-        out_boxes = torch.gather(cand, 1, order.unsqueeze(-1).expand(-1, -1, 4)) * valid.unsqueeze(-1)
-        out_labels = torch.where(valid, torch.gather(labels, 1, order), torch.full_like(order, -1))
-        return dict(zip(OUTPUT_NAMES, (out_boxes, final, out_labels, valid.sum(dim=1))))
+    flat = torch.where(flat > wrapper.score_thresh, flat, torch.zeros_like(flat))
+    top, index = flat.topk(min(wrapper.candidates, flat.shape[1]), dim=1)
+    anchor = torch.div(index, classes, rounding_mode="floor")
+    labels = (torch.gather(best, 1, index) if single_label else index % classes) + label_offset
+    cand = torch.gather(boxes, 1, anchor.unsqueeze(-1).expand(-1, -1, 4))
+    side = float(max(wrapper.height, wrapper.width)) + 1.0
+    keep = cluster_nms(cand, labels, top, wrapper.nms_thresh, wrapper.nms_iterations, side)
+    kept = top * keep
+    final, order = kept.topk(min(wrapper.max_detections, kept.shape[1]), dim=1)
+    valid = final > 0
+    out_boxes = torch.gather(cand, 1, order.unsqueeze(-1).expand(-1, -1, 4)) * valid.unsqueeze(-1)
+    out_labels = torch.where(valid, torch.gather(labels, 1, order), torch.full_like(order, -1))
+    return dict(zip(OUTPUT_NAMES, (out_boxes, final, out_labels, valid.sum(dim=1))))
 
 
 def resize_and_pad(x: torch.Tensor, resized: tuple[int, ...], padded: tuple[int, ...], size: tuple[int, int]) -> torch.Tensor:
@@ -234,8 +279,9 @@ def sample_images(height: int, width: int, count: int, seed: int) -> torch.Tenso
 
 
 def nms_fidelity(wrapper: DetectorWrapper, count: int = NMS_FIDELITY_IMAGES, seed: int = 0) -> dict[str, Any]:
-    """kiln's fixed-shape postprocessing against the torchvision detector's own forward (eval mode, its own
-    transform, postprocess and batched_nms) on sample photographs: detection F1 by class and IoU (kiln.accuracy.tasks.detection),
+    """kiln's fixed-shape postprocessing against the detector's own (`wrapper.reference_detections`: torchvision's
+    forward with its postprocess and batched_nms, or Ultralytics' non_max_suppression) on sample photographs:
+    detection F1 by class and IoU (kiln.accuracy.tasks.detection),
     the detector's list cut to kiln's max_detections (best first) so that only the postprocessing differs."""
     from kiln.accuracy.tasks.detection import MATCH_IOU, agreement, unpad
 
@@ -252,7 +298,7 @@ def nms_fidelity(wrapper: DetectorWrapper, count: int = NMS_FIDELITY_IMAGES, see
                 padded = wrapper(normalised)
             ours = unpad({k: v.numpy() for k, v in padded.items()})
             theirs = []
-            for found in wrapper.model(list(images)):
+            for found in wrapper.reference_detections(images):
                 order = torch.argsort(found["scores"], descending=True)[: wrapper.max_detections]
                 theirs.append({k: found[k][order].numpy() for k in ("boxes", "scores", "labels")})
     finally:
@@ -263,10 +309,10 @@ def nms_fidelity(wrapper: DetectorWrapper, count: int = NMS_FIDELITY_IMAGES, see
         "mean_iou": agreed["detection_mean_iou"],
         "images": count,
         "iou": MATCH_IOU,
-        "detections_torchvision": agreed["detections_ref"],
+        "detections_own": agreed["detections_ref"],
         "detections_kiln": agreed["detections"],
         "min_f1": MIN_NMS_F1,
-        "compared_with": "the torchvision detector's own forward (its postprocess and batched_nms), cut to max_detections",
+        "compared_with": f"{wrapper.reference}, cut to max_detections",
     }
 
 
@@ -275,9 +321,9 @@ def check_nms_fidelity(fidelity: Mapping[str, Any]) -> None:
     f1 = fidelity["f1"]
     if f1 is not None and f1 < fidelity["min_f1"]:
         raise KilnError(
-            f"kiln's in-graph NMS disagrees with the torchvision detector's own postprocessing: detection F1 {f1:.3g} < "
+            f"kiln's in-graph NMS disagrees with the detector's own postprocessing ({fidelity['compared_with']}): detection F1 {f1:.3g} < "
             f"{fidelity['min_f1']} on {fidelity['images']} sample photographs ({fidelity['detections_kiln']} detections "
-            f"against {fidelity['detections_torchvision']}, matched by class and IoU >= {fidelity['iou']}); raise "
+            f"against {fidelity['detections_own']}, matched by class and IoU >= {fidelity['iou']}); raise "
             "model.detection.candidates or nms_iterations"
         )
 

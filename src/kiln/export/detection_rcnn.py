@@ -61,6 +61,10 @@ class TwoStageDetections(DetectorWrapper):
         heads = model.roi_heads
         self.max_detections = int(settings.max_detections or heads.detections_per_img)
         heads.detections_per_img = self.max_detections  # the model's own cut: never more rows than the padding holds
+        if settings.score_thresh is not None:
+            heads.score_thresh = settings.score_thresh
+        if settings.nms_thresh is not None:
+            heads.nms_thresh = settings.nms_thresh
         self.score_thresh, self.nms_thresh = float(heads.score_thresh), float(heads.nms_thresh)
         self.masks, self.keypoints = bool(heads.has_mask()), bool(heads.has_keypoint())
 

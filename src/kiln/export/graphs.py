@@ -59,3 +59,41 @@ def tail_nodes(onnx_path: str | Path) -> list[str]:
             graph.node[j].op_type in COMPUTE_OPS or heavy_below[j] for out in graph.node[i].output for j in consumers.get(out, [])
         )
     return [n.name for i, n in enumerate(graph.node) if n.name and n.op_type not in COMPUTE_OPS and not heavy_below[i]]
+
+
+# Model-level ONNX metadata key: a JSON list of the nodes every int8 target keeps in float, written at export for
+# the parts a model's own exporter keeps in float (YOLO's DFL box decoding: kiln.export.detection_yolo).
+FLOAT_NODES_KEY = "kiln.float_nodes"
+
+
+def mark_float_modules(onnx_path: str | Path, prefixes: list[str]) -> list[str]:
+    """Write FLOAT_NODES_KEY into the graph at `onnx_path`: the nodes exported from the modules named by `prefixes`
+    (qualified module names in the exported module), found by the dynamo exporter's name scopes or the TorchScript
+    exporter's node names. Returns those node names."""
+    import json
+
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    scripted = ["/" + p.replace(".", "/") + "/" for p in prefixes]
+    found = []
+    for node in model.graph.node:
+        scopes = next((m.value for m in node.metadata_props if m.key == "pkg.torch.onnx.name_scopes"), "")
+        listed = json.loads(scopes.replace("'", '"')) if scopes.startswith("[") else []
+        if any(p in listed for p in prefixes) or any(node.name.startswith(s) for s in scripted):
+            found.append(node.name)
+    if found:
+        onnx.helper.set_model_props(model, {FLOAT_NODES_KEY: json.dumps(found)})
+        onnx.save(model, str(onnx_path))
+    return found
+
+
+def declared_float_nodes(onnx_path: str | Path) -> list[str]:
+    """The nodes FLOAT_NODES_KEY names in the graph at `onnx_path` ([] when none)."""
+    import json
+
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    raw = next((m.value for m in model.metadata_props if m.key == FLOAT_NODES_KEY), None)
+    return list(json.loads(raw)) if raw else []

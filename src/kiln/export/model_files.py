@@ -1,4 +1,5 @@
-"""The files a model is built from, digested for the cache: model.checkpoint, model.onnx and model.entrypoint's source.
+"""The files a model is built from, digested for the cache: model.checkpoint, model.onnx, model.entrypoint's source, and
+model.name where it is a file of the user's (an Ultralytics .pt or model YAML).
 
 params.yaml names these files but does not hold them: a checkpoint retrained into the same path, or an
 entrypoint module edited in place, changes no param. The probe (which runs on every `dvc repro`) writes
@@ -63,6 +64,9 @@ def model_files(model: Mapping[str, Any], root: Path = Path("."), cache: dict[st
         if model.get(key):
             path = root / str(model[key])
             out[key] = {"path": str(model[key]), "sha256": _sha256(path, cache) if path.is_file() else None}
+    name = str(model.get("name") or "")
+    if name.endswith((".pt", ".yaml", ".yml")) and (root / name).is_file():  # an Ultralytics checkpoint or model YAML of the user's
+        out["name"] = {"path": name, "sha256": _sha256(root / name, cache)}
     entrypoint = model.get("entrypoint")
     if entrypoint:
         files = entrypoint_files(str(entrypoint), root)

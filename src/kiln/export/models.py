@@ -17,6 +17,9 @@ from kiln.export.checkpoints import apply_state_dict, load_state_dict_file
 
 log = logging.getLogger(__name__)
 
+# model.name suffixes that mean an Ultralytics model (kiln.export.detection_yolo): its YAML config or a .pt checkpoint
+ULTRALYTICS_SUFFIXES = (".yaml", ".yml", ".pt")
+
 
 def _torchvision_model(name: str, weights: str | None, kwargs: dict[str, Any]) -> nn.Module | None:
     import torchvision
@@ -123,7 +126,12 @@ def build_model(spec: ModelSpec) -> nn.Module:
         model = _from_entrypoint(spec.entrypoint, spec.kwargs)
     else:
         assert spec.name
-        model = _torchvision_model(spec.name, spec.weights, spec.kwargs) or _timm_model(spec.name, spec.weights, spec.kwargs)
+        if spec.name.endswith(ULTRALYTICS_SUFFIXES):
+            from kiln.export.detection_yolo import build_ultralytics
+
+            model = build_ultralytics(spec.name, spec.kwargs)
+        else:
+            model = _torchvision_model(spec.name, spec.weights, spec.kwargs) or _timm_model(spec.name, spec.weights, spec.kwargs)
         if model is None:
             raise KilnError(
                 f"unknown model.name '{spec.name}'{close_matches(spec.name, _known_names())}; "
@@ -137,7 +145,12 @@ def build_model(spec: ModelSpec) -> nn.Module:
     from kiln.export.detection import DetectionSettings, PaddedDetections, detector_family
 
     family = detector_family(model)
-    if family == "rcnn":
+    if family == "yolo":
+        from kiln.export.detection_yolo import YoloDetections
+
+        height, width = _image_size(spec)
+        model = YoloDetections(model, height, width, DetectionSettings.from_params(spec.detection))
+    elif family == "rcnn":
         # One image per call with torchvision's own postprocessing, outputs padded (kiln.export.detection_rcnn).
         from kiln.export.detection_rcnn import TwoStageDetections
 
@@ -167,8 +180,7 @@ def _image_size(spec: ModelSpec) -> tuple[int, int]:
     if len(spec.inputs) != 1 or len(spec.inputs[0].shape) != 3 or spec.inputs[0].shape[0] != 3:
         shapes = ", ".join(f"'{i.name}' {list(i.shape)}" for i in spec.inputs)
         raise KilnError(
-            "a torchvision detector takes one image input shaped [3, height, width] (float, normalised by data.preprocess); "
-            f"model.inputs is {shapes}"
+            f"a detector takes one image input shaped [3, height, width] (float, normalised by data.preprocess); model.inputs is {shapes}"
         )
     return spec.inputs[0].shape[1], spec.inputs[0].shape[2]
 

@@ -180,6 +180,14 @@ def export_onnx(model: nn.Module, spec: ModelSpec, settings: ExportSettings, out
         for w in manifest_warnings:
             print(f"export warning: [{w['category']}] {w['message'].splitlines()[0]} ({w['where']})", file=sys.stderr)
         info = check_exported_graph(tmp, spec, settings)
+        prefixes = getattr(wrapper, "float_modules", None)
+        if prefixes:
+            from kiln.export.graphs import mark_float_modules
+
+            # The model's own exporter keeps these in float at int8 (YOLO's box decoding): every int8 target does too.
+            path["kept_in_float_at_int8"] = kept = mark_float_modules(tmp, [f"model.{p}" if spec.fold else p for p in prefixes])
+            if not kept:
+                log.warning("found no node of %s in the exported graph: int8 will quantize them", ", ".join(prefixes))
     return {
         "exporter": path["exporter"],
         "export_path": path,

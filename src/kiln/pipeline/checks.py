@@ -88,6 +88,11 @@ def check_paths(params: Mapping[str, Any]) -> None:
     for key in ("checkpoint", "onnx"):
         if model.get(key) and not Path(model[key]).is_file():
             raise KilnError(f"model.{key}: file '{model[key]}' not found (paths are relative to the project root, {Path.cwd()})")
+    name = str(model.get("name") or "")
+    if name.endswith(".pt") and not Path(name).is_file():
+        raise KilnError(
+            f"model.name: checkpoint '{name}' not found (paths are relative to the project root, {Path.cwd()}; kiln downloads nothing)"
+        )
     entrypoint = model.get("entrypoint")
     if entrypoint and ":" in str(entrypoint) and not entrypoint_files(str(entrypoint)):
         module = str(entrypoint).partition(":")[0]

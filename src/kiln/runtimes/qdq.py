@@ -85,11 +85,22 @@ def quantize_qdq(
         quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
     if prepare is not None:
         prepare(pre)
-    from kiln.export.graphs import tail_nodes
+    from kiln.export.graphs import declared_float_nodes, tail_nodes
 
     tail = tail_nodes(pre)
     if tail:
         log.info("%d node(s) after the last Conv/MatMul kept in float (box decoding, NMS, upsampling)", len(tail))
+    declared = declared_float_nodes(onnx_path)
+    if declared:  # the graph's own (YOLO's DFL box decoding): names the pre-processing kept
+        import onnx
+
+        present = {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}
+        tail = [*tail, *(n for n in declared if n in present)]
+        log.info(
+            "%d node(s) the export marked kept in float (%d of them in the pre-processed graph)",
+            len(declared),
+            len(present & set(declared)),
+        )
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
     quantize_static(
         str(pre),

@@ -181,8 +181,9 @@ class Detection(Task):
         images = unpad(ref)
         if not any(len(d["scores"]) for d in images):
             return (
-                "the reference detects nothing on any input (random weights? then model.demo_weights, and a lower "
-                "model.kwargs.score_thresh: a random head's scores sit near its prior)"
+                "the reference detects nothing on any input (the gate feeds noise: lower the score cut, "
+                "model.detection.score_thresh, as Ultralytics' val does with 0.001; random weights? then model.demo_weights too: "
+                "a random head's scores sit near its prior)"
             )
         scores = np.concatenate([d["scores"] for d in images])
         if scores.size > 1 and float(np.ptp(scores)) <= 1e-6 * max(1.0, float(np.max(np.abs(scores)))):

@@ -251,10 +251,11 @@ class OpenVinoRuntime(RegisteredRuntime):
         if unknown:
             raise KilnError(f"targets.{target.name}: ignored_scope names no layer of the model: {', '.join(unknown)}")
         ignored = sorted({f for found in matched.values() for f in found})
-        from kiln.export.graphs import tail_nodes
+        from kiln.export.graphs import declared_float_nodes, tail_nodes
 
-        # The tail after the last Conv/MatMul (box decoding, NMS) stays float: see kiln.export.graphs.tail_nodes.
-        tail = set(tail_nodes(onnx_path))
+        # The tail after the last Conv/MatMul (box decoding, NMS) stays float: see kiln.export.graphs.tail_nodes; so do
+        # the nodes the export marked (YOLO's DFL box decoding).
+        tail = set(tail_nodes(onnx_path)) | set(declared_float_nodes(onnx_path))
         tail_ops = sorted({f for f in names for n in tail if f == n or f.startswith(n + "/")})
         advanced = None
         if settings.method == "percentile":
