@@ -4,7 +4,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -85,6 +85,29 @@ def require_module(name: str, reason: str) -> Any:
         unavailable(f"{reason} ({type(e).__name__}: {e})")
 
 
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """The temp folder every pytest-xdist worker of this run shares (None without xdist: one process, one session)."""
+    return tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+    """`build(folder)`'s result once per test run: without xdist in a fresh temp folder; under pytest-xdist (pyproject's
+    `-n 2`) the first worker to ask builds it in the run's shared folder, holding a lock, and the others wait for it and
+    get the same path. What is built this way is read only: tests copy it (copy_project)."""
+    root = shared_root(tmp_path_factory)
+    if root is None:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    done = root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            folder = root / name
+            folder.mkdir()
+            done.write_text(str(build(folder)))
+    return Path(done.read_text())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def peak_measured_once(tmp_path_factory):
     """Every test project's peak stage measures this machine once and reuses it (kiln.measure.peak_cache): the roof's
@@ -92,7 +115,10 @@ def peak_measured_once(tmp_path_factory):
     from kiln.measure.peak_cache import CACHE_ENV, KEEP_BUSY_ENV
 
     saved = {k: os.environ.get(k) for k in (CACHE_ENV, KEEP_BUSY_ENV)}
-    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("kiln-cache"))
+    run_root = shared_root(tmp_path_factory)  # under pytest-xdist, one cache for every worker: measured once per run
+    cache = run_root / "kiln-cache" if run_root else tmp_path_factory.mktemp("kiln-cache")
+    cache.mkdir(exist_ok=True)
+    os.environ[CACHE_ENV] = str(cache)
     os.environ[KEEP_BUSY_ENV] = "1"
     yield
     for key, value in saved.items():
@@ -128,10 +154,14 @@ def mini_built(tmp_path_factory):
     """The tiny model's project (test_pipeline.make_project) with the MINI target set, built by `dvc repro` and its
     results committed, as a user would before experiments or a push: built once per session, never changed. Tests
     start from their own copy (copy_project)."""
+    return built_once(tmp_path_factory, "mini", build_mini)
+
+
+def build_mini(folder: Path) -> Path:
     import yaml
     from test_pipeline import make_project, run, stages_run
 
-    project = make_project(tmp_path_factory.mktemp("mini"))
+    project = make_project(folder)
     (project / "conf" / "targets" / "mini.yaml").write_text(MINI)
     config = project / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("- targets: cpu", "- targets: mini"))
