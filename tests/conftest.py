@@ -58,6 +58,9 @@ def venv_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH", "")]))
     env["DVC_NO_ANALYTICS"] = "1"
+    # DVC's tables wrap at the terminal's width (80 without one): a long temp path (xdist's popen-gw1/...) split across
+    # lines reads as two words
+    env["COLUMNS"] = "1000"
     return env
 
 
