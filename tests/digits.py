@@ -41,12 +41,12 @@ def write_digits(root: Path) -> dict[str, Path]:
     return dirs
 
 
-def train(train_dir: Path, epochs: int = 12, seed: int = 0) -> TinyCNN:
+def train(train_dir: Path, epochs: int = 12, seed: int = 0, width: int = 16, size: int = 16) -> TinyCNN:
     torch.manual_seed(seed)
     images = ImageSet.scan(train_dir)
-    x = torch.from_numpy(images.load(Preprocess.from_params(PREPROCESS)))
+    x = torch.from_numpy(images.load(Preprocess.from_params(preprocess(size))))
     y = torch.tensor([int(images.classes[i]) for i in images.labels])
-    model = TinyCNN(num_classes=10, width=16)
+    model = TinyCNN(num_classes=10, width=width)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(epochs):
         perm = torch.randperm(len(x))
@@ -58,23 +58,33 @@ def train(train_dir: Path, epochs: int = 12, seed: int = 0) -> TinyCNN:
     return model.eval()
 
 
-def digits_cnn() -> TinyCNN:
+def preprocess(size: int = 16) -> dict[str, Any]:
+    """PREPROCESS at another size (the 8x8 digits scaled up: a bigger network for speed figures)."""
+    return {**PREPROCESS, "resize": size, "crop": size}
+
+
+def digits_cnn(width: int = 16) -> TinyCNN:
     """The entrypoint the checkpoint belongs to."""
-    return TinyCNN(num_classes=10, width=16)
+    return TinyCNN(num_classes=10, width=width)
 
 
-def digits_params(dirs: dict[str, Path], checkpoint: Path) -> dict[str, Any]:
+def digits_params(dirs: dict[str, Path], checkpoint: Path, width: int = 16, size: int = 16) -> dict[str, Any]:
     return {
         "model": {
             "name": None,
             "entrypoint": "digits:digits_cnn",
             "checkpoint": str(checkpoint),
             "weights": None,
-            "kwargs": {},
-            "inputs": {"input": {"shape": [3, 16, 16], "dtype": "float32"}},
+            "kwargs": {} if width == 16 else {"width": width},
+            "inputs": {"input": {"shape": [3, size, size], "dtype": "float32"}},
             "outputs": ["logits"],
             "seed": 0,
         },
-        "data": {"calibration_dir": str(dirs["calibration"]), "eval_dir": str(dirs["eval"]), "eval_limit": 600, "preprocess": PREPROCESS},
+        "data": {
+            "calibration_dir": str(dirs["calibration"]),
+            "eval_dir": str(dirs["eval"]),
+            "eval_limit": 600,
+            "preprocess": preprocess(size),
+        },
         "calibration": {"subset_size": 300, "batch": 16, "method": "minmax", "ignored_scope": [], "options": {}},
     }

@@ -69,3 +69,42 @@ def write_outlier_checkpoint(model: TinyCNN, path: Path, channel: int = CHANNEL,
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(add_outlier_channel(model, channel, factor).state_dict(), path)
     return path
+
+
+INT8 = {"onnxruntime-int8": "onnxruntime", "openvino-int8": "openvino"}
+
+
+def build_outlier_project(root: Path, model: TinyCNN, dirs: dict[str, Path], width: int = 16, size: int = 16) -> dict:
+    """A project folder as the pipeline leaves it (artifacts/, params.yaml) for the outlier copy of a trained digits
+    `model`: an fp32 and two int8 engines, one thread each. Returns {root, params, reference}."""
+    import yaml
+    from digits import digits_params
+
+    from kiln.config.views import ModelSpec, Target
+    from kiln.data.reference import load_reference, save_reference
+    from kiln.export.models import build_model
+    from kiln.export.onnx import ExportSettings, export_onnx
+    from kiln.export.validate import ValidateSettings, reference_set
+    from kiln.pipeline.calibrate import calibrate_target
+    from kiln.pipeline.engine import build_engine
+    from kiln.runtimes import BuildSource
+
+    checkpoint = write_outlier_checkpoint(model, root / "outlier.pt")
+    params = digits_params(dirs, checkpoint, width=width, size=size)
+    params["targets"] = {
+        "onnxruntime": {"runtime": "onnxruntime", "precision": "fp32", "threads": 1},
+        **{name: {"runtime": rt, "precision": "int8", "threads": 1} for name, rt in INT8.items()},
+    }
+    params["benchmark"] = {"accuracy_budget": {"min_top1_agreement": 0.98}}
+    project = root / "project"
+    artifacts = project / "artifacts"
+    artifacts.mkdir(parents=True)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    spec = ModelSpec.from_params(params["model"])
+    export_onnx(build_model(spec), spec, ExportSettings(), artifacts / "model.onnx")
+    save_reference(artifacts / "reference.npz", reference_set(build_model(spec), spec, ["logits"], params["data"], ValidateSettings()))
+    for name in params["targets"]:
+        target = Target.from_params(name, params)
+        calibrate_target(target, artifacts / "model.onnx", spec, params, artifacts / "calibration" / name)
+        build_engine(target, BuildSource(artifacts / "model.onnx", spec, artifacts / "calibration" / name), artifacts / "engines" / name)
+    return {"root": project, "params": params, "reference": load_reference(artifacts / "reference.npz")}

@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None, compare_mode: bool = False) -> int:
         )
         parser.add_argument("--max-builds", type=int, default=12, help="repair: at most this many calibrate+build rounds")
         parser.add_argument(
+            "--no-remedies",
+            action="store_true",
+            help="repair: skip the runtime's outlier-aware remedies (OpenVINO's SmoothQuant) and go straight to layers in float",
+        )
+        parser.add_argument(
             "--budget",
             action="append",
             default=[],
@@ -77,7 +82,9 @@ def main(argv: list[str] | None = None, compare_mode: bool = False) -> int:
                     sep = ""
                 if not sep:
                     raise KilnError(f"--budget takes KEY=NUMBER (e.g. min_top1_agreement=0.95), got {item!r}")
-            result["repair"] = repair_target(b[1], params, result, max_builds=args.max_builds, budget_overrides=overrides)
+            result["repair"] = repair_target(
+                b[1], params, result, max_builds=args.max_builds, budget_overrides=overrides, remedies=not args.no_remedies
+            )
         path = write_debug(b_name, against, result)
         print(render_text(b_name, against, result))
         log.info("written %s and %s; the SQNR along the graph: %s", path, DEBUG_CSV, PLOT_COMMAND)

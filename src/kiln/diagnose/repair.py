@@ -6,10 +6,13 @@ re-builds the target with layers added to that list and measures its accuracy ag
 on the eval set, as the benchmark does, until the target's budget (benchmark.accuracy_budget with its own
 keys over it) holds.
 
-Order of the search: the producer of the first divergent boundary (kiln.diagnose.debug), then the layers by the
-noise their quantization adds (kiln.accuracy.sensitivity, all of them). Bisection on how many of that list go back
-to float finds the shortest passing prefix (assuming more float never hurts, which holds to first order);
-then each layer of it is dropped in turn if the budget still holds without it. Each try is one calibrate +
+Order of the search: where the loss is first, then where it is largest: the boundary tensors of the diagnosis
+(kiln.diagnose.debug) from the first divergence on, each with the layer it comes from and the layers that make that
+layer's inputs (tensor_candidates: an outlier channel spoils one input's scale, and the layer that reads it
+diverges), then single layers by the noise their quantization adds (kiln.accuracy.sensitivity, all of them). The
+first try is the diagnosed tensor's layers alone; bisection on how many steps of that list go back to float then
+finds the shortest passing prefix (assuming more float never hurts, which holds to first order), and each layer of
+it is dropped in turn if the budget still holds without it. Each try is one calibrate +
 build (seconds on a small model, minutes on a big one): `max_builds` bounds every build the repair makes, the
 fp32 engine and the runtime's own accuracy control included, and each is logged with how many are left. The
 repaired engine is then timed beside int8 and the same runtime's fp32 engine in interleaved rounds (each layer's
@@ -31,6 +34,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from kiln.core.errors import KilnError
+from kiln.diagnose.repair_speed import fp32_engine, speed_cost
 from kiln.export.graphs import COMPUTE_OPS
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,46 @@ def candidate_layers(onnx_path: Path, ranked: list[str], first_layer: str | None
     return order
 
 
+# How many boundary tensors of the diagnosis become candidates (each with the layers around it), before single layers.
+TENSOR_CANDIDATES = 6
+
+
+def tensor_candidates(onnx_path: Path, debug_result: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Candidates where the loss is: boundary tensors from the first divergence on (the one the diagnosis named first,
+    then the others by how much SQNR each loses over the boundary before it), each with the layers that keep its loss
+    out: the compute layer it comes from, and the layers that make that layer's inputs. A tensor diverges at the
+    layer that reads a badly quantized input (one outlier channel sets the input's one scale, and every other channel
+    rounds to zero), and keeping that input in float takes the reader out of int8 on every runtime, and on ONNX
+    Runtime its maker too (QDQ quantizes a quantized layer's output)."""
+    import onnx
+
+    from kiln.diagnose.debug import producing_layer
+
+    rows = list((debug_result or {}).get("boundaries") or [])
+    first = (debug_result or {}).get("first_divergent")
+    if not rows or not first:
+        return []
+    nodes = {n.name: n for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+    weights = {i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.initializer}
+    drop = {rows[i]["boundary"]: (rows[i - 1]["sqnr_db"] - rows[i]["sqnr_db"]) if i else 0.0 for i in range(len(rows))}
+    start = int(first["index"])
+    later = sorted((r for r in rows[start + 1 :] if drop[r["boundary"]] > 0), key=lambda r: -drop[r["boundary"]])
+    groups: list[dict[str, Any]] = []
+    for row in [rows[start], *later]:
+        layer = producing_layer(onnx_path, row["boundary"])
+        if layer is None or layer not in nodes:
+            continue
+        makers = [producing_layer(onnx_path, i) for i in nodes[layer].input if i and i not in weights]
+        layers = list(dict.fromkeys([layer, *(m for m in makers if m)]))
+        if layers not in [g["layers"] for g in groups]:
+            groups.append(
+                {"tensor": row["boundary"], "sqnr_db": row["sqnr_db"], "drop_db": round(drop[row["boundary"]], 2), "layers": layers}
+            )
+        if len(groups) >= TENSOR_CANDIDATES:
+            break
+    return groups
+
+
 def full_ranking(target: Any, onnx_path: Path, calibration_dir: Path, params: Mapping[str, Any], spec: Any) -> list[str]:
     """Every quantized layer, most noise added first (calibration.layer_sensitivity, all of it)."""
     from kiln.data.calibration_set import CalibrationSet, CalibrationSettings
@@ -64,22 +108,6 @@ def full_ranking(target: Any, onnx_path: Path, calibration_dir: Path, params: Ma
     settings = CalibrationSettings.for_target(params.get("calibration"), target, runtime.calibration_options_type)  # type: ignore[attr-defined]
     calib = CalibrationSet.from_params(params.get("data") or {}, spec, settings)
     return [str(r["layer"]) for r in layer_sensitivity(runtime, onnx_path, calibration_dir, calib, top=None)]
-
-
-def interleaved_ms_per_image(sessions: list[Any], feeds: Mapping[str, np.ndarray], rounds: int = 7, per_round: int = 5) -> list[float]:
-    """Median ms/image of each session, timed in turns (round r times every session once, order alternating)."""
-    batch = next(iter(feeds.values())).shape[0]
-    for s in sessions:
-        s.infer(feeds)
-    times: list[list[float]] = [[] for _ in sessions]
-    for r in range(rounds):
-        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
-        for i in order:
-            start = time.perf_counter()
-            for _ in range(per_round):
-                sessions[i].infer(feeds)
-            times[i].append((time.perf_counter() - start) * 1e3 / per_round / batch)
-    return [float(np.median(t)) for t in times]
 
 
 def override_line(target: str, scope: list[str]) -> str:
@@ -93,6 +121,7 @@ def repair_target(
     debug_result: Mapping[str, Any] | None = None,
     max_builds: int = 12,
     budget_overrides: Mapping[str, float] | None = None,
+    remedies: bool = True,
 ) -> dict[str, Any]:
     """Search the layers to return to float for `target` in this project (artifacts/, params.yaml); see the module doc."""
     from kiln.accuracy.budgets import accuracy_against_reference, budget_limits, budget_violations
@@ -120,7 +149,21 @@ def repair_target(
     base_scope = list(target.calibration.get("ignored_scope") or [])
     ranked = full_ranking(target, paths.ONNX, paths.CALIBRATION / target.name, params, spec)
     first = (debug_result or {}).get("first_divergent") or {}
-    candidates = [c for c in candidate_layers(paths.ONNX, ranked, first.get("layer")) if c not in base_scope]
+    tensors = tensor_candidates(paths.ONNX, debug_result)
+    # What the search adds to float, a step at a time: each diagnosed tensor's layers, then single layers by sensitivity.
+    steps: list[list[str]] = []
+    for group in tensors:
+        layers = [layer for layer in group["layers"] if layer not in base_scope]
+        if layers and layers not in steps:
+            steps.append(layers)
+    for layer in candidate_layers(paths.ONNX, ranked, first.get("layer")):
+        if layer not in base_scope and not any(layer in step for step in steps):
+            steps.append([layer])
+
+    def first_steps(k: int) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(layer for step in steps[:k] for layer in step))
+
+    candidates = list(first_steps(len(steps)))
     work = Path(tempfile.mkdtemp(prefix=f"kiln-repair-{target.name}-"))
     judged: dict[tuple[str, ...], dict[str, Any]] = {}
     sessions: dict[tuple[str, ...], Any] = {}  # by layers in float (+ calibration options): each a calibrate + build
@@ -181,9 +224,47 @@ def repair_target(
     try:
         before = judge(())
         probes.append(before)
-        result: dict[str, Any] = {"budget": budget, "candidates": candidates, "before": before, "probes": probes}
+        result: dict[str, Any] = {
+            "budget": budget,
+            "candidates": candidates,
+            "candidate_tensors": tensors,
+            "before": before,
+            "probes": probes,
+        }
+        # Builds kept for after the search: the fp32 engine the repaired one must beat (its speed is the point), and
+        # the runtime's own accuracy control where it offers one.
+        reserve = 1 + offers_accuracy_control(target)
+
+        def judge_speed(chosen: list[str], what: str, repaired: Any = None) -> None:
+            """Time int8, the repaired engine and fp32 side by side; a repair no faster than fp32 is none."""
+            fp32 = fp32_engine(target, spec, work / "fp32", sessions, max_builds)
+            feeds = make_inputs(spec.inputs, target.main_batch, 0)
+            result["speed"] = speed = speed_cost(engine_for, chosen, feeds, built=set(sessions), fp32=fp32, repaired=repaired)
+            if fp32 is not None and speed["repaired_ms_per_image"] >= speed["fp32_ms_per_image"]:
+                result["status"] = (
+                    f"not repaired: the engine within budget ({what}) runs at {speed['repaired_ms_per_image']:.4g} ms/image, "
+                    f"no faster than fp32's {speed['fp32_ms_per_image']:.4g}: int8 buys nothing; ship the fp32 engine, or give "
+                    "the repair more builds (--max-builds) to find fewer layers"
+                )
+
+        remedy = None
+        if not before["passed"] and remedies:  # an outlier-aware remedy the runtime offers, before any layer goes to float
+            for name, options in outlier_remedies(target):
+                if len(sessions) >= max_builds - reserve - 1:
+                    break
+                row = {**judge((), options), "remedy": name}
+                probes.append(row)
+                if row["passed"]:
+                    remedy = (name, options, row)
+                    break
         if before["passed"]:
             result.update(status="within budget already", float_layers=[], after=before)
+        elif remedy is not None:
+            name, options, row = remedy
+            result.update(status=f"repaired by {name}, no layer in float", float_layers=[], after=row, remedy=name)
+            sets = [f"'++targets.{target.name}.calibration.options.{k}={json.dumps(v)}'" for k, v in options.items()]
+            result["override"] = "kiln params " + " ".join(sets)
+            judge_speed([], name, repaired=engine_for((), options))
         elif not candidates:
             result.update(status="no candidate layers (the runtime ranks none, and the first divergence is not a compute layer)")
         elif not probe(tuple(candidates)):
@@ -193,17 +274,20 @@ def repair_target(
                 "or name those nodes in calibration.ignored_scope"
             )
         else:
-            # Builds kept for after the search: the fp32 engine the repaired one must beat (its speed is the point), and
-            # the runtime's own accuracy control where it offers one.
-            reserve = 1 + offers_accuracy_control(target)
-            low, high = 0, len(candidates)  # low fails, high passes
+            low, high = 0, len(steps)  # the first `low` steps fail, the first `high` pass
+            # The first try is what the diagnosis named (its tensor's layers): when it is right, one build finds it.
+            if high > 1 and len(sessions) < max_builds - reserve:
+                if probe(first_steps(1)):
+                    high = 1
+                else:
+                    low = 1
             while high - low > 1 and len(sessions) < max_builds - reserve:
                 mid = (low + high) // 2
-                if probe(tuple(candidates[:mid])):
+                if probe(first_steps(mid)):
                     high = mid
                 else:
                     low = mid
-            chosen = list(candidates[:high])
+            chosen = list(first_steps(high))
             for layer in list(chosen):  # fewest layers: drop any the budget does not need
                 if len(chosen) == 1 or len(sessions) >= max_builds - reserve:
                     break
@@ -211,17 +295,9 @@ def repair_target(
                     chosen.remove(layer)
             after = judged.get(tuple(chosen)) or judge(tuple(chosen))
             result.update(status="repaired", float_layers=chosen, after=after, ignored_scope=[*base_scope, *chosen])
+            result["tensors_kept"] = [g["tensor"] for g in tensors if set(g["layers"]) & set(chosen)]
             result["override"] = override_line(target.name, [*base_scope, *chosen])
-            fp32 = fp32_engine(target, spec, work / "fp32", sessions, max_builds)
-            feeds = make_inputs(spec.inputs, target.main_batch, 0)
-            result["speed"] = speed_cost(engine_for, chosen, feeds, built=set(sessions), fp32=fp32)
-            if fp32 is not None and result["speed"]["repaired_ms_per_image"] >= result["speed"]["fp32_ms_per_image"]:
-                speed = result["speed"]
-                result["status"] = (
-                    f"not repaired: the engine within budget ({len(chosen)} layer(s) in float) runs at "
-                    f"{speed['repaired_ms_per_image']:.4g} ms/image, no faster than fp32's {speed['fp32_ms_per_image']:.4g}: "
-                    "int8 buys nothing; ship the fp32 engine, or give the repair more builds (--max-builds) to find fewer layers"
-                )
+            judge_speed(chosen, f"{len(chosen)} layer(s) in float")
         if not before["passed"]:  # past --max-builds its build raises BuildBudgetSpent, which it reports as not run
             result["runtime_accuracy_control"] = runtime_accuracy_control(target, budget, judge, calibrations)
         result["builds"] = len(sessions)
@@ -232,6 +308,24 @@ def repair_target(
         nncf_log.setLevel(nncf_level)
         sessions.clear()
         shutil.rmtree(work, ignore_errors=True)
+
+
+# Outlier-aware remedies, tried before any layer goes back to float where the target's runtime offers the calibration
+# option (a field of its calibration options): (what the report calls it, the options it sets).
+REMEDIES = (("SmoothQuant on convolutions (NNCF, alpha 0.5)", {"smooth_quant": 0.5}),)
+
+
+def outlier_remedies(target: Any) -> list[tuple[str, dict[str, Any]]]:
+    from dataclasses import fields
+
+    from kiln.runtimes import get_runtime
+
+    options_type = getattr(get_runtime(target.runtime), "calibration_options_type", None)
+    offered = {f.name for f in fields(options_type)} if options_type is not None else set()
+    current = dict(target.calibration.get("options") or {})
+    return [
+        (name, options) for name, options in REMEDIES if set(options) <= offered and any(current.get(k) != v for k, v in options.items())
+    ]
 
 
 def offers_accuracy_control(target: Any) -> bool:
@@ -273,55 +367,18 @@ class BuildBudgetSpent(KilnError):
     """The repair asked for a build past --max-builds."""
 
 
-def fp32_engine(target: Any, spec: Any, folder: Path, sessions: dict, max_builds: int) -> Any:
-    """The same runtime's fp32 engine of the model (one build, counted), for the speed the repaired engine must beat."""
-    from kiln.core import paths
-    from kiln.pipeline.engine import build_engine, load_engine
-    from kiln.runtimes import BuildSource
-
-    if len(sessions) >= max_builds:
-        return None
-    t = replace(target, precision="fp32", tune=False, calibration={})
-    log.info("repair: build %d of at most %d: the fp32 engine, for the speed to beat", len(sessions) + 1, max_builds)
-    build_engine(t, BuildSource(paths.ONNX, spec, None), folder)
-    sessions[("fp32",)], _ = load_engine(folder, t)
-    return sessions[("fp32",)]
-
-
-def speed_cost(
-    engine_for: Callable[[tuple[str, ...]], Any],
-    chosen: list[str],
-    feeds: Mapping[str, np.ndarray],
-    built: set[tuple[str, ...]] | None = None,
-    fp32: Any = None,
-) -> dict[str, Any]:
-    """ms/image of int8, the repaired engine and fp32 (where built), side by side in interleaved rounds, and the price
-    of each layer in float where the engine with the layers before it was built by the search (`built`; no build is
-    made for the prices: every build counts against --max-builds)."""
-    prefixes = [tuple(chosen[:i]) for i in range(len(chosen) + 1)]
-    timed = [p for p in prefixes if built is None or p in built or p in ((), tuple(chosen))]
-    sessions = [engine_for(p) for p in timed] + ([fp32] if fp32 is not None else [])
-    ms = interleaved_ms_per_image(sessions, feeds)
-    by_prefix = dict(zip(timed, ms))
-    return {
-        "batch": int(next(iter(feeds.values())).shape[0]),
-        "int8_ms_per_image": round(by_prefix[()], 4),
-        "repaired_ms_per_image": round(by_prefix[tuple(chosen)], 4),
-        "fp32_ms_per_image": round(ms[-1], 4) if fp32 is not None else None,
-        "layers": [
-            {"layer": chosen[i], "added_ms_per_image": round(by_prefix[prefixes[i + 1]] - by_prefix[prefixes[i]], 4)}
-            for i in range(len(chosen))
-            if prefixes[i] in by_prefix and prefixes[i + 1] in by_prefix
-        ],
-    }
-
-
 def repair_lines(name: str, result: Mapping[str, Any]) -> list[str]:
     def agreement(row: Mapping[str, Any]) -> str:
         return f"{row['agreement']:.4g}" if isinstance(row.get("agreement"), (int, float)) else "n/a"
 
     lines = [f"repair of {name}: {result['status']} ({result.get('builds', 0)} builds, {result.get('seconds', 0)} s)"]
     lines.append(f"  before: agreement {agreement(result['before'])}; " + ("; ".join(result["before"]["violations"]) or "within budget"))
+    first = next(iter(result.get("candidate_tensors") or []), None)
+    if first:
+        lines.append(
+            f"  first try: the diagnosed tensor '{first['tensor']}' ({first['sqnr_db']:.1f} dB SQNR) with its layers in float: "
+            + ", ".join(first["layers"])
+        )
     if result.get("after") and result.get("float_layers"):
         lines.append(f"  after:  agreement {agreement(result['after'])} with {len(result['float_layers'])} layer(s) in float")
         for layer in (result.get("speed") or {}).get("layers", []):
@@ -333,7 +390,10 @@ def repair_lines(name: str, result: Mapping[str, Any]) -> list[str]:
             f"  speed at batch {speed['batch']}: {int8:.4g} ms/image int8, {repaired:.4g} repaired ({repaired / int8:.2f}x)"
             + (f", {fp32:.4g} fp32 (repaired is {fp32 / repaired:.2f}x faster than fp32)" if fp32 else "")
         )
-    if result.get("status") == "repaired":
+    for row in result.get("probes") or []:
+        if row.get("remedy"):
+            lines.append(f"  tried {row['remedy']}: agreement {agreement(row)}, " + ("within budget" if row["passed"] else "over budget"))
+    if str(result.get("status", "")).startswith("repaired"):
         lines.append(f"  apply: {result['override']}")
     control = result.get("runtime_accuracy_control")
     if control:

@@ -77,6 +77,14 @@ class OpenVinoCalibration:
     # NNCF's transformer scheme (SmoothQuant, attention's MatMuls quantized, LayerNorm/Softmax kept float);
     # auto: on when the graph has attention (kiln.export.graphs.has_attention)
     model_type: Literal["auto", "cnn", "transformer"] = "auto"
+    # SmoothQuant on convolutions too (NNCF's alpha, 0..1; null: off): an activation channel's outliers move into the
+    # weights that read it before anything is quantized (kiln debug --repair tries it before any layer goes to float).
+    # NNCF runs SmoothQuant with its transformer scheme only, so this turns that on.
+    smooth_quant: float | None = None
+
+    def check(self, where: str) -> None:
+        if self.smooth_quant is not None and not 0.0 <= self.smooth_quant <= 1.0:
+            raise KilnError(f"{where}.smooth_quant must be an alpha between 0 and 1 (or null: off), got {self.smooth_quant!r}")
 
 
 def _config(target: Target, hint: str | None = None) -> dict[str, Any]:
@@ -268,7 +276,16 @@ class OpenVinoRuntime(RegisteredRuntime):
         samples = list(tqdm(calib.samples(), total=len(calib), desc="reading calibration images", unit="img", mininterval=2.0))
         from kiln.export.graphs import has_attention
 
-        transformer = options.model_type == "transformer" or (options.model_type == "auto" and has_attention(onnx_path))
+        transformer = (
+            options.model_type == "transformer"
+            or (options.model_type == "auto" and has_attention(onnx_path))
+            or options.smooth_quant is not None
+        )
+        if options.smooth_quant is not None:
+            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+            advanced = advanced or AdvancedQuantizationParameters()
+            advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(convolution=options.smooth_quant)
         common = {
             "model_type": nncf.ModelType.TRANSFORMER if transformer else None,
             "preset": presets[options.preset],
@@ -307,6 +324,7 @@ class OpenVinoRuntime(RegisteredRuntime):
             "method": settings.method,
             "preset": options.preset,
             "model_type": "transformer" if transformer else "default (cnn)",
+            "smooth_quant": options.smooth_quant,
             "float_tail": len(tail_ops),
             "quantizer": f"nncf {nncf.__version__}",
             "float_layers": float_layers(quantized),
