@@ -95,6 +95,37 @@ def test_openvino_repair_tries_smoothquant_first_and_it_wins_with_no_layer_in_fl
     assert result["speed"]["layers"] == [] and "tried SmoothQuant" in "\n".join(result["lines"])
 
 
+def test_onnxruntime_repair_tries_cross_layer_equalization_first_and_it_wins_with_no_layer_in_float(project, monkeypatch):
+    monkeypatch.chdir(project["root"])
+    result = repair(project, "onnxruntime-int8")
+    assert result["remedy"].startswith("cross-layer equalization") and result["float_layers"] == [], result["lines"]
+    assert result["override"] == "kiln params '++targets.onnxruntime-int8.calibration.options.equalize=true'"
+
+
+def test_equalization_keeps_the_function_and_brings_the_outlier_channel_into_line(project, tmp_path):
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from kiln.runtimes.equalize import equalize_file
+
+    source = project["root"] / "artifacts" / "model.onnx"
+    copy = tmp_path / "equalized.onnx"
+    copy.write_bytes(source.read_bytes())
+    assert equalize_file(copy) == 1  # the export folded BatchNorm into the first conv: conv -> ReLU -> conv, one pair
+
+    def first_conv_ranges(path):
+        graph = onnx.load(str(path)).graph
+        weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        conv = next(n for n in graph.node if n.op_type == "Conv")
+        return np.abs(weights[conv.input[1]]).reshape(weights[conv.input[1]].shape[0], -1).max(axis=1)
+
+    feeds = eval_feeds(project["reference"], 8)
+    run = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0] for p in (source, copy)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-4, atol=1e-4)
+    before, after = first_conv_ranges(source), first_conv_ranges(copy)
+    assert before.max() / np.median(before) > 100 > after.max() / np.median(after)
+
+
 @pytest.mark.parametrize("name", list(INT8))
 def test_repair_returns_the_second_conv_to_float_and_brings_agreement_back(project, name, monkeypatch):
     monkeypatch.chdir(project["root"])

@@ -312,7 +312,10 @@ def repair_target(
 
 # Outlier-aware remedies, tried before any layer goes back to float where the target's runtime offers the calibration
 # option (a field of its calibration options): (what the report calls it, the options it sets).
-REMEDIES = (("SmoothQuant on convolutions (NNCF, alpha 0.5)", {"smooth_quant": 0.5}),)
+REMEDIES = (
+    ("SmoothQuant on convolutions (NNCF, alpha 0.5)", {"smooth_quant": 0.5}),
+    ("cross-layer equalization (Nagel et al. 2019)", {"equalize": True}),
+)
 
 
 def outlier_remedies(target: Any) -> list[tuple[str, dict[str, Any]]]:

@@ -70,6 +70,9 @@ class OnnxRuntimeCalibration:
 
     # 7-bit weights: "auto" turns them on for CPUs without VNNI, whose u8 x s8 kernels saturate int16.
     reduce_range: bool | Literal["auto"] = "auto"
+    # Cross-layer equalization of Conv -> ReLU -> Conv pairs before quantizing (kiln.runtimes.equalize): an outlier
+    # channel's range moves into the weights that read it (kiln debug --repair tries it before any layer goes to float)
+    equalize: bool = False
 
 
 def _options(target: Target, level: ort.GraphOptimizationLevel, threads: int | None = None) -> ort.SessionOptions:
@@ -214,12 +217,20 @@ class OnnxRuntimeRuntime(RegisteredRuntime):
         reduce_range = settings.options.reduce_range
         if reduce_range == "auto":
             reduce_range = not _has_vnni(collect()["hardware"]["cpu"]["features"])
+        equalized: list[int] = []
+
+        def equalize(pre: Path) -> None:
+            from kiln.runtimes.equalize import equalize_file
+
+            equalized.append(equalize_file(pre))
+
         quantize_qdq(
             onnx_path,
             out_dir,
             calib,
             settings,
             self.name,
+            prepare=equalize if settings.options.equalize else None,
             per_channel=True,
             reduce_range=bool(reduce_range),
             activation_type=QuantType.QUInt8,
@@ -238,6 +249,7 @@ class OnnxRuntimeRuntime(RegisteredRuntime):
             "reduce_range": bool(reduce_range),
             "format": "QDQ u8s8",
             "float_layers": float_nodes,
+            "equalized_pairs": equalized[0] if equalized else None,
         }
 
     def layer_activations(
