@@ -1,5 +1,5 @@
 """Models that take one image per call, and the two-stage detectors that need it: batch sizes clamped before anything
-builds (kiln.config.batch_limit), and a torchvision Faster R-CNN and Mask R-CNN through every non-Inductor CPU target
+builds (kiln.config.batch_limit), and a torchvision Faster, Mask and Keypoint R-CNN through every non-Inductor CPU target
 at batch 1 with torchvision's own postprocessing in the graph (kiln.export.detection_rcnn)."""
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ def test_no_limit_changes_nothing_and_a_two_stage_name_implies_one():
         model_max_batch({"max_batch": 0})
 
 
-@pytest.fixture(scope="module", params=[("small_faster_rcnn", "Faster R-CNN"), ("small_mask_rcnn", "Mask R-CNN")], ids=["faster", "mask"])
+@pytest.fixture(
+    scope="module",
+    params=[("small_faster_rcnn", "Faster R-CNN"), ("small_mask_rcnn", "Mask R-CNN"), ("small_keypoint_rcnn", "Keypoint R-CNN")],
+    ids=["faster", "mask", "keypoint"],
+)
 def rcnn(request, tmp_path_factory):
     from kiln.data.demo_weights import PHOTOGRAPHS
     from kiln.data.images import make_sample_images, photograph
@@ -67,6 +71,8 @@ def rcnn(request, tmp_path_factory):
     entrypoint, kind = request.param
     params = cpu_params(
         entrypoint=f"tinymodels:{entrypoint}",
+        # the detector's own resize at the input's size: at tinymodels' 320 it ran every image 4x larger (the slow part)
+        kwargs={"min_size": 160, "max_size": 160},
         max_batch=1,
         inputs={"images": {"shape": [3, 160, 160]}},
         task="detection",
@@ -100,8 +106,10 @@ def test_an_rcnn_runs_on_every_cpu_target_at_batch_1(rcnn):
         accuracy = r["accuracy"]
         assert accuracy["detections_ref"] > 0 and accuracy["detections"] > 0, name
         assert ("mask_mean_iou" in accuracy) == (kind == "Mask R-CNN"), name  # the matched detections' masks compared
+        assert ("keypoint_mean_px" in accuracy) == (kind == "Keypoint R-CNN"), name  # and their keypoints
         if fp32(name):  # the same detections, to float rounding
             assert accuracy["detection_f1"] >= 0.99, (name, accuracy)
             assert accuracy.get("mask_mean_iou", 1.0) >= 0.99, (name, accuracy)
+            assert accuracy.get("keypoint_mean_px", 0.0) < 0.5, (name, accuracy)  # the same keypoints, to float rounding
         else:  # judged like any detector's: a figure, whatever int8 does to a random head's near-equal scores
             assert 0.0 <= accuracy["detection_f1"] <= 1.0, (name, accuracy)

@@ -81,6 +81,9 @@ class OpenVinoCalibration:
     # weights that read it before anything is quantized (kiln debug --repair tries it before any layer goes to float).
     # NNCF runs SmoothQuant with its transformer scheme only, so this turns that on.
     smooth_quant: float | None = None
+    # NNCF's overflow fix (7-bit weights, against the saturating u8 x s8 int16 sums of CPUs without VNNI): "auto" is
+    # every layer on such a CPU (as ONNX Runtime's reduce_range), NNCF's own default (the first layer only) elsewhere
+    overflow_fix: Literal["auto", "enable", "first_layer", "disable"] = "auto"
 
     def check(self, where: str) -> None:
         if self.smooth_quant is not None and not 0.0 <= self.smooth_quant <= 1.0:
@@ -281,10 +284,21 @@ class OpenVinoRuntime(RegisteredRuntime):
             or (options.model_type == "auto" and has_attention(onnx_path))
             or options.smooth_quant is not None
         )
-        if options.smooth_quant is not None:
-            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
-            advanced = advanced or AdvancedQuantizationParameters()
+        overflow = options.overflow_fix
+        if overflow == "auto":
+            from kiln.runtimes.fingerprint import collect
+
+            features = collect()["hardware"]["cpu"]["features"]
+            overflow = "first_layer" if any(f in features for f in ("avx512_vnni", "avx_vnni", "amx_int8")) else "enable"
+        advanced = advanced or AdvancedQuantizationParameters()
+        advanced.overflow_fix = {"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER, "disable": OverflowFix.DISABLE}[
+            overflow
+        ]
+        if options.smooth_quant is not None:
+            from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
+
             advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(convolution=options.smooth_quant)
         common = {
             "model_type": nncf.ModelType.TRANSFORMER if transformer else None,
@@ -325,6 +339,7 @@ class OpenVinoRuntime(RegisteredRuntime):
             "preset": options.preset,
             "model_type": "transformer" if transformer else "default (cnn)",
             "smooth_quant": options.smooth_quant,
+            "overflow_fix": overflow,
             "float_tail": len(tail_ops),
             "quantizer": f"nncf {nncf.__version__}",
             "float_layers": float_layers(quantized),
