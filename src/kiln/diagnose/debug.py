@@ -71,7 +71,11 @@ def producing_layer(onnx_path: Path, tensor: str) -> str | None:
     import onnx
 
     nodes = onnx.load(str(onnx_path), load_external_data=False).graph.node
-    producer = {out: n for n in nodes for out in n.output}
+    return layer_behind({out: n for n in nodes for out in n.output}, tensor)
+
+
+def layer_behind(producer: Mapping[str, Any], tensor: str) -> str | None:
+    """producing_layer on a graph already read: `producer` maps each tensor to the node that makes it."""
     node = producer.get(tensor)
     for _ in range(8):
         if node is None or node.op_type in COMPUTE_OPS:

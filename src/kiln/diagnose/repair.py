@@ -71,23 +71,25 @@ def tensor_candidates(onnx_path: Path, debug_result: Mapping[str, Any] | None) -
     Runtime its maker too (QDQ quantizes a quantized layer's output)."""
     import onnx
 
-    from kiln.diagnose.debug import producing_layer
+    from kiln.diagnose.debug import layer_behind
 
     rows = list((debug_result or {}).get("boundaries") or [])
     first = (debug_result or {}).get("first_divergent")
     if not rows or not first:
         return []
-    nodes = {n.name: n for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
-    weights = {i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.initializer}
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    nodes = {n.name: n for n in graph.node}
+    producer = {out: n for n in graph.node for out in n.output}
+    weights = {i.name for i in graph.initializer}
     drop = {rows[i]["boundary"]: (rows[i - 1]["sqnr_db"] - rows[i]["sqnr_db"]) if i else 0.0 for i in range(len(rows))}
     start = int(first["index"])
     later = sorted((r for r in rows[start + 1 :] if drop[r["boundary"]] > 0), key=lambda r: -drop[r["boundary"]])
     groups: list[dict[str, Any]] = []
     for row in [rows[start], *later]:
-        layer = producing_layer(onnx_path, row["boundary"])
+        layer = layer_behind(producer, row["boundary"])
         if layer is None or layer not in nodes:
             continue
-        makers = [producing_layer(onnx_path, i) for i in nodes[layer].input if i and i not in weights]
+        makers = [layer_behind(producer, i) for i in nodes[layer].input if i and i not in weights]
         layers = list(dict.fromkeys([layer, *(m for m in makers if m)]))
         if layers not in [g["layers"] for g in groups]:
             groups.append(
@@ -318,13 +320,19 @@ REMEDIES = (
 )
 
 
-def outlier_remedies(target: Any) -> list[tuple[str, dict[str, Any]]]:
+def calibration_option_names(target: Any) -> set[str]:
+    """The calibration options the target's runtime offers (the fields of its calibration options type)."""
     from dataclasses import fields
 
     from kiln.runtimes import get_runtime
 
     options_type = getattr(get_runtime(target.runtime), "calibration_options_type", None)
-    offered = {f.name for f in fields(options_type)} if options_type is not None else set()
+    return {f.name for f in fields(options_type)} if options_type is not None else set()
+
+
+def outlier_remedies(target: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The REMEDIES the target's runtime offers and its calibration does not already use."""
+    offered = calibration_option_names(target)
     current = dict(target.calibration.get("options") or {})
     return [
         (name, options) for name, options in REMEDIES if set(options) <= offered and any(current.get(k) != v for k, v in options.items())
@@ -333,12 +341,7 @@ def outlier_remedies(target: Any) -> list[tuple[str, dict[str, Any]]]:
 
 def offers_accuracy_control(target: Any) -> bool:
     """Whether the target's runtime has its own accuracy-aware quantization (a calibration option `accuracy_aware`)."""
-    from dataclasses import fields
-
-    from kiln.runtimes import get_runtime
-
-    options_type = getattr(get_runtime(target.runtime), "calibration_options_type", None)
-    return options_type is not None and "accuracy_aware" in {f.name for f in fields(options_type)}
+    return "accuracy_aware" in calibration_option_names(target)
 
 
 def runtime_accuracy_control(

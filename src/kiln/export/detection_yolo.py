@@ -103,7 +103,7 @@ class YoloDetections(DetectorWrapper):
         self.height, self.width = height, width
         self.resized = self.padded = (height, width)
         self.classes = int(ultralytics_head(model).nc)
-        # YOLO takes 0..1 RGB: data.preprocess with mean 0, std 1 (conf/model/yolov8n.yaml; export warns otherwise)
+        # YOLO takes 0..1 RGB: data.preprocess with mean 0, std 1 (docs/models.md; export warns otherwise)
         self.register_buffer("mean", torch.zeros(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.ones(1, 3, 1, 1), persistent=False)
         self.score_thresh = float(SCORE_THRESH if settings.score_thresh is None else settings.score_thresh)

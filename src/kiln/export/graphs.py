@@ -70,6 +70,7 @@ def mark_float_modules(onnx_path: str | Path, prefixes: list[str]) -> list[str]:
     """Write FLOAT_NODES_KEY into the graph at `onnx_path`: the nodes exported from the modules named by `prefixes`
     (qualified module names in the exported module), found by the dynamo exporter's name scopes or the TorchScript
     exporter's node names. Returns those node names."""
+    import ast
     import json
 
     import onnx
@@ -79,7 +80,7 @@ def mark_float_modules(onnx_path: str | Path, prefixes: list[str]) -> list[str]:
     found = []
     for node in model.graph.node:
         scopes = next((m.value for m in node.metadata_props if m.key == "pkg.torch.onnx.name_scopes"), "")
-        listed = json.loads(scopes.replace("'", '"')) if scopes.startswith("[") else []
+        listed = ast.literal_eval(scopes) if scopes.startswith("[") else []  # a Python list's repr
         if any(p in listed for p in prefixes) or any(node.name.startswith(s) for s in scripted):
             found.append(node.name)
     if found:

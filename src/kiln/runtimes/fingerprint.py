@@ -108,6 +108,12 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+def has_vnni(features: list[str]) -> bool:
+    """Whether the CPU has int8 dot-product instructions: without them x86 int8 kernels sum u8 x s8 pairs into
+    saturating int16 (vpmaddubsw), which the int8 runtimes avoid with 7-bit weights."""
+    return any(f in features for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def collect() -> dict[str, Any]:
     """The fingerprint: `hardware` decides whether an engine can run here, `software` which libraries built it."""
     return {

@@ -188,10 +188,6 @@ def graph_info(given: Path, optimized: Path) -> dict[str, Any]:
     }
 
 
-def _has_vnni(machine_features: list[str]) -> bool:
-    return any(f in machine_features for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
 class OnnxRuntimeRuntime(RegisteredRuntime):
     name = "onnxruntime"
     options_type = OnnxRuntimeOptions
@@ -209,14 +205,14 @@ class OnnxRuntimeRuntime(RegisteredRuntime):
         import onnx
         from onnxruntime.quantization import QuantType
 
-        from kiln.runtimes.fingerprint import collect
+        from kiln.runtimes.fingerprint import collect, has_vnni
 
         check_ignored_scope(onnx_path, settings, target.name)
         # Without VNNI, x86 int8 kernels multiply u8 x s8 pairs into saturating int16 (vpmaddubsw);
         # 7-bit weights avoid the overflow that otherwise wrecks accuracy.
         reduce_range = settings.options.reduce_range
         if reduce_range == "auto":
-            reduce_range = not _has_vnni(collect()["hardware"]["cpu"]["features"])
+            reduce_range = not has_vnni(collect()["hardware"]["cpu"]["features"])
         equalized: list[int] = []
 
         def equalize(pre: Path) -> None:

@@ -288,10 +288,9 @@ class OpenVinoRuntime(RegisteredRuntime):
 
         overflow = options.overflow_fix
         if overflow == "auto":
-            from kiln.runtimes.fingerprint import collect
+            from kiln.runtimes.fingerprint import collect, has_vnni
 
-            features = collect()["hardware"]["cpu"]["features"]
-            overflow = "first_layer" if any(f in features for f in ("avx512_vnni", "avx_vnni", "amx_int8")) else "enable"
+            overflow = "first_layer" if has_vnni(collect()["hardware"]["cpu"]["features"]) else "enable"
         advanced = advanced or AdvancedQuantizationParameters()
         advanced.overflow_fix = {"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER, "disable": OverflowFix.DISABLE}[
             overflow
