@@ -243,6 +243,9 @@ def tiny_yolo(nc: int = 4) -> nn.Module:
 
     cfg = yaml.safe_load((_Path(ultralytics.__file__).parent / "cfg/models/v8/yolov8.yaml").read_text())
     cfg.update(scales={"t": [0.33, 0.125, 256]}, scale="t", nc=nc)
+    from kiln.export.detection_yolo import restore_pil_open
+
+    restore_pil_open()
     return DetectionModel(cfg, nc=nc, verbose=False)
 
 

@@ -158,3 +158,20 @@ def test_a_pt_name_is_a_file_the_cache_digests_and_a_missing_one_fails_configure
     assert "name" not in model_files({"name": "yolov8n.yaml"}, tmp_path)  # Ultralytics' own config, not a file of the user's
     with pytest.raises(KilnError, match="model.name: checkpoint 'missing.pt' not found"):
         check_paths({"model": {"name": "missing.pt"}})
+
+
+def test_an_unreadable_image_still_gets_kilns_error_after_ultralytics_is_imported(tmp_path):
+    # Importing ultralytics patches PIL.Image.open process-wide: an unreadable file then raised ModuleNotFoundError
+    # (its pi-heif fallback) instead of PIL's own error, which kiln turns into one line naming the file.
+    import ultralytics.utils.patches  # noqa: F401 - applies the patch, as any import of ultralytics does
+
+    from kiln.config.views import ModelSpec
+    from kiln.core.errors import KilnError
+    from kiln.data.images import Preprocess
+    from kiln.export.models import build_model
+
+    build_model(ModelSpec.from_params({"name": "yolov8n.yaml", "kwargs": {"nc": 2}, "inputs": {"images": {"shape": [3, 64, 64]}}}))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(KilnError, match="cannot read image .*broken.jpg"):
+        Preprocess(resize=64, crop=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)).decode(broken)

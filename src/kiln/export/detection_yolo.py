@@ -36,6 +36,20 @@ SCORE_THRESH, NMS_THRESH, MAX_DETECTIONS = 0.25, 0.7, 300
 FLOAT_MODULES = ("dfl",)
 
 
+def restore_pil_open() -> None:
+    """Undo Ultralytics' process-wide patch of ``PIL.Image.open`` (ultralytics/utils/patches.py, applied on import):
+    on an image PIL cannot read it tries to install pi-heif and raises ModuleNotFoundError instead of PIL's own
+    UnidentifiedImageError, which kiln's data readers turn into a clear error naming the file."""
+    import sys
+
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    if original is not None:
+        from PIL import Image
+
+        Image.open = original
+
+
 def build_ultralytics(path: str, kwargs: dict[str, Any]) -> nn.Module:
     """An Ultralytics model from a model YAML (``yolov8n.yaml``, ``yolo11s.yaml``: Ultralytics' own configs by name, random
     weights; ``nc`` in model.kwargs sets the class count) or a trained ``.pt`` checkpoint file."""
@@ -46,6 +60,7 @@ def build_ultralytics(path: str, kwargs: dict[str, Any]) -> nn.Module:
             f"model.name '{path}' is an Ultralytics model, and the ultralytics package is not installed: "
             "pip install -e '.[yolo]' (or pip install ultralytics)"
         ) from None
+    restore_pil_open()
     if path.endswith(".pt"):
         if not Path(path).is_file():  # Ultralytics would try to download it: kiln runs offline
             raise KilnError(f"model.name '{path}': no such checkpoint file (kiln downloads nothing; give the path of your .pt)")
@@ -93,6 +108,7 @@ class YoloDetections(DetectorWrapper):
 
     def __init__(self, model: nn.Module, height: int, width: int, settings: DetectionSettings):
         super().__init__()
+        restore_pil_open()  # an entrypoint's own ultralytics import patched it
         stride = int(max(float(s) for s in model.stride))
         if height % stride or width % stride:
             raise KilnError(

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -73,16 +75,23 @@ def quantize_qdq(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    pre = out_dir / PREPROCESSED
-    try:
-        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
-    except Exception as e:  # noqa: BLE001 - ORT's symbolic shape inference fails on some graphs (detectors' NMS)
-        # ONNX's own shape inference is enough for quantize_static; the symbolic pass only adds shapes
-        # that some fusions want.
-        log.warning(
-            "ONNX Runtime's symbolic shape inference failed on %s (%s: %s); pre-processing without it", onnx_path.name, type(e).__name__, e
-        )
-        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+    pre = (out_dir / PREPROCESSED).resolve()
+    source = str(Path(onnx_path).resolve())
+    # A failed symbolic pass dumps sym_shape_infer_temp.onnx and a <uuid>.data into the working directory (the
+    # user's repo root in a DVC stage): run it from a scratch folder that goes with it.
+    with tempfile.TemporaryDirectory(prefix="kiln-shape-") as scratch, contextlib.chdir(scratch):
+        try:
+            quant_pre_process(source, str(pre), skip_symbolic_shape=False)
+        except Exception as e:  # noqa: BLE001 - ORT's symbolic shape inference fails on some graphs (detectors' NMS)
+            # ONNX's own shape inference is enough for quantize_static; the symbolic pass only adds shapes
+            # that some fusions want.
+            log.warning(
+                "ONNX Runtime's symbolic shape inference failed on %s (%s: %s); pre-processing without it",
+                onnx_path.name,
+                type(e).__name__,
+                e,
+            )
+            quant_pre_process(source, str(pre), skip_symbolic_shape=True)
     if prepare is not None:
         prepare(pre)
     from kiln.export.graphs import declared_float_nodes, tail_nodes
