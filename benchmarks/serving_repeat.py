@@ -89,7 +89,11 @@ def main() -> None:
             flush=True,
         )
         for i, (record, _) in enumerate(runs, 1):
-            vs, configs = record.get("vs_offline") or {}, record.get("configs")
+            vs, configs, model = record.get("vs_offline") or {}, record.get("configs"), record["model"]
+            print(
+                f"    run {i}: queue model {model['max_rate']:.4g} requests/s (the engine's medians alone), measured "
+                f"{model['vs_measured']:.2f}x of it; tried {[(round(r, 2), ok) for r, _, ok in record['search']['tried']]}"
+            )
             if vs:
                 f = vs["factors"]
                 print(

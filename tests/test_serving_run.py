@@ -80,7 +80,9 @@ def test_open_loop_on_a_real_engine_finds_a_rate_and_a_profile(tmp_path, tiny_on
     assert rec["batcher"]["max_batch"] == 8 and rec["batcher"]["max_queue_delay_ms"] > 2.0, rec
     assert "recommended_note" not in record
     assert record["recommended_max_rate_at_slo"] > 0 and record["recommended_p99_ms_at_max"] <= 200.0
-    assert 2 <= len(record["search"]["tried"]) <= 5  # lo, hi (raised twice at most while it passes) and one bisection
+    # lo, the queue model's 0.8x (then hi, raised twice at most while it passes, where 0.8x held) and one bisection
+    assert 2 <= len(record["search"]["tried"]) <= 6
+    assert record["model"]["max_rate"] > 0 and record["model"]["vs_measured"] > 0
 
     import threading
 
@@ -135,6 +137,7 @@ def test_report_shows_the_rate_the_profile_and_the_diagnosis():
         "sizes": {"1": 0.7, "8": 0.3},
         "batcher": {"max_batch": 8, "max_queue_delay_ms": 5.0, "workers": 1},
         "max_rate_at_slo": 20.0,
+        "model": {"max_rate": 22.0, "p99_ms": 99.0, "utilisation": 0.5, "vs_measured": 20.0 / 22.0},
         "p99_ms_at_max": 90.0,
         "search": {
             "tried": [[2.0, 10.0, True], [40.0, 500.0, False], [20.0, 90.0, True], [30.0, 300.0, False], [25.0, 150.0, False]],
@@ -154,9 +157,10 @@ def test_report_shows_the_rate_the_profile_and_the_diagnosis():
         "preprocessing": {"ms_per_image": 5.0},
     }
     md = render({"ort": res}, None, "ort")
-    # The open-loop row: max rate, its p99, p99 at 50% and 90%, queue share, recommended profile and batcher, the
-    # recommended batcher's rate and the cost (values, whatever the wording around them).
-    assert_row(md, "ort", 20.0, 90.0, 40.0, 80.0, 0.25, "1/8/8", 25.0, 11.1)
+    # The open-loop row: max rate, the queue model's rate and the measured share of it, its p99, p99 at 50% and 90%,
+    # queue share, recommended profile and batcher, the recommended batcher's rate and the cost (values, whatever the
+    # wording around them).
+    assert_row(md, "ort", 20.0, "22.0 (0.91x)", 90.0, 40.0, 80.0, 0.25, "1/8/8", 25.0, 11.1)
     # The recommended batcher held 25 requests/s, a rate the current one failed at: measured better, so applied.
     assert "measured better: 25.0 requests/s within the objective with the recommended batcher against 20.0" in md
     assert "Apply: `kiln params targets.ort.profile.max=8 serving.max_batch=8 serving.max_queue_delay_ms=30`" in md

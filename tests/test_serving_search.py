@@ -113,3 +113,7 @@ def test_the_search_lands_within_10pct_of_the_true_max_rate(seed):
     band = 0.25 if load.busy else 0.1
     found = record["max_rate_at_slo"]
     assert (1 - band) * truth <= found <= (1 + band) * truth, (found, truth, load.describe(), search)
+    # The queue model on the 2 ms median is M/D/1 too: its rate is the truth's but for the sleeps' overshoot
+    model = record["model"]
+    assert 0.9 * truth <= model["max_rate"] <= 1.25 * truth, (model, truth)
+    assert model["vs_measured"] == pytest.approx(found / model["max_rate"])

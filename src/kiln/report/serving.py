@@ -28,15 +28,19 @@ def open_loop_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         "Requests arrive as a seeded Poisson process (the same sequence for every target, scaled to each rate), sizes drawn "
         f"from {first['sizes']}, and wait for a dynamic batcher. Max rate: the highest offered rate whose p99 end-to-end "
         "latency (queueing included) stays within the objective without the queue growing (a binary search). Queue share: "
-        "how much of the slowest requests' latency at 90% of that rate is waiting rather than computing. Recommended: the profile "
+        "how much of the slowest requests' latency at 90% of that rate is waiting rather than computing. Queue model: the max "
+        "rate of the same batcher simulated on the engine's closed-loop median per batch size (`kiln.serving.queue_model`: "
+        "nothing but the engine's own time), and the measured rate as a share of it: what threads, Python and the engine's "
+        "variance beyond its median cost. Recommended: the profile "
         "and batcher for the traffic (`kiln.serving.recommend`: max, the largest batch whose inference fits in half the "
         "objective; opt, where ms/image flattens; the delay, half the objective left after the largest batch), its batcher "
         "searched again on the same engine; a command to apply it is given only where it held a rate the current one failed."
         + _decided_line(first),
         "",
-        "| target | batcher (max batch, delay ms) | max requests/s at SLO | p99 ms at max | p99 ms at 50% | p99 ms at 90% "
-        "| queue share at 90% | recommended profile (min/opt/max) | batcher | max requests/s, recommended batcher | cost per 1M requests |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|",
+        "| target | batcher (max batch, delay ms) | max requests/s at SLO | queue model (measured/model) | p99 ms at max "
+        "| p99 ms at 50% | p99 ms at 90% | queue share at 90% | recommended profile (min/opt/max) | batcher "
+        "| max requests/s, recommended batcher | cost per 1M requests |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     notes = []
     applied = False
@@ -48,7 +52,8 @@ def open_loop_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
         cell = target_cell(name, built[name]["run"])
         lines.append(
             f"| {cell} | {b['max_batch']}, {fmt(b['max_queue_delay_ms'], 'g')} | {fmt(o['max_rate_at_slo'], '.1f')} "
-            f"| {fmt(o.get('p99_ms_at_max'), '.1f')} | {fmt(_p99(o.get('at_50pct')), '.1f')} | {fmt(_p99(at90), '.1f')} "
+            f"| {_model_cell(o.get('model'))} | {fmt(o.get('p99_ms_at_max'), '.1f')} "
+            f"| {fmt(_p99(o.get('at_50pct')), '.1f')} | {fmt(_p99(at90), '.1f')} "
             f"| {fmt(at90.get('p99_queue_share'), '.2f')} | {p.get('min')}/{p.get('opt')}/{p.get('max')} "
             f"| {rb.get('max_batch')}, {fmt(rb.get('max_queue_delay_ms'), '.3g')} | {fmt(o.get('recommended_max_rate_at_slo'), '.1f')} "
             f"| {fmt(o.get('cost_per_million'), '.3g')} |"
@@ -84,6 +89,12 @@ def open_loop_section(built: Mapping[str, Mapping[str, Any]]) -> list[str]:
             "you ship (the verdict above).",
         ]
     return lines + offline_lines(runs, built) + configs_lines(runs, built)
+
+
+def _model_cell(model: Mapping[str, Any] | None) -> str:
+    if not model:  # a record from before the queue model
+        return "n/a"
+    return f"{fmt(model['max_rate'], '.1f')} ({fmt(model['vs_measured'], '.2f')}x)"
 
 
 def _ratio_row(cell: str, v: Mapping[str, Any]) -> str:

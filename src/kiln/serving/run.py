@@ -22,6 +22,7 @@ from kiln.serving.configs import Axes, ServingConfig, hill_climb
 from kiln.serving.early_stop import decide_latencies
 from kiln.serving.load import LoadResult, feeds_cache, run_load, warm_up
 from kiln.serving.offline import served_vs_offline
+from kiln.serving.queue_model import model_max_rate
 from kiln.serving.recommend import recommend_profile
 from kiln.serving.slo import cost_per_million, max_rate_at_slo, probe_decision, sweep
 from kiln.serving.steady import SteadyCheck
@@ -118,7 +119,7 @@ def _requests(rate: float, seconds: float) -> int:
 def expected_probes(settings: ServingSettings) -> int:
     """Probes a search usually takes: lo, hi, the bisections, one confirmation, and the 50% and 90% points; the
     recommended batcher's search as many again where it is measured."""
-    one = 2 + settings.search_iterations + 1
+    one = 3 + settings.search_iterations + 1  # lo, the model's bracket (0.8x), hi, the bisections, the confirmation
     return one + 2 + (one if settings.measure_recommended else 0)
 
 
@@ -192,6 +193,14 @@ def serve_under_load(
         best = max(st["images_per_s"] for b, st in ((int(k[1:]), st) for k, st in latency.items()) if b <= batcher.max_batch)
         hi = 1.2 * best * batcher.workers / mean_size(sizes)
         lo = hi / 20
+        # The rate the engine's own medians allow (kiln.serving.queue_model): the bracket starts around it, 0.8x to
+        # 1.25x; an answer outside it costs the probes it did before (a failed 0.8x bisects below it, a passing
+        # 1.25x is raised).
+        model = model_max_rate(sizes, by_batch, batcher, s.slo_ms, seed=s.seed)
+        guess = model["max_rate"]
+        start = 0.8 * guess if lo < 0.8 * guess < hi else None
+        if start is not None:
+            hi = min(hi, max(1.25 * guess, 1.1 * start))
         last: dict[float, dict[str, Any]] = {}  # each rate's latest probe summary: the answer's, for its mean batch
 
         def decided(e2e: Any) -> bool:  # early stopping: the requests so far decide the p99 either way
@@ -228,8 +237,10 @@ def serve_under_load(
             confirm=run_with(s.seed + 1),
             confidence=s.confidence,
             min_requests=s.min_requests,
+            start=start,
         )
         result["at_max"] = _at_max(last.get(result["max_rate"]))
+        result["model"] = {**model, "vs_measured": result["max_rate"] / guess if guess > 0 else math.nan}
         return result, run_at
 
     found, run_at = search(current)
@@ -241,6 +252,8 @@ def serve_under_load(
         "max_rate_at_slo": rate,
         "p99_ms_at_max": found["p99_ms_at_max"],
         "at_max": found["at_max"],
+        # the batcher on the engine's closed-loop medians alone (kiln.serving.queue_model): what serving costs beyond them
+        "model": found["model"],
         "search": {
             "tried": [[r, lat, ok] for r, lat, ok in found["tried"]],
             "confirmed": [[r, lat, ok] for r, lat, ok in found["confirmed"]],
@@ -286,9 +299,12 @@ def serve_under_load(
     record["seconds"] = round(time.perf_counter() - start, 1)
     again_rate = record.get("recommended_max_rate_at_slo")
     log.info(
-        "open loop, p99 within %g ms: %.1f requests/s (batcher max %d, %g ms); recommended batcher: %s requests/s (%.0f s)",
+        "open loop, p99 within %g ms: %.1f requests/s, %.2fx the queue model's %.1f (batcher max %d, %g ms); recommended batcher: "
+        "%s requests/s (%.0f s)",
         settings.slo_ms,
         rate,
+        record["model"]["vs_measured"],
+        record["model"]["max_rate"],
         current.max_batch,
         current.max_queue_delay_ms,
         "n/a" if again_rate is None else f"{again_rate:.1f}",

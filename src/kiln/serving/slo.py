@@ -48,6 +48,7 @@ def max_rate_at_slo(
     confirm: RunAt | None = None,
     confidence: float | None = None,
     min_requests: int = 0,
+    start: float | None = None,
 ) -> dict[str, Any]:
     """The highest offered rate whose `percentile` end-to-end latency is within `slo_ms` and that is not saturated.
 
@@ -66,6 +67,10 @@ def max_rate_at_slo(
       three steps below it are tried with `confirm`, so the answer errs low, not high. A step is the search's last
       bracket (high - low) as a share of the rate found, within 5% and 15%: finer would be noise, coarser throws away
       what the search found.
+
+    - start: a rate near the expected answer (kiln.serving.queue_model), probed right after lo: where it holds the
+      bisection starts from it, where it fails hi is not needed (start is the failing bound), so the bisections
+      narrow a bracket of the answer's own size instead of one from lo to hi.
 
     - confidence: with it, a probe's requests (at least `min_requests`, its warm-up left out) decide the percentile
       within or over the objective at that confidence (kiln.serving.early_stop: LoadGen's early-stopping rule). A
@@ -148,7 +153,15 @@ def max_rate_at_slo(
             )
         return answer(0.0, math.nan, f"{missed}: a faster engine, a smaller batch or less batching delay, or a looser objective")
     best, best_latency = lo, latency
-    ok, latency, _ = probe(hi)
+    if start is not None and lo < start < hi:
+        ok, latency, _ = probe(start)
+        if ok:
+            lo, best, best_latency = start, start, latency
+            ok, latency, _ = probe(hi)
+        else:
+            hi = start  # failed: the bracket is [lo, start]
+    else:
+        ok, latency, _ = probe(hi)
     for _ in range(2):  # hi passed (its bound came from a noisy figure): raise it, twice at most
         if not ok:
             break
