@@ -10,6 +10,9 @@ import pytest
 from kiln.core.errors import KilnError
 from kiln.measure.benchmark import NOISE_WINDOW, BenchmarkSettings, latency_stats, robust_cv, time_infer
 
+# Its figures are timed: run alone, before the two-worker phase (test.sh)
+pytestmark = pytest.mark.timing
+
 FEEDS = {"x": np.zeros((1, 4), np.float32)}
 
 

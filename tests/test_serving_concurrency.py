@@ -21,6 +21,9 @@ from kiln.runtimes import BuildSource, InstancePool, concurrency_limit
 from kiln.serving import BatcherSettings, poisson_arrivals, run_load, warm_up
 from kiln.serving.load import feeds_cache
 
+# Its figures are timed: run alone, before the two-worker phase (test.sh)
+pytestmark = pytest.mark.timing
+
 SIZES = {1: 0.5, 2: 0.3, 3: 0.2}
 
 

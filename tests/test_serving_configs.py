@@ -15,6 +15,9 @@ from kiln.serving.configs import Axes, ServingConfig, best_config, hill_climb, p
 from kiln.serving.offline import served_vs_offline
 from kiln.serving.run import ServingSettings, serve_under_load
 
+# Its figures are timed: run alone, before the two-worker phase (test.sh)
+pytestmark = pytest.mark.timing
+
 DELAY_GAIN = {1.0: 0.9, 5.0: 1.0, 20.0: 0.95}
 
 

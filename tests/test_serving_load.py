@@ -29,6 +29,9 @@ from kiln.serving import (
     sweep,
 )
 
+# Its figures are timed: run alone, before the two-worker phase (test.sh)
+pytestmark = pytest.mark.timing
+
 SIZES = {1: 0.7, 4: 0.2, 8: 0.1}
 
 

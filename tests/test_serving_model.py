@@ -1,15 +1,22 @@
-"""The queue model (kiln.serving.queue_model) against queueing theory, and the search's bracket around its rate."""
+"""What the closed-loop figures say before a probe: the queue model (kiln.serving.queue_model) against queueing
+theory, the search's bracket around its rate, and traffic no rate can serve; and the confirmation's way down."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from fakes import FakeSession
 from test_serving_search import Measured
 
+from kiln.config.views import InputSpec, Target
 from kiln.serving.arrivals import poisson_arrivals
 from kiln.serving.batcher import BatcherSettings
 from kiln.serving.queue_model import model_max_rate, simulate
-from kiln.serving.slo import max_rate_at_slo
+from kiln.serving.run import ServingSettings, serve_under_load
+from kiln.serving.slo import max_rate_at_slo, out_of_reach
+
+# Its figures are timed: run alone, before the two-worker phase (test.sh)
+pytestmark = pytest.mark.timing
 
 
 def test_one_worker_without_batching_is_lindleys_recursion():
@@ -57,3 +64,39 @@ def test_the_bracket_around_a_guess_finds_the_rate_finer_and_survives_a_wrong_gu
     assert 36.0 <= high["max_rate"] <= 40.0
     low = max_rate_at_slo(run_at, 250.0, lo=5.0, hi=12.0, iterations=3, start=10.0)  # far too low: hi raised
     assert low["max_rate"] >= 18.0
+
+
+def test_traffic_whose_large_requests_alone_break_the_objective_has_no_rate():
+    sizes = {1: 0.7, 4: 0.2, 8: 0.1}
+    found = out_of_reach(sizes, {1: 42.0, 4: 180.0, 8: 352.0}, 250.0)  # torch-eager's ResNet-18 on 2 cores
+    assert found["max_rate"] == 0.0 and found["settled"] and found["tried"] == []
+    assert "8 images (10% of requests) take 352 ms" in found["reason"] and "1%" in found["reason"]
+    assert out_of_reach({1: 0.995, 8: 0.005}, {1: 42.0, 8: 352.0}, 250.0) is None  # 0.5% over: the p99 may leave them
+    assert out_of_reach(sizes, {1: 42.0, 4: 180.0, 8: 240.0}, 250.0) is None
+
+    # Through the benchmark's open-loop step: known from the closed-loop figures, so no probe is sent (a short probe
+    # at a low rate passes by drawing none of the slow requests: the quick study reported 2.0 requests/s here).
+    session = FakeSession(base_ms=1.0)
+    target = Target.from_params(
+        "fake", {"targets": {"fake": {"runtime": "onnxruntime", "profile": {"min": 1, "opt": 8, "max": 8}, "serve": sizes}}}
+    )
+    latency = {"b1": {"p50_ms": 42.0, "images_per_s": 23.8}, "b8": {"p50_ms": 352.0, "images_per_s": 22.7}}
+    record = serve_under_load(session, (InputSpec("input", (3,)),), target, latency, ServingSettings(slo_ms=250.0))
+    assert record["max_rate_at_slo"] == 0.0 and record["search"]["tried"] == [] and record["search"]["settled"]
+    assert "at_50pct" not in record and record["model"]["max_rate"] == 0.0
+
+
+def test_a_search_raised_by_luck_confirms_where_it_held_below_the_steps():
+    # Probes pass up to 60 requests/s by luck of their arrivals; with other arrivals only 22 holds. The steps below the
+    # rate found (at most 15% each) stop at about 33: the rate that held in the search below them, 20, is tried next.
+    found = max_rate_at_slo(
+        lambda r: Measured(10.0 if r <= 60.0 else 500.0),
+        250.0,
+        lo=5.0,
+        hi=100.0,
+        iterations=3,
+        start=20.0,
+        confirm=lambda r: Measured(10.0 if r <= 22.0 else 500.0),
+    )
+    assert found["max_rate"] == 20.0 and found["settled"], found
+    assert [ok for _, _, ok in found["confirmed"]] == [False] * 4 + [True]

@@ -20,6 +20,9 @@ from kiln.runtimes import BuildSource
 from kiln.serving.contention import contention_slowdown
 from kiln.serving.run import ServingSettings, preprocessing_cost, serve_under_load
 
+# Its figures are timed: run alone, before the two-worker phase (test.sh)
+pytestmark = pytest.mark.timing
+
 QUICK = ServingSettings(
     slo_ms=200.0,
     seconds_per_rate=0.3,

@@ -15,6 +15,9 @@ from kiln.serving.early_stop import binom_cdf, decide, decide_latencies, request
 from kiln.serving.run import ServingSettings, serve_under_load
 from kiln.serving.slo import max_rate_at_slo
 
+# Its figures are timed: run alone, before the two-worker phase (test.sh)
+pytestmark = pytest.mark.timing
+
 
 def test_the_rule_decides_p99_from_the_count_over_the_objective():
     # No request over: within once 0.99**n <= 1%, i.e. n >= log(0.01) / log(0.99) = 458.2.

@@ -17,6 +17,9 @@ from kiln.pipeline.engine import build_engine, load_engine
 from kiln.runtimes import BuildSource, Knob, ThroughputSession, get_runtime
 from kiln.runtimes.onnxruntime import OnnxRuntimeOptions, OnnxRuntimeRuntime
 
+# Its figures are timed: run alone, before the two-worker phase (test.sh)
+pytestmark = pytest.mark.timing
+
 QUICK = TuningSettings(budget_s=20.0, rounds=3, round_s=0.03, warmup_iters=1)
 
 

@@ -23,8 +23,8 @@ from kiln.serving.early_stop import decide_latencies
 from kiln.serving.load import LoadResult, feeds_cache, run_load, warm_up
 from kiln.serving.offline import served_vs_offline
 from kiln.serving.queue_model import model_max_rate
-from kiln.serving.recommend import recommend_profile
-from kiln.serving.slo import cost_per_million, max_rate_at_slo, probe_decision, sweep
+from kiln.serving.recommend import latency_at, recommend_profile
+from kiln.serving.slo import cost_per_million, max_rate_at_slo, out_of_reach, probe_decision, sweep
 from kiln.serving.steady import SteadyCheck
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,11 @@ def serve_under_load(
             return run_at
 
         run_at = run_with(s.seed)
+        unreachable = out_of_reach(sizes, {b: latency_at(by_batch, b) for b in sizes}, s.slo_ms)
+        if unreachable is not None:  # known from the closed-loop figures: no probe could earn a rate
+            log.warning("%s: %s", target.name, unreachable["reason"])
+            unreachable.update(at_max=None, model={**model, "vs_measured": math.nan})
+            return unreachable, run_at
         result = max_rate_at_slo(
             run_at,
             s.slo_ms,

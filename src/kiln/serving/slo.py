@@ -198,9 +198,13 @@ def max_rate_at_slo(
         )
     if confirm is None:
         return answer(best, best_latency, reason)
-    # Step down from the rate found until one holds with other arrivals too (four tries), by the search's own resolution.
+    # Step down from the rate found until one holds with other arrivals too (four tries), by the search's own resolution,
+    # then the two highest rates below those that held in the search (a search raised by short probes' luck lands far
+    # above the answer, and the steps do not reach back to where it was).
     step = min(0.15, max(0.05, (high - low) / best))
-    for rate in (best, (1 - step) * best, (1 - 2 * step) * best, (1 - 3 * step) * best):
+    steps = [best, (1 - step) * best, (1 - 2 * step) * best, (1 - 3 * step) * best]
+    held_below = sorted({r for r, _, ok in tried if ok and floor < r < steps[-1]}, reverse=True)[:2]
+    for rate in steps + held_below:
         if rate <= floor:
             break
         ok, latency, _ = measure(confirm, rate)
@@ -212,11 +216,38 @@ def max_rate_at_slo(
     return answer(
         floor,
         dict((r, lat) for r, lat, _ in tried)[floor],
-        f"{reason}; with other arrivals {failed} requests/s failed (the rate found and steps of {step:.0%} below it, down to the "
-        f"lowest probe), so only the lowest probe ({floor:.4g} requests/s) is claimed: latency at these rates is erratic "
-        "(a noisy machine?)",
+        f"{reason}; with other arrivals {failed} requests/s failed (the rate found, steps of {step:.0%} below it and the rates "
+        f"below those that held in the search), so only the lowest probe ({floor:.4g} requests/s) is claimed: latency at "
+        "these rates is erratic (a noisy machine?)",
         "erratic",
     )
+
+
+def out_of_reach(sizes: dict[int, float], alone_ms: dict[int, float], slo_ms: float, percentile: float = 99) -> dict[str, Any] | None:
+    """The answer without a probe where the requests whose own inference (`alone_ms`, the median of their size) takes
+    longer than the objective are more than the share the percentile may leave over it: no rate meets it, however low
+    (a short probe at a low rate can still pass, by not drawing one of them)."""
+    slow = {b: ms for b, ms in alone_ms.items() if sizes.get(b, 0) > 0 and ms > slo_ms}
+    share = sum(sizes[b] for b in slow)
+    if share <= 1 - percentile / 100:
+        return None
+    listed = ", ".join(f"{b} images ({sizes[b]:.0%} of requests) take {ms:.4g} ms" for b, ms in sorted(slow.items()))
+    return {
+        "max_rate": 0.0,
+        "p99_ms_at_max": math.nan,
+        "percentile": percentile,
+        "tried": [],
+        "confirmed": [],
+        "undecided": [],
+        "confidence": None,
+        "reason": (
+            f"no rate meets a p{percentile:g} of {slo_ms:g} ms: requests of {listed} in a single inference (median, closed "
+            f"loop), {share:.0%} of all requests against the {100 - percentile:g}% a p{percentile:g} may leave over the "
+            "objective; a faster engine, a looser objective, or smaller requests"
+        ),
+        "settled": True,
+        "unsettled": None,
+    }
 
 
 def probe_decision(result: LoadResult, slo_ms: float, percentile: float, confidence: float, min_requests: int = 0) -> Decision:
