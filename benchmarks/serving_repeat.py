@@ -4,8 +4,8 @@ Run after `dvc repro` (it reads the engines in artifacts/engines/ and params.yam
 
     python benchmarks/serving_repeat.py [--targets onnxruntime-int8 ...] [--study quick|deep]
 
-For each target: the closed-loop latency and throughput the benchmark stage measures, then `serve_under_load`
-twice with the same settings (the serving block of params.yaml, or conf/serving/<study>.yaml), each inside a
+For each target, twice: the closed-loop latency and throughput the benchmark stage measures, then `serve_under_load`
+with the same settings (the serving block of params.yaml, or conf/serving/<study>.yaml), each inside a
 LoadWatch (other processes' CPU use) and with its own steadiness check. The table gives both max rates, their
 ratio (the issue's goal: within 10%), whether each search settled, the engine's closed-loop change over each
 search, and whether other work ran beside it. A pair that disagrees on a quiet, steady machine is the search's
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--study", choices=("quick", "deep"), help="the serving settings of this study instead of params.yaml's")
     ap.add_argument("--no-configs", action="store_true", help="leave the configuration search out even where the settings ask for it")
     ap.add_argument("--configs", type=float, metavar="SECONDS", help="search serving configurations too, for this many seconds")
+    ap.add_argument("--no-recommended", action="store_true", help="do not search again with the recommended batcher")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     params = load_params()
@@ -55,6 +56,8 @@ def main() -> None:
     settings = serving_settings(params, {"quick": "default", "deep": "deep", None: None}[args.study])
     if args.no_configs:
         settings = replace(settings, search_configs=False)
+    if args.no_recommended:
+        settings = replace(settings, measure_recommended=False)
     if args.configs:
         settings = replace(settings, search_configs=True, config_budget_s=args.configs)
     bench = BenchmarkSettings.from_params(params.get("benchmark"))
@@ -71,11 +74,11 @@ def main() -> None:
         if not target.serve or read_manifest(paths.ENGINES / name).get("skipped"):
             continue
         session, _ = load_engine(paths.ENGINES / name, target)
-        latency, _, _ = benchmark_latency(session, spec.inputs, target.profile, bench, progress=False)
-        throughput = benchmark_throughput(session, spec.inputs, target.main_batch, bench)
         runs = []
-        for _ in range(2):
+        for _ in range(2):  # each run as the benchmark stage does it: its own closed-loop figures, then the search
             with LoadWatch() as load:
+                latency, _, _ = benchmark_latency(session, spec.inputs, target.profile, bench, progress=False)
+                throughput = benchmark_throughput(session, spec.inputs, target.main_batch, bench)
                 record = serve_under_load(session, spec.inputs, target, latency, settings, throughput)
             runs.append((record, load))
         (a, la), (b, lb) = runs

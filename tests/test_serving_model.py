@@ -100,3 +100,22 @@ def test_a_search_raised_by_luck_confirms_where_it_held_below_the_steps():
     )
     assert found["max_rate"] == 20.0 and found["settled"], found
     assert [ok for _, _, ok in found["confirmed"]] == [False] * 4 + [True]
+
+
+def test_an_undecided_probe_passes_only_where_the_model_agrees():
+    # Every probe holds 50 requests, too few to decide at 90% (min_requests 100): the point p99 passes up to 60
+    # requests/s (a short probe from an empty queue misses its tail), the model's up to 25.
+    def run_at(rate):
+        return Measured(10.0 if rate <= 60.0 else 500.0, n=50)
+
+    def model_p99(rate):
+        return 100.0 if rate <= 25.0 else 400.0
+
+    common = dict(slo_ms=250.0, lo=5.0, hi=100.0, iterations=4, confidence=0.9, min_requests=100, confirm=run_at)
+    by_point = max_rate_at_slo(run_at, **common)
+    steered = max_rate_at_slo(run_at, expected=model_p99, **common)
+    assert by_point["max_rate"] > 40.0 and by_point["unsettled"] == "undecided"
+    assert 15.0 <= steered["max_rate"] <= 25.0 and steered["unsettled"] == "undecided", steered
+    # A probe that measured a p99 over the objective fails whatever the model says.
+    failing = max_rate_at_slo(lambda r: Measured(500.0 if r > 10.0 else 10.0, n=50), expected=lambda r: 1.0, **{**common, "confirm": None})
+    assert failing["max_rate"] <= 10.0

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
+import numpy as np
+
 from kiln.config.views import InputSpec, Target
 from kiln.core.errors import KilnError
 from kiln.runtimes import Session, concurrency_limit, runtime_info
@@ -22,7 +24,7 @@ from kiln.serving.configs import Axes, ServingConfig, hill_climb
 from kiln.serving.early_stop import decide_latencies
 from kiln.serving.load import LoadResult, feeds_cache, run_load, warm_up
 from kiln.serving.offline import served_vs_offline
-from kiln.serving.queue_model import model_max_rate
+from kiln.serving.queue_model import model_max_rate, simulate
 from kiln.serving.recommend import latency_at, recommend_profile
 from kiln.serving.slo import cost_per_million, max_rate_at_slo, out_of_reach, probe_decision, sweep
 from kiln.serving.steady import SteadyCheck
@@ -198,9 +200,15 @@ def serve_under_load(
         # 1.25x is raised).
         model = model_max_rate(sizes, by_batch, batcher, s.slo_ms, seed=s.seed)
         guess = model["max_rate"]
+        if guess > 0:
+            lo = min(lo, guess / 4)  # the sanity probe far below the answer, also where the model puts it low
         start = 0.8 * guess if lo < 0.8 * guess < hi else None
         if start is not None:
             hi = min(hi, max(1.25 * guess, 1.1 * start))
+
+        def expected(rate: float) -> float:  # the model's p99 at `rate`: what steers a probe too short to decide
+            return float(np.percentile(simulate(rate, sizes, by_batch, batcher, seed=s.seed), 99))
+
         last: dict[float, dict[str, Any]] = {}  # each rate's latest probe summary: the answer's, for its mean batch
 
         def decided(e2e: Any) -> bool:  # early stopping: the requests so far decide the p99 either way
@@ -243,6 +251,7 @@ def serve_under_load(
             confidence=s.confidence,
             min_requests=s.min_requests,
             start=start,
+            expected=expected,
         )
         result["at_max"] = _at_max(last.get(result["max_rate"]))
         result["model"] = {**model, "vs_measured": result["max_rate"] / guess if guess > 0 else math.nan}

@@ -49,6 +49,7 @@ def max_rate_at_slo(
     confidence: float | None = None,
     min_requests: int = 0,
     start: float | None = None,
+    expected: Callable[[float], float] | None = None,
 ) -> dict[str, Any]:
     """The highest offered rate whose `percentile` end-to-end latency is within `slo_ms` and that is not saturated.
 
@@ -76,6 +77,10 @@ def max_rate_at_slo(
       within or over the objective at that confidence (kiln.serving.early_stop: LoadGen's early-stopping rule). A
       probe they do not decide is listed as undecided and steers the search by its point percentile, and an answer
       no decided probe backs is not settled ("undecided"). Without it every probe is judged by its point percentile.
+    - expected: the percentile a model predicts at a rate (kiln.serving.queue_model). An undecided probe then passes
+      only where both its point percentile and the model's are within the objective: a short probe starts from an
+      empty queue and rarely sees its tail, so near saturation its point percentile passes by luck, and a search
+      steered by it climbs to rates no longer probe holds.
 
     Returns {"max_rate", "p99_ms_at_max" (at `percentile`), "percentile", "tried": [(rate, latency, ok)...],
     "confirmed": [(rate, latency, ok)...], "undecided": [rate...], "confidence", "reason", "settled", "unsettled"}:
@@ -123,6 +128,8 @@ def max_rate_at_slo(
         if decision == "undecided":  # the point percentile steers the search; the rate is not claimed as decided
             if not sanity:
                 undecided.append(rate)
+            if expected is not None and not sanity:
+                point = point and expected(rate) <= slo_ms
             return point, latency, result
         if decision == "within":
             decided.add(rate)
