@@ -229,3 +229,24 @@ def test_a_machine_that_slows_during_the_search_is_named(after):
     else:  # the before median was timed on the first 250 calls at most (0.5 s of 2 ms sleeps), the after one at 3.2 ms
         assert not steady["steady"] and steady["change"] > 1.3 and "speed changed" in steady["why"]
         assert record["search"]["settled"] is False
+
+
+def test_a_machine_that_slows_and_recovers_inside_the_search_is_named_by_its_probes():
+    import numpy as np
+    from fakes import FakeSession
+
+    from kiln.serving.steady import SteadyCheck
+
+    def check(*probes):
+        steady = SteadyCheck(FakeSession(base_ms=2.0), {"input": np.zeros((1, 3), np.float32)})
+        for rate, ms, n in probes:  # n single-image requests of `ms`, and as many in batches of 4 (not counted)
+            steady.probe(rate, np.array([1] * n + [4] * n), np.array([ms] * n + [9 * ms] * n))
+        return steady.after()  # before and after: the same 2 ms sleeps, so only the probes can tell
+
+    recovered = check((10.0, 2.0, 20), (40.0, 3.0, 20), (20.0, 2.1, 20))
+    assert not recovered["steady"] and recovered["probe_spread"] == pytest.approx(1.5)
+    assert "inside the search" in recovered["why"] and "2 ms (median, probe at 10 requests/s) and 3 ms (at 40)" in recovered["why"]
+    held = check((10.0, 2.0, 20), (40.0, 2.3, 20))  # within 25%: more threads beside it at the higher rate
+    assert held["steady"] and held["probe_spread"] == pytest.approx(1.15)
+    few = check((10.0, 2.0, 20), (40.0, 3.0, 5))  # 5 single-image inferences: too few for a median that counts
+    assert few["steady"] and "probe_spread" not in few

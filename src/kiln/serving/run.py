@@ -188,7 +188,7 @@ def serve_under_load(
     progress = ProbeProgress(target.name, settings)
     steady = SteadyCheck(session, feeds_for(target.main_batch))
 
-    def search(batcher: BatcherSettings, s: ServingSettings = settings) -> tuple[dict[str, Any], Any]:
+    def search(batcher: BatcherSettings, s: ServingSettings = settings, watch: bool = True) -> tuple[dict[str, Any], Any]:
         warm_up(session, feeds_for, batcher.max_batch)
         # No batching beats the best closed-loop images/s at a batch the batcher can form: hi fails by construction
         # (20% over it, for the noise in that figure; a tighter bracket leaves the bisections finer steps).
@@ -230,6 +230,8 @@ def serve_under_load(
                     min_seconds=least,
                 )
                 last[rate] = result.summary()
+                if watch:  # the configuration search's other worker counts change single-image times by design
+                    steady.probe(rate, result.batch, result.compute_ms)
                 progress.probe(rate, result, probe_decision(result, s.slo_ms, 99, s.confidence, s.min_requests))
                 return result
 
@@ -353,7 +355,7 @@ def search_configs(
 
     def evaluate(config: ServingConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
-        found, _ = search(config.batcher(), ranking)
+        found, _ = search(config.batcher(), ranking, watch=False)
         return {
             "max_rate": found["max_rate"],
             "p99_ms_at_max": found["p99_ms_at_max"],
