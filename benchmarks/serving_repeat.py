@@ -95,7 +95,8 @@ def main() -> None:
             vs, configs, model = record.get("vs_offline") or {}, record.get("configs"), record["model"]
             print(
                 f"    run {i}: queue model {model['max_rate']:.4g} requests/s (the engine's medians alone), measured "
-                f"{model['vs_measured']:.2f}x of it; tried {[(round(r, 2), ok) for r, _, ok in record['search']['tried']]}"
+                f"{model['vs_measured']:.2f}x of it; single-image inferences {record['steady'].get('probe_spread', float('nan')):.2f}x "
+                f"apart between probes; tried {[(round(r, 2), ok) for r, _, ok in record['search']['tried']]}"
             )
             if vs:
                 f = vs["factors"]
