@@ -346,7 +346,9 @@ def test_contention_between_two_engines_sees_a_shared_device():
     result = contention_between(a, b, feeds_for(1), feeds_for(1), seconds=0.3, min_runs=5)
     for key in ("a", "b"):
         r = result[key]
-        assert r["alone_p50_ms"] == pytest.approx(4.0, rel=0.5) and r["runs"] >= 5
+        # A sleep never returns early, so alone it takes at least its 4 ms (how much more depends on the machine: a
+        # busy one stretched 8 sleeps of 0.5 ms to 6 ms); the slow-down below is a ratio measured in the same run.
+        assert r["alone_p50_ms"] >= 4.0 and r["runs"] >= 5
         # Sharing the device, each inference takes about twice as long: ~2x.
         assert 1.5 < r["slowdown"] < 3.0, result
     apart = contention_between(FakeSession(base_ms=4.0), FakeSession(base_ms=4.0), feeds_for(1), feeds_for(1), seconds=0.3)
