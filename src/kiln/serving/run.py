@@ -189,6 +189,11 @@ def serve_under_load(
     steady = SteadyCheck(session, feeds_for(target.main_batch))
 
     def search(batcher: BatcherSettings, s: ServingSettings = settings, watch: bool = True) -> tuple[dict[str, Any], Any]:
+        unreachable = out_of_reach(sizes, {b: latency_at(by_batch, b) for b in sizes}, s.slo_ms)
+        if unreachable is not None:  # known from the closed-loop figures: no probe could earn a rate, nor a modelled one
+            log.warning("%s: %s", target.name, unreachable["reason"])
+            unreachable.update(at_max=None, model={"max_rate": 0.0, "p99_ms": math.nan, "utilisation": 0.0, "vs_measured": math.nan})
+            return unreachable, None
         warm_up(session, feeds_for, batcher.max_batch)
         # No batching beats the best closed-loop images/s at a batch the batcher can form: hi fails by construction
         # (20% over it, for the noise in that figure; a tighter bracket leaves the bisections finer steps).
@@ -238,11 +243,6 @@ def serve_under_load(
             return run_at
 
         run_at = run_with(s.seed)
-        unreachable = out_of_reach(sizes, {b: latency_at(by_batch, b) for b in sizes}, s.slo_ms)
-        if unreachable is not None:  # known from the closed-loop figures: no probe could earn a rate
-            log.warning("%s: %s", target.name, unreachable["reason"])
-            unreachable.update(at_max=None, model={**model, "vs_measured": math.nan})
-            return unreachable, run_at
         result = max_rate_at_slo(
             run_at,
             s.slo_ms,

@@ -104,18 +104,7 @@ def max_rate_at_slo(
                 f"; its p{percentile:g} is an estimate: the requests at {rate:.4g} requests/s did not decide it at "
                 f"{confidence:.0%} confidence in the time allowed (raise serving.max_seconds_per_rate; study=deep probes longer)"
             )
-        return {
-            "max_rate": rate,
-            "p99_ms_at_max": latency,
-            "percentile": percentile,
-            "tried": tried,
-            "confirmed": confirmed,
-            "undecided": undecided,
-            "confidence": confidence,
-            "reason": reason,
-            "settled": unsettled is None,
-            "unsettled": unsettled,
-        }
+        return search_result(rate, latency, percentile, reason, unsettled, tried, confirmed, undecided, confidence)
 
     def measure(run: RunAt, rate: float, sanity: bool = False) -> tuple[bool, float, LoadResult]:
         result = run(rate)
@@ -239,21 +228,39 @@ def out_of_reach(sizes: dict[int, float], alone_ms: dict[int, float], slo_ms: fl
     if share <= 1 - percentile / 100:
         return None
     listed = ", ".join(f"{b} images ({sizes[b]:.0%} of requests) take {ms:.4g} ms" for b, ms in sorted(slow.items()))
+    return search_result(
+        0.0,
+        math.nan,
+        percentile,
+        f"no rate meets a p{percentile:g} of {slo_ms:g} ms: requests of {listed} in a single inference (median, closed "
+        f"loop), {share:.0%} of all requests against the {100 - percentile:g}% a p{percentile:g} may leave over the "
+        "objective; a faster engine, a looser objective, or smaller requests",
+    )
+
+
+def search_result(
+    rate: float,
+    latency: float,
+    percentile: float,
+    reason: str,
+    unsettled: str | None = None,
+    tried: list[tuple[float, float, bool]] | None = None,
+    confirmed: list[tuple[float, float, bool]] | None = None,
+    undecided: list[float] | None = None,
+    confidence: float | None = None,
+) -> dict[str, Any]:
+    """The rate search's answer, in the shape max_rate_at_slo documents (settled: no `unsettled` reason)."""
     return {
-        "max_rate": 0.0,
-        "p99_ms_at_max": math.nan,
+        "max_rate": rate,
+        "p99_ms_at_max": latency,
         "percentile": percentile,
-        "tried": [],
-        "confirmed": [],
-        "undecided": [],
-        "confidence": None,
-        "reason": (
-            f"no rate meets a p{percentile:g} of {slo_ms:g} ms: requests of {listed} in a single inference (median, closed "
-            f"loop), {share:.0%} of all requests against the {100 - percentile:g}% a p{percentile:g} may leave over the "
-            "objective; a faster engine, a looser objective, or smaller requests"
-        ),
-        "settled": True,
-        "unsettled": None,
+        "tried": tried if tried is not None else [],
+        "confirmed": confirmed if confirmed is not None else [],
+        "undecided": undecided if undecided is not None else [],
+        "confidence": confidence,
+        "reason": reason,
+        "settled": unsettled is None,
+        "unsettled": unsettled,
     }
 
 

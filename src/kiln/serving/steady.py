@@ -39,10 +39,10 @@ class SteadyCheck:
     def after(self) -> dict[str, Any]:
         after = float(np.median(timed(self.session, self.feeds, self.SECONDS)))
         change = after / self.before
-        steady = 1 / self.TOLERANCE <= change <= self.TOLERANCE
-        out: dict[str, Any] = {"before_p50_ms": self.before, "after_p50_ms": after, "change": change, "steady": steady}
-        if not steady:
-            out["why"] = (
+        out: dict[str, Any] = {"before_p50_ms": self.before, "after_p50_ms": after, "change": change}
+        whys = []
+        if not 1 / self.TOLERANCE <= change <= self.TOLERANCE:
+            whys.append(
                 f"the engine's closed-loop median moved from {self.before:.4g} to {after:.4g} ms ({change:.2f}x) between the start "
                 "and the end of the open-loop search: the machine's speed changed under it, so its rates are not this engine's "
                 "alone (run again on a quiet machine)"
@@ -51,17 +51,13 @@ class SteadyCheck:
             (fast_rate, fast), (slow_rate, slow) = min(self.probes, key=lambda p: p[1]), max(self.probes, key=lambda p: p[1])
             out["probe_spread"] = slow / fast
             if slow / fast > self.PROBE_TOLERANCE:
-                out["steady"] = False
-                out["why"] = "; ".join(
-                    filter(
-                        None,
-                        [
-                            out.get("why"),
-                            f"inside the search the engine's single-image inferences took {fast:.4g} ms (median, probe at "
-                            f"{fast_rate:.4g} requests/s) and {slow:.4g} ms (at {slow_rate:.4g}), {slow / fast:.2f}x apart: the "
-                            "machine's speed changed during the search, so its rates are not this engine's alone (run again on a "
-                            "quiet machine)",
-                        ],
-                    )
+                whys.append(
+                    f"inside the search the engine's single-image inferences took {fast:.4g} ms (median, probe at "
+                    f"{fast_rate:.4g} requests/s) and {slow:.4g} ms (at {slow_rate:.4g}), {slow / fast:.2f}x apart: the "
+                    "machine's speed changed during the search, so its rates are not this engine's alone (run again on a "
+                    "quiet machine)"
                 )
+        out["steady"] = not whys
+        if whys:
+            out["why"] = "; ".join(whys)
         return out
