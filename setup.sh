@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# --no-compile: pip byte-compiles every file it installs (torch's thousands); Python compiles what it imports, once
+.venv/bin/python -m pip install --quiet --no-compile -e '.[test]'
 .venv/bin/kiln plots template

@@ -13,6 +13,54 @@ ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))  # tinymodels
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    pin_xdist_worker()
+
+
+# The longest files (seconds on one core of an AVX2 EPYC, the junit times of a two-worker run), longest first: handed
+# out first under pytest-xdist (test.sh: --dist loadfile --no-loadscope-reorder), so that the run does not end with one
+# worker alone on a long file while the other core idles. test_remote waits for test_experiments' shared build
+# (conftest.mini_built): last, so that it finds it built instead of waiting beside it.
+LONGEST_FIRST = (
+    "test_pipeline.py",  # 253
+    "test_model_zoo.py",  # 233
+    "test_cache_contract.py",  # 191
+    "test_rcnn.py",  # 190
+    "test_experiments.py",  # 134
+    "test_workflow_fanout.py",  # 105
+    "test_torch_compile.py",  # 95
+    "test_params_guard.py",  # 66
+    "test_onnx_in.py",  # 58
+    "test_yolo.py",  # 52
+)
+LAST = ("test_remote.py",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        if name in LONGEST_FIRST:
+            return LONGEST_FIRST.index(name)
+        return len(LONGEST_FIRST) + (1 if name in LAST else 0)
+
+    items.sort(key=rank)  # stable: within a file, and among the rest, collection order
+
+
+def pin_xdist_worker() -> None:
+    """Under pytest-xdist, each worker (and every process it starts: DVC's stages) on cores of its own. Unpinned, each
+    of two workers on two cores runs every runtime with two threads (kiln's default is the cores a process may use),
+    and their thread pools spin-wait against each other: one R-CNN test's set-up took 203 s that way. Pinned, kiln,
+    ONNX Runtime, OpenVINO and PyTorch see one core and use one thread. Runs before any test imports torch, whose
+    OpenMP pool sizes itself when it loads."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < count:  # fewer cores than workers: sharing them is all there is
+        return
+    os.sched_setaffinity(0, cores[int(worker[2:]) % count :: count])
+
+
 def tiny_model_params(entrypoint: str = "tinymodels:tiny_cnn", **extra: Any) -> dict[str, Any]:
     return {
         "name": None,
