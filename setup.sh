@@ -5,6 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-# --no-compile: pip byte-compiles every file it installs (torch's thousands); Python compiles what it imports, once
-.venv/bin/python -m pip install --quiet --no-compile -e '.[test]'
+.venv/bin/python -m pip install --quiet -e '.[test]'
 .venv/bin/kiln plots template
