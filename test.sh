@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite, as CI runs it: first the tests whose figures are timed (marker `timing`), alone on the cores, then
 # the rest on two pytest-xdist workers, a whole file each, the longest files first, each worker on a core of its own
-# (tests/conftest.py: LONGEST_FIRST, pin_xdist_worker; fixtures build once per run: built_once). Both phases run; the exit status is the first failure's. Arguments go to both (e.g. -x, -k ...).
+# (tests/conftest.py: LONGEST_FIRST, pin_xdist_worker; fixtures build once per run: built_once). Both phases run; the
+# exit status is the first failure's. Arguments go to both (e.g. -x, -k ...).
 # One process, as before: .venv/bin/python -m pytest
 set -uo pipefail
 cd "$(dirname "$0")"

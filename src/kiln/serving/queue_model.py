@@ -3,7 +3,7 @@
 The dynamic batcher (kiln.serving.batcher) and its workers are simulated on the seeded Poisson arrivals the search
 offers (kiln.serving.arrivals), each batch taking the engine's closed-loop median for its size (interpolated as
 kiln.serving.recommend.latency_at does). No threads, no clock: the same inputs give the same answer, in well under a
-second (0.4 s for 16 rates of 10,000 requests on one core of an AVX2 EPYC).
+second (0.15 s for 16 rates of 10,000 requests on an AVX2 EPYC core; 0.75 s when each rate drew its own arrivals).
 
 Two uses:
 - the search's bracket: the measured search starts around this rate instead of halving its way down from an upper
