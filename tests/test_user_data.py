@@ -92,3 +92,24 @@ def test_tiny_images_are_warned_about(tmp_path, caplog):
         ImageSet.scan(tmp_path).warn_small(Preprocess(), "calibration folder")
     assert "1 of 2 images in calibration folder" in caplog.text and "dot.png (1x1)" in caplog.text
     assert "big.png" not in caplog.text
+
+
+def test_sample_photographs_are_the_pixels_their_packages_load():
+    # kiln reads the packages' files itself (their imports cost seconds per stage): the same pixels, or the sample
+    # images, the demo weights and every digest built on them would change without anyone asking.
+    import skimage.data
+    from sklearn.datasets import load_sample_image
+
+    from kiln.data.images import PHOTOGRAPH_FILES, photograph
+
+    for name in PHOTOGRAPH_FILES:
+        if name in ("china", "flower"):
+            loaded = load_sample_image(f"{name}.jpg")
+        elif name == "motorcycle":
+            loaded = skimage.data.stereo_motorcycle()[0]
+        else:
+            loaded = getattr(skimage.data, name)()
+        ours = photograph(name)
+        assert ours.dtype == np.uint8 and ours.ndim == 3 and np.array_equal(ours, np.asarray(loaded)), name
+    with pytest.raises(KilnError, match="no sample photograph 'lena'"):
+        photograph("lena")

@@ -264,17 +264,37 @@ def check_user_folder(folder: str | Path, what: str) -> list[Path]:
     return images
 
 
+# The sample photographs and the package folders that ship them, read as sklearn.datasets.load_sample_image and
+# skimage.data do (np.asarray of the PIL image), without importing either: scikit-learn's import (scipy.stats) is
+# ~2 s and skimage.io's ~0.4 s, paid by every stage that makes demo weights or times preprocessing.
+PHOTOGRAPH_FILES = {
+    "china": ("sklearn", "datasets/images/china.jpg"),
+    "flower": ("sklearn", "datasets/images/flower.jpg"),
+    "astronaut": ("skimage", "data/astronaut.png"),
+    "chelsea": ("skimage", "data/chelsea.png"),
+    "rocket": ("skimage", "data/rocket.jpg"),
+    "coffee": ("skimage", "data/coffee.png"),
+    "motorcycle": ("skimage", "data/motorcycle_left.png"),
+    "hubble_deep_field": ("skimage", "data/hubble_deep_field.jpg"),
+    "retina": ("skimage", "data/retina.jpg"),
+}
+
+
 def photograph(name: str) -> np.ndarray:
     """One of the photographs scikit-image and scikit-learn ship: kiln's offline sample images."""
-    if name in ("china", "flower"):
-        from sklearn.datasets import load_sample_image
+    import importlib.util
 
-        return np.asarray(load_sample_image(f"{name}.jpg"))
-    import skimage.data
+    from PIL import Image
 
-    if name == "motorcycle":
-        return np.asarray(skimage.data.stereo_motorcycle()[0])
-    return np.asarray(getattr(skimage.data, name)())
+    if name not in PHOTOGRAPH_FILES:
+        raise KilnError(f"no sample photograph '{name}': kiln ships {', '.join(sorted(PHOTOGRAPH_FILES))}")
+    package, file = PHOTOGRAPH_FILES[name]
+    found = importlib.util.find_spec(package)
+    path = Path(found.submodule_search_locations[0]) / file if found and found.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise KilnError(f"the sample photograph '{name}' ships with {package}, and {package} has no {file} here: reinstall kiln's dependencies")
+    with Image.open(path) as image:
+        return np.asarray(image)
 
 
 def random_square_crop(src: np.ndarray, rng: np.random.Generator) -> np.ndarray:

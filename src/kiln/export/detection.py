@@ -17,43 +17,15 @@ best first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from kiln.core.errors import KilnError
+from kiln.export.settings import DetectionSettings
 
 OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
-
-
-@dataclass(frozen=True)
-class DetectionSettings:
-    """`model.detection`: how kiln's in-graph postprocessing is sized."""
-
-    candidates: int = 300  # class scores per image that enter NMS (torchvision: per class or per level)
-    max_detections: int | None = None  # detections kept per image; None: the model's detections_per_img
-    # Cluster-NMS rounds: it equals greedy NMS once a round changes nothing; a fixed count keeps the graph
-    # static, and clusters of more overlapping boxes than rounds are not checked for (left to the gate)
-    nms_iterations: int = 12
-    # The detector's own cuts when None: torchvision's score_thresh/nms_thresh, Ultralytics' predict defaults for YOLO
-    score_thresh: float | None = None
-    nms_thresh: float | None = None
-
-    @classmethod
-    def from_params(cls, raw: Mapping[str, Any] | None) -> "DetectionSettings":
-        from kiln.core.settings import parse
-
-        return parse(cls, raw, "model.detection")
-
-    def check(self, where: str) -> None:
-        if self.candidates < 1 or self.nms_iterations < 1 or (self.max_detections is not None and self.max_detections < 1):
-            raise KilnError(f"{where}.candidates, nms_iterations and max_detections must be positive integers")
-        for key in ("score_thresh", "nms_thresh"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise KilnError(f"{where}.{key} must be between 0 and 1 (or null: the detector's own), got {value!r}")
 
 
 def ultralytics_head(model: nn.Module) -> nn.Module | None:
@@ -73,6 +45,10 @@ def is_ultralytics_detector(model: nn.Module) -> bool:
 def detector_family(model: nn.Module) -> str | None:
     if is_ultralytics_detector(model):
         return "yolo"
+    # Only a torchvision detection class (or a subclass) can be one of these: importing torchvision to ask costs
+    # 2-3 s (it loads torch._dynamo) in every stage that builds a model, detector or not.
+    if not any(cls.__module__.startswith("torchvision.models.detection.") for cls in type(model).__mro__):
+        return None
     from torchvision.models.detection.fcos import FCOS
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
     from torchvision.models.detection.retinanet import RetinaNet

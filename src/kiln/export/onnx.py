@@ -6,9 +6,8 @@ import logging
 import sys
 import traceback
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,65 +16,11 @@ from kiln.config.views import ModelSpec
 from kiln.core.atomic import atomic_path
 from kiln.core.errors import KilnError, StorageError, chain, describe_os_error, find_os_error, first_line, strip_ansi
 from kiln.core.hashing import sha256_file
-from kiln.core.settings import parse
 from kiln.data.inputs import make_inputs
 from kiln.export.models import flatten_outputs
+from kiln.export.settings import MAX_TORCHSCRIPT_OPSET, ExportSettings, check_traced_batch
 
 log = logging.getLogger(__name__)
-
-# The dynamo exporter emits opset 18 and up; older opsets go through a version converter that
-# silently keeps 18 when it fails, so kiln refuses them up front.
-MIN_OPSET = {"dynamo": 18, "torchscript": 7}
-MAX_TORCHSCRIPT_OPSET = 20
-
-
-@dataclass(frozen=True)
-class ExportSettings:
-    opset: int = 18
-    exporter: Literal["dynamo", "torchscript"] = "dynamo"
-    batch: int = 2  # the traced batch size; validation uses others
-    seed: int = 0
-    fold_preprocess: bool = False  # data.preprocess's scaling and layout inside the graph (kiln.data.engine_input)
-    # When dynamo cannot capture the model, try the TorchScript exporter (same opset, if it has it);
-    # the manifest says which exporter made the graph and why.
-    fallback: bool = True
-
-    @classmethod
-    def from_params(cls, raw: Mapping[str, Any] | None) -> "ExportSettings":
-        return parse(cls, raw, "export")
-
-    def check(self, where: str) -> None:
-        if self.batch < 1:
-            raise KilnError(f"{where}.batch must be a positive integer, got {self.batch!r}")
-        check_opset(self.opset, self.exporter)
-
-
-def check_traced_batch(batch: int, max_batch: int | None, where: str = "export") -> None:
-    """A model that batches is traced at 2 or more: torch.export specialises size-1 dimensions, so a traced batch of 1
-    would freeze the batch axis. A model that takes one image at a time (model.max_batch 1) is traced at 1."""
-    if max_batch != 1 and batch < 2:
-        raise KilnError(
-            f"{where}.batch must be an integer >= 2 (a traced batch of 1 is frozen by the exporter), got {batch!r}; "
-            "a model that only takes one image at a time says so with model.max_batch: 1"
-        )
-
-
-def check_opset(opset: Any, exporter: str) -> None:
-    import onnx
-
-    newest = onnx.defs.onnx_opset_version()
-    highest = newest if exporter == "dynamo" else min(newest, MAX_TORCHSCRIPT_OPSET)
-    lowest = MIN_OPSET[exporter]
-    if not isinstance(opset, int) or not lowest <= opset <= highest:
-        hint = (
-            " (use exporter 'torchscript' for opsets below 18)"
-            if exporter == "dynamo" and isinstance(opset, int) and opset < lowest
-            else ""
-        )
-        raise KilnError(
-            f"export.opset {opset!r} cannot be targeted by the {exporter} exporter: it supports opsets "
-            f"{lowest}..{highest} with onnx {onnx.__version__}{hint}"
-        )
 
 
 def _dims(value_info: Any) -> list[int | str]:

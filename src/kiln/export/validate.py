@@ -7,7 +7,6 @@ and ONNX Runtime fp32; every output is compared within atol + rtol*|ref|.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,40 +16,12 @@ from torch import nn
 
 from kiln.accuracy.numerics import OutputComparison
 from kiln.config.views import ModelSpec
-from kiln.core.errors import KilnError, ValidationFailed, first_line
+from kiln.core.errors import ValidationFailed, first_line
 from kiln.data.inputs import make_inputs
 from kiln.export.models import FoldedPreprocess, flatten_outputs
+from kiln.export.settings import ValidateSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ValidateSettings:
-    batch_sizes: tuple[int, ...] = (1, 5)
-    seed: int = 1234
-    atol: float = 1e-4
-    rtol: float = 1e-3
-    allow_degenerate_reference: bool = False
-    reference_samples: int = 32
-    reference_seed: int = 4321
-
-    @classmethod
-    def from_params(cls, raw: Mapping[str, Any] | None, traced_batch: int, max_batch: int | None = None) -> "ValidateSettings":
-        """`max_batch` 1: a model that takes one image at a time is validated at batch 1 only (kiln.config.batch_limit)."""
-        from kiln.core.settings import parse
-
-        s = parse(cls, raw, "validate")
-        if max_batch == 1:
-            if set(s.batch_sizes) != {1}:
-                raise KilnError(f"validate.batch_sizes must be [1] for a model that takes one image at a time, got {list(s.batch_sizes)}")
-        elif len({b for b in s.batch_sizes if b != traced_batch}) < 2 or any(b < 1 for b in s.batch_sizes):
-            raise KilnError(
-                f"validate.batch_sizes must hold at least two positive batch sizes other than the traced export.batch "
-                f"({traced_batch}), got {list(s.batch_sizes)}"
-            )
-        if s.atol < 0 or s.rtol < 0:
-            raise KilnError("validate.atol and validate.rtol must be >= 0")
-        return s
 
 
 class OnnxReference:

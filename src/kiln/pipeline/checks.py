@@ -22,8 +22,7 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
     from kiln.accuracy.budgets import budget_limits
     from kiln.data.calibration_set import CalibrationSettings
     from kiln.data.images import Preprocess
-    from kiln.export.onnx import ExportSettings, check_traced_batch
-    from kiln.export.validate import ValidateSettings
+    from kiln.export.settings import ExportSettings, ValidateSettings, check_traced_batch
     from kiln.measure.benchmark import BenchmarkSettings
     from kiln.measure.tuning import TuningSettings
     from kiln.runtimes import CalibratingRuntime, TunableRuntime, check_precision, get_runtime, needs_calibration, runtime_options
@@ -70,7 +69,7 @@ def check_params(params: Mapping[str, Any]) -> list[Target]:
 def check_model_extras(model: Mapping[str, Any], spec: Any) -> None:
     """model.task and model.detection (engine_spec has parsed model.demo_weights)."""
     from kiln.accuracy.tasks import check_task_name
-    from kiln.export.detection import DetectionSettings
+    from kiln.export.settings import DetectionSettings
 
     check_task_name(spec.task)
     DetectionSettings.from_params(model.get("detection"))
