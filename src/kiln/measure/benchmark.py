@@ -48,6 +48,7 @@ class BenchmarkSettings:
     fail_on_budget: bool = True
     serve: dict[Any, float] | None = None  # default served distribution; parsed per target (Target.serve)
     served_requests: int = 200  # at least this many requests drawn from it (and min_time_s)
+    load_sample_s: float = 0.5  # other processes' CPU use sampled this long before and after the timing (machine_load)
 
     @classmethod
     def from_params(cls, raw: Mapping[str, Any] | None) -> "BenchmarkSettings":
@@ -64,8 +65,12 @@ class BenchmarkSettings:
             or self.min_time_s < 0
             or self.served_requests < 1
             or self.max_iters < self.min_iters
+            or not self.load_sample_s > 0
         ):
-            raise KilnError(f"{where}.min_iters and served_requests must be >= 1, warmup_iters and min_time_s >= 0, max_iters >= min_iters")
+            raise KilnError(
+                f"{where}.min_iters and served_requests must be >= 1, warmup_iters and min_time_s >= 0, max_iters >= min_iters, "
+                "load_sample_s > 0"
+            )
         if not self.max_cv > 0:  # NaN too
             raise KilnError(
                 f"{where}.max_cv must be > 0 (the largest spread of iteration times, std/mean, that counts as steady; "

@@ -81,7 +81,7 @@ def benchmark_target(name: str, params: Mapping[str, Any], diagnose: Callable[..
         finding = diagnose(name, target, paths.ENGINES / name, paths.ONNX, reference) if diagnose else None
         enforce_budget(verdict, name, accuracy["source"], finding)
 
-    with LoadWatch() as load:
+    with LoadWatch(settings.load_sample_s) as load:
         with MemoryWatch() as run_watch:
             stats, raw, notes = benchmark_latency(session, spec.inputs, target.profile, settings)
             served, requests = benchmark_served(session, spec.inputs, target.serve, settings) if target.serve else (None, [])
@@ -93,7 +93,7 @@ def benchmark_target(name: str, params: Mapping[str, Any], diagnose: Callable[..
             open_loop["preprocessing"] = preprocessing_cost(preprocess_for(spec, params.get("data") or {}))
             if serving.contention:  # opt-in: a second copy of the engine beside it, for as long again
                 second, _ = load_engine(paths.ENGINES / name, target, machine)
-                open_loop["contention"] = contention_slowdown(session, second, main_feeds, max(settings.min_time_s, 1.0))
+                open_loop["contention"] = contention_slowdown(session, second, main_feeds, max(settings.min_time_s, serving.contention_s))
                 del second
     if load.busy:
         log.warning("%s: other work ran beside the timing (%s): its figures are low", name, load.describe())

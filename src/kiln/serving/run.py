@@ -49,6 +49,8 @@ class ServingSettings:
     search_iterations: int = 4  # bisections of the rate search after its lowest and highest probe
     curve_rates: int = 0  # extra evenly spaced rates for the latency-throughput curve (the full sweep: e.g. 8)
     contention: bool = False  # also time the engine while a second copy of it runs beside it (doubles that time)
+    contention_s: float = 1.0  # ...alone, then beside it, this long each (at least benchmark.min_time_s)
+    steady_check_s: float = 0.5  # the engine's closed-loop median timed this long just before and just after the search
     measure_recommended: bool = False  # search again with the recommended batcher (the deep study): offered only when better
     # model_analyzer's search: workers x max batch (the profile's measured batches) x queue delay, hill-climbed from the
     # batcher above within config_budget_s, each configuration's rate searched with short probes (ranking_settings)
@@ -71,6 +73,8 @@ class ServingSettings:
             raise KilnError(f"{where}.cost_per_hour must be >= 0 (the machine's price per hour) or null, got {self.cost_per_hour}")
         if not self.seconds_per_rate > 0 or self.search_iterations < 0 or self.curve_rates < 0 or self.min_requests < 1:
             raise KilnError(f"{where}: seconds_per_rate must be > 0, min_requests >= 1, search_iterations and curve_rates >= 0")
+        if not self.contention_s > 0 or not self.steady_check_s > 0:
+            raise KilnError(f"{where}: contention_s and steady_check_s must be > 0 seconds, got {self.contention_s}, {self.steady_check_s}")
         if not 0.5 <= self.confidence < 1:
             raise KilnError(f"{where}.confidence must be at least 0.5 and below 1 (e.g. 0.99), got {self.confidence}")
         if not self.config_budget_s > 0 or not self.config_workers or min(self.config_workers) < 1:
@@ -186,7 +190,7 @@ def serve_under_load(
     shapes = {i.name: i.shape for i in inputs}
     recommended = recommend_profile(sizes, by_batch, settings.slo_ms, target.profile, target.name, profiles, shapes)
     progress = ProbeProgress(target.name, settings)
-    steady = SteadyCheck(session, feeds_for(target.main_batch))
+    steady = SteadyCheck(session, feeds_for(target.main_batch), settings.steady_check_s)
 
     def search(batcher: BatcherSettings, s: ServingSettings = settings, watch: bool = True) -> tuple[dict[str, Any], Any]:
         unreachable = out_of_reach(sizes, {b: latency_at(by_batch, b) for b in sizes}, s.slo_ms)

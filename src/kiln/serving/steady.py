@@ -17,15 +17,14 @@ class SteadyCheck:
     just before the open-loop probes and again after them: a machine slowed by a neighbour with no load kiln can see
     (another VM's steal, a throttled CPU) makes every rate of the search low, and the record then says so."""
 
-    SECONDS = 0.5
     TOLERANCE = 1.10  # a slow-down beyond 10% is more than these machines' run-to-run noise at a fixed load
     # Between probes: single-image inferences beside the load generator and the batcher (more of them at higher rates)
     PROBE_TOLERANCE = 1.25
     PROBE_MIN = 10  # single-image inferences a probe needs for its median to count
 
-    def __init__(self, session: Session, feeds: Mapping[str, Any]) -> None:
-        self.session, self.feeds = session, feeds
-        self.before = float(np.median(timed(session, feeds, self.SECONDS)))
+    def __init__(self, session: Session, feeds: Mapping[str, Any], seconds: float = 0.5) -> None:
+        self.session, self.feeds, self.seconds = session, feeds, seconds
+        self.before = float(np.median(timed(session, feeds, seconds)))
         self.probes: list[tuple[float, float]] = []  # (offered rate, median ms of its single-image inferences)
 
     def probe(self, rate: float, batch: np.ndarray, compute_ms: np.ndarray) -> None:
@@ -37,7 +36,7 @@ class SteadyCheck:
             self.probes.append((rate, float(np.median(alone))))
 
     def after(self) -> dict[str, Any]:
-        after = float(np.median(timed(self.session, self.feeds, self.SECONDS)))
+        after = float(np.median(timed(self.session, self.feeds, self.seconds)))
         change = after / self.before
         out: dict[str, Any] = {"before_p50_ms": self.before, "after_p50_ms": after, "change": change}
         whys = []
