@@ -8,6 +8,7 @@ not per thread: what a runtime's own thread pools allocate counts too (child pro
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,9 @@ class MemoryWatch:
             self._peak_kib = max(self._peak_kib, status["VmHWM"])
 
     def __enter__(self) -> MemoryWatch:
+        # Garbage from before the span (a model or session in a reference cycle) would otherwise be freed by a collection
+        # inside it: RSS falls by that much, and the span's own peak hides beneath its starting figure.
+        gc.collect()
         for outer in _active:  # about to reset the mark: keep what the outer watches have seen so far
             outer._note_peak()
         status = _status_kib()
