@@ -5,7 +5,7 @@
 # exit status is the first failure's. Arguments go to both (e.g. -x, -k ...).
 # One process, as before: .venv/bin/python -m pytest
 set -uo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")" || exit 1
 status=0
 empty=0
 phase() {  # pytest's exit 5 (nothing selected) fails only if neither phase selected anything (a -k naming one phase's tests)
