@@ -22,16 +22,16 @@ def pytest_configure(config: pytest.Config) -> None:
 # worker alone on a long file while the other core idles. test_remote waits for test_experiments' shared build
 # (conftest.mini_built): last, so that it finds it built instead of waiting beside it.
 LONGEST_FIRST = (
-    "test_pipeline.py",  # 253
-    "test_model_zoo.py",  # 233
-    "test_cache_contract.py",  # 191
-    "test_rcnn.py",  # 283 (207 after this round's smaller R-CNNs, timed alone)
-    "test_experiments.py",  # 134
-    "test_workflow_fanout.py",  # 105
-    "test_torch_compile.py",  # 95
-    "test_params_guard.py",  # 66
-    "test_onnx_in.py",  # 58
-    "test_yolo.py",  # 52
+    "test_model_zoo.py",  # 179
+    "test_pipeline.py",  # 152
+    "test_rcnn.py",  # 148
+    "test_cache_contract.py",  # 104
+    "test_torch_compile.py",  # 70
+    "test_experiments.py",  # 70
+    "test_workflow_fanout.py",  # 47
+    "test_yolo.py",  # 41
+    "test_params_guard.py",  # 35
+    "test_onnx_in.py",  # 33
 )
 LAST = ("test_remote.py",)
 
