@@ -338,3 +338,35 @@ def get_runtime_outputs(path, feeds):
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+CONFIGURE_TORCH_FREE = """
+import sys, json, yaml
+from pathlib import Path
+sys.path.insert(0, str(Path({root!r}) / "stages"))
+import configure  # the stage script's own imports
+from kiln.config.views import Target
+from kiln.pipeline.checks import check_params
+from kiln.runtimes import get_runtime
+params = yaml.safe_load((Path({root!r}) / "params.yaml").read_text())
+params["targets"]["torch-aoti"] = {{**params["targets"]["torch-eager"], "options": {{"mode": "aoti"}}}}
+targets = check_params(params)
+skips = {{t.name: get_runtime(t.runtime).unavailable_reason(t) for t in targets if t.runtime == "torch"}}
+print(json.dumps([sorted(skips), sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))]))
+"""
+
+
+def test_configure_and_a_cpu_torch_targets_skip_check_never_import_torch(tmp_path):
+    # The configure stage runs on every params change, and a skipped bf16 target's stages decide on the CPU's flags:
+    # importing torch (~2 s) for either is what kiln.runtimes.torch keeps out of the runtime object and its options.
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT, venv_env
+
+    code = CONFIGURE_TORCH_FREE.format(root=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=venv_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    checked, imported = json.loads(result.stdout.splitlines()[-1])
+    assert {"torch-eager", "torch-bf16", "torch-aoti"} <= set(checked) and imported == []

@@ -173,7 +173,7 @@ def test_aoti_package_records_the_compile(aoti):
 
 
 def test_aoti_loads_without_the_model_code_and_matches_eager(tiny, aoti):
-    from kiln.runtimes import torch as kiln_torch
+    from kiln.runtimes.torch import engine as kiln_torch
 
     _, spec = tiny
     refs = {b: reference(spec, b) for b in (2, 3, 4, 9, 16)}  # eager needs the model code: compute first
@@ -297,7 +297,7 @@ def test_a_compiled_engine_loads_its_kernels_instead_of_compiling_them_again(com
     code = f"""
 import json, sys
 from pathlib import Path
-import kiln.runtimes.torch as rt
+import kiln.runtimes.torch.engine as rt
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_torch_compile import COMPILE, target
 from kiln.pipeline.engine import load_engine
