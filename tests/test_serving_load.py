@@ -87,8 +87,11 @@ def test_low_load_requests_ride_alone_and_barely_wait():
     s = result.summary()
     assert s["requests_completed"] == 30 and s["not_sent"] == 0 and s["abandoned"] == 0
     assert s["mean_batch"] < 1.3
-    assert s["queue_p50_ms"] < 2.0
-    assert 4.0 <= s["compute_p50_ms"] < 8.0
+    # Times compared with what the same run measured, not with the clock: a sleep never ends early, the engine's
+    # time is the session's own (however late a busy machine wakes it), and at 12% utilisation few requests queue.
+    took = float(np.median(session.took_ms))
+    assert 4.0 <= took <= s["compute_p50_ms"] < 1.5 * took
+    assert s["queue_p50_ms"] < 0.5 * s["compute_p50_ms"]
     assert not s["saturated"], s["saturated_why"]
     assert result.achieved_rate == pytest.approx(result.offered_rate, rel=0.1)
 
@@ -123,11 +126,13 @@ def test_batching_delay_counts_from_the_oldest_request():
     assert run(at(0, 20, 40), BatcherSettings(8, 0.0))[0] == [1, 1, 1]
     # 15 ms delay: the request at 5 ms joins the one at 0; the batch leaves at 15 ms, before the one at 60 ms arrives.
     batches, queue_ms = run(at(0, 5, 60, 80), BatcherSettings(8, 15.0))
+    # The delay counts from the oldest request (it waits the full 15 ms, the second 10 of them); the batch of two
+    # left before the request at 60 ms arrived (bounds from the arrivals, not from how fast the machine is).
     assert batches[0] == 2
-    assert 14.0 <= queue_ms[0] < 25.0 and 9.0 <= queue_ms[1] < 20.0
+    assert 14.0 <= queue_ms[0] < 60.0 and 9.0 <= queue_ms[1] < 55.0
     # A full batch does not wait for the delay.
     batches, queue_ms = run(at(0, 2, 4, 6, size=2), BatcherSettings(4, 500.0))
-    assert batches == [4, 4] and queue_ms.max() < 50.0
+    assert batches == [4, 4] and queue_ms.max() < 250.0
 
 
 def test_overload_is_flagged_and_queueing_dominates_the_tail():
