@@ -96,6 +96,34 @@ def test_low_load_requests_ride_alone_and_barely_wait():
     assert result.achieved_rate == pytest.approx(result.offered_rate, rel=0.1)
 
 
+class StallsOnTheLastCall(FakeSession):
+    """A stall (a page fault, a busy neighbour) on one inference at the very end of a run that otherwise keeps up."""
+
+    def __init__(self, base_ms: float, last_call: int, stall_ms: float) -> None:
+        super().__init__(base_ms)
+        self.last_call, self.stall_ms = last_call, stall_ms
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.calls + 1 == self.last_call:
+            time.sleep(self.stall_ms / 1e3)
+        return super().infer(feeds)
+
+
+def test_one_late_request_at_the_end_does_not_read_as_saturated():
+    # 30 requests, 1 s of arrivals, at 12% utilisation; the last inference stalls 100 ms. From the first and last
+    # completions alone the run achieved ~12% less than it was offered, and failed the 5% test (CI saw 40.1 of 43.8).
+    arrivals = poisson_arrivals(30.0, 30, {1: 1.0}, seed=1)
+    session = StallsOnTheLastCall(base_ms=4.0, last_call=30, stall_ms=100.0)
+    result = run_load(session, feeds_for, arrivals, BatcherSettings(1, 0.0), max_seconds=5)
+    assert session.calls == 30 and result.e2e_ms[-1] > 100.0  # the stall happened, on the last request
+    assert result.saturation() is None, result.saturation()
+    assert result.achieved_rate == pytest.approx(result.offered_rate, rel=0.05)
+    # Still read: an engine whose capacity is a third of the offered rate completes at that capacity (a sleep never
+    # ends early: at most 1000/60 per second), and is saturated.
+    over = run_load(FakeSession(base_ms=60.0), feeds_for, arrivals, BatcherSettings(1, 0.0), max_seconds=5)
+    assert "achieved" in (over.saturation() or "") and over.achieved_rate < 1000 / 60 < 0.4 * over.offered_rate
+
+
 def test_high_load_forms_batches_within_max_batch_and_delay():
     session = FakeSession(base_ms=5.0, per_image_ms=0.5)
     batcher = BatcherSettings(max_batch=8, max_queue_delay_ms=5.0)
