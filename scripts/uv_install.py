@@ -24,6 +24,8 @@ FLAGS = {
     "constraint": "--constraint",
     "trusted-host": "--allow-insecure-host",
 }
+# The uv whose options (--index-strategy, --compile-bytecode) this script was checked with: a newer one may change them.
+UV = "uv==0.13.9"
 SECTIONS = ("global", "install", ":env:")  # where `pip install` reads its options from
 
 
@@ -58,7 +60,7 @@ def main(args: list[str]) -> int:
     env = dict(os.environ)
     if options.get("cert"):
         env.setdefault("SSL_CERT_FILE", options["cert"][0])
-    if subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "uv"]).returncode != 0:
+    if subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", UV]).returncode != 0:
         print("uv_install: could not install uv", file=sys.stderr)
         return 1
     return subprocess.run(uv_command(args, options), env=env).returncode
